@@ -1,0 +1,174 @@
+//! The API's one error type. Every failure becomes an RFC 9457 problem document
+//! (`application/problem+json`: `type`, `title`, `status`, `detail`). Client errors explain
+//! themselves; server errors log their cause and answer without leaking it.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::headers::{LOCUS_HOME, RETRY_AFTER};
+use crate::service::ServiceError;
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{detail}")]
+    BadRequest { kind: &'static str, detail: String },
+    #[error("a bearer token is required")]
+    Unauthorized,
+    #[error("the bearer token does not grant this")]
+    Forbidden,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("the body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The record's home cannot take the write now (unreachable, or the home is moving).
+    #[error("{detail}")]
+    HomeUnavailable {
+        home: String,
+        retry_after: u64,
+        detail: String,
+    },
+    /// A forwarded request got no answer in time: it may or may not have been applied.
+    #[error(
+        "the home region {home} did not answer in time; the write may or may not have been applied"
+    )]
+    GatewayTimeout { home: String },
+    #[error("the home region {home} failed to answer: {cause}")]
+    BadGateway { home: String, cause: String },
+    #[error("the record is being written too often to take this write; retry")]
+    Contention,
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+}
+
+impl ApiError {
+    pub fn bad_request(kind: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::HomeUnavailable { .. } | ApiError::Contention => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::Storage(StorageError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The problem type's last segment and its title.
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            ApiError::BadRequest { kind, .. } => (kind, "Bad request"),
+            ApiError::Unauthorized => ("unauthorized", "Unauthorized"),
+            ApiError::Forbidden => ("forbidden", "Forbidden"),
+            ApiError::NotFound(_) => ("not-found", "Not found"),
+            ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
+            ApiError::PreconditionFailed(_) => ("precondition-failed", "Precondition failed"),
+            ApiError::PayloadTooLarge { .. } => ("payload-too-large", "Payload too large"),
+            ApiError::UnsupportedMediaType(_) => {
+                ("unsupported-media-type", "Unsupported media type")
+            }
+            ApiError::HomeUnavailable { .. } => ("home-unavailable", "Home region unavailable"),
+            ApiError::GatewayTimeout { .. } => ("home-timeout", "Home region timed out"),
+            ApiError::BadGateway { .. } => ("home-failed", "Home region failed"),
+            ApiError::Contention => ("contention", "Too much contention"),
+            ApiError::Storage(StorageError::Unavailable(_)) => {
+                ("storage-unavailable", "Storage unavailable")
+            }
+            ApiError::Storage(_) => ("internal", "Internal error"),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> ApiError {
+        match error {
+            ServiceError::NotFound => ApiError::NotFound("no such record".into()),
+            ServiceError::PreconditionFailed(why) => ApiError::PreconditionFailed(why.into()),
+            ServiceError::NotHome { home } => ApiError::HomeUnavailable {
+                detail: format!("this region is not the record's home; its home is {home}"),
+                home,
+                retry_after: 1,
+            },
+            ServiceError::Contention => ApiError::Contention,
+            ServiceError::Storage(e) => ApiError::Storage(e),
+        }
+    }
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let (kind, title) = self.kind();
+        let detail = if status.is_server_error() && matches!(self, ApiError::Storage(_)) {
+            tracing::error!(error = %self, "request failed");
+            "the region could not complete the request; the cause is in its log".to_owned()
+        } else {
+            if status.is_server_error() {
+                tracing::warn!(error = %self, "request not completed");
+            }
+            self.to_string()
+        };
+        let problem = Problem {
+            kind: format!("urn:locus:problem:{kind}"),
+            title: title.into(),
+            status: status.as_u16(),
+            detail,
+        };
+        let mut response = (status, axum::Json(problem)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match &self {
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::HomeUnavailable {
+                home, retry_after, ..
+            } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
+                if let Ok(value) = HeaderValue::from_str(home) {
+                    headers.insert(LOCUS_HOME, value);
+                }
+            }
+            ApiError::Contention | ApiError::Storage(StorageError::Unavailable(_)) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(1));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,138 @@
+//! Forwarding a request to the record's home region: one hop, named (`Locus-Forwarded-By`) and
+//! authenticated with the peer token, so the home never forwards it again.
+//!
+//! Failures are told apart by what the client may conclude. A peer that never accepted the
+//! connection got nothing, so the write may fail over (policy permitting). A peer that took the
+//! request and did not answer in time may have applied it: that is a 504, never a failover write,
+//! or the client could see one write applied twice under two versions.
+
+use std::collections::HashMap;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
+use axum::response::Response;
+
+use super::headers::{LOCUS_FORWARDED_BY, LOCUS_HOME, LOCUS_SESSION};
+use crate::config::Config;
+
+/// Request headers a forward carries over from the client.
+fn forwarded_headers() -> [HeaderName; 6] {
+    [
+        header::CONTENT_TYPE,
+        header::IF_MATCH,
+        header::IF_NONE_MATCH,
+        header::ACCEPT,
+        LOCUS_HOME,
+        LOCUS_SESSION,
+    ]
+}
+
+/// Response headers that describe one hop's connection, not the answer.
+fn is_hop_header(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_LENGTH,
+    ]
+    .contains(name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("region {0} is not a peer of this region")]
+    UnknownPeer(String),
+    /// Nothing was delivered: connection refused, no route, connect timeout.
+    #[error("region {region} is unreachable: {cause}")]
+    Unreachable { region: String, cause: String },
+    /// The request was sent and no answer came in time: the outcome is unknown.
+    #[error("region {region} did not answer in time")]
+    TimedOut { region: String },
+    /// The connection broke after the request was sent, or the answer was unreadable.
+    #[error("region {region} failed: {cause}")]
+    Failed { region: String, cause: String },
+}
+
+pub struct Peers {
+    client: reqwest::Client,
+    urls: HashMap<String, String>,
+    region: String,
+    peer_token: String,
+}
+
+impl Peers {
+    pub fn new(config: &Config) -> Peers {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout())
+            .timeout(config.request_timeout())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client with plain settings builds");
+        let urls = config
+            .peers
+            .iter()
+            .map(|p| (p.id.clone(), p.api_url.trim_end_matches('/').to_owned()))
+            .collect();
+        Peers {
+            client,
+            urls,
+            region: config.region.clone(),
+            peer_token: config.peer_token.clone(),
+        }
+    }
+
+    /// Send `method path_and_query` with `body` to `region` and return its answer as ours.
+    pub async fn forward(
+        &self,
+        region: &str,
+        method: Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response, ForwardError> {
+        let base = self
+            .urls
+            .get(region)
+            .ok_or_else(|| ForwardError::UnknownPeer(region.to_owned()))?;
+        let mut request = self
+            .client
+            .request(method, format!("{base}{path_and_query}"))
+            .bearer_auth(&self.peer_token)
+            .header(LOCUS_FORWARDED_BY, &self.region)
+            .body(body);
+        for name in forwarded_headers() {
+            for value in headers.get_all(&name) {
+                request = request.header(&name, value);
+            }
+        }
+        let answer = request.send().await.map_err(|e| self.classify(region, e))?;
+        let status =
+            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let answer_headers = answer.headers().clone();
+        let bytes = answer.bytes().await.map_err(|e| self.classify(region, e))?;
+        let mut response = Response::new(Body::from(bytes));
+        *response.status_mut() = status;
+        for (name, value) in &answer_headers {
+            if !is_hop_header(name) {
+                response.headers_mut().append(name, value.clone());
+            }
+        }
+        Ok(response)
+    }
+
+    fn classify(&self, region: &str, error: reqwest::Error) -> ForwardError {
+        let region = region.to_owned();
+        if error.is_connect() {
+            ForwardError::Unreachable {
+                region,
+                cause: error.to_string(),
+            }
+        } else if error.is_timeout() {
+            ForwardError::TimedOut { region }
+        } else {
+            ForwardError::Failed {
+                region,
+                cause: error.to_string(),
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The headers locus speaks, and the strict parsing of the ones clients send. A header that does
+//! not parse is a 400, never ignored: a dropped `If-Match` would turn a conditional write into a
+//! blind overwrite.
+
+use axum::body::{Body, Bytes};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, IF_MATCH, IF_NONE_MATCH};
+use axum::http::{HeaderMap, HeaderName};
+
+use super::error::ApiError;
+use crate::clock::version::{ETag, SessionToken};
+use crate::service::Precondition;
+
+pub const LOCUS_REGION: HeaderName = HeaderName::from_static("locus-region");
+pub const LOCUS_HOME: HeaderName = HeaderName::from_static("locus-home");
+pub const LOCUS_FAILOVER: HeaderName = HeaderName::from_static("locus-failover");
+pub const LOCUS_SESSION: HeaderName = HeaderName::from_static("locus-session");
+pub const LOCUS_FORWARDED_BY: HeaderName = HeaderName::from_static("locus-forwarded-by");
+pub const LOCUS_SIBLINGS: HeaderName = HeaderName::from_static("locus-siblings");
+pub const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
+
+fn text<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h str>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::bad_request("bad-header", format!("{name} is not visible ASCII"))
+            })
+        })
+        .transpose()
+}
+
+pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let if_match = text(headers, &IF_MATCH)?;
+    let if_none_match = text(headers, &IF_NONE_MATCH)?;
+    match (if_match, if_none_match) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "bad-precondition",
+            "send If-Match or If-None-Match, not both",
+        )),
+        (Some(tag), None) => ETag::decode(tag)
+            .map(|ETag(context)| Precondition::IfMatch(context))
+            .map_err(|e| ApiError::bad_request("bad-precondition", format!("If-Match: {e}"))),
+        (None, Some(value)) if value.trim() == "*" => Ok(Precondition::IfNoneMatchAny),
+        (None, Some(_)) => Err(ApiError::bad_request(
+            "bad-precondition",
+            "If-None-Match supports only \"*\"",
+        )),
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+pub fn session(headers: &HeaderMap) -> Result<Option<SessionToken>, ApiError> {
+    text(headers, &LOCUS_SESSION)?
+        .map(|t| {
+            SessionToken::decode(t)
+                .map_err(|e| ApiError::bad_request("bad-session", format!("Locus-Session: {e}")))
+        })
+        .transpose()
+}
+
+/// `Locus-Home`, which must name a region of the deployment.
+pub fn home_hint(
+    headers: &HeaderMap,
+    is_region: impl Fn(&str) -> bool,
+) -> Result<Option<String>, ApiError> {
+    match text(headers, &LOCUS_HOME)?.map(str::trim) {
+        None => Ok(None),
+        Some(region) if is_region(region) => Ok(Some(region.to_owned())),
+        Some(region) => Err(ApiError::bad_request(
+            "unknown-region",
+            format!("Locus-Home names the unknown region {region:?}"),
+        )),
+    }
+}
+
+pub fn forwarded_by(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    text(headers, &LOCUS_FORWARDED_BY)
+}
+
+/// Require a JSON content type: `application/json` or any `application/*+json`.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let value = text(headers, &CONTENT_TYPE)?.unwrap_or_default();
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let is_json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "the body must be application/json, not {value:?}"
+        )))
+    }
+}
+
+/// Read the whole body, refusing more than `limit` bytes (before reading, when the length is declared).
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = text(headers, &CONTENT_LENGTH)?.and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large =
+            std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::bad_request("bad-body", format!("the body could not be read: {error}"))
+        }
+    })
+}
+
+/// Parse a JSON body; the error says where it broke.
+pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
+    })
+}
+
+/// Compare secrets in time independent of where they differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    match text(headers, &axum::http::header::AUTHORIZATION)? {
+        None => Ok(None),
+        Some(value) => match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                Ok(Some(token.trim()))
+            }
+            _ => Err(ApiError::Unauthorized),
+        },
+    }
+}

@@ -1,0 +1,201 @@
+//! The REST API v1 of one region (axum). Handlers translate HTTP to the [`crate::service`] calls
+//! and back; forwarding to a record's home is an HTTP concern, so it lives here too.
+//!
+//! Every response carries `Locus-Region` (who served it; a forwarded answer keeps the home's), and
+//! every error is a problem document. The OpenAPI document is generated from the handlers.
+
+pub mod collections;
+pub mod cursor;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod health;
+pub mod metrics;
+pub mod openapi;
+pub mod records;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{FromRequestParts, MatchedPath, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+
+use self::error::ApiError;
+use self::forward::Peers;
+use self::headers::{bearer, forwarded_by, same_secret, LOCUS_REGION};
+use self::metrics::HttpMetrics;
+use crate::record::names;
+use crate::service::{Region, Route};
+
+/// What every handler shares.
+pub struct ApiState {
+    pub region: Arc<Region>,
+    pub peers: Peers,
+    pub metrics: HttpMetrics,
+    region_header: HeaderValue,
+}
+
+pub type SharedState = Arc<ApiState>;
+
+impl ApiState {
+    pub fn new(region: Arc<Region>) -> ApiState {
+        let peers = Peers::new(&region.config);
+        let region_header = HeaderValue::from_str(region.id()).expect("region ids are header-safe");
+        ApiState {
+            region,
+            peers,
+            metrics: HttpMetrics::new(),
+            region_header,
+        }
+    }
+
+    /// Policy and resolver changes: the admin token.
+    pub fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        match bearer(headers)? {
+            None => Err(ApiError::Unauthorized),
+            Some(token) if same_secret(token, &self.region.config.admin_token) => Ok(()),
+            Some(_) => Err(ApiError::Forbidden),
+        }
+    }
+
+    /// Record requests: a peer's forwarded request (peer token), or a client's (the API token when
+    /// one is configured; the admin token also works).
+    pub fn authorize_records(&self, headers: &axum::http::HeaderMap) -> Result<Route, ApiError> {
+        let config = &self.region.config;
+        let token = bearer(headers)?;
+        if let Some(peer) = forwarded_by(headers)? {
+            if !config.is_region(peer) || peer == config.region {
+                return Err(ApiError::bad_request(
+                    "unknown-region",
+                    format!("Locus-Forwarded-By names {peer:?}"),
+                ));
+            }
+            return match token {
+                None => Err(ApiError::Unauthorized),
+                Some(t) if same_secret(t, &config.peer_token) => Ok(Route::Forwarded),
+                Some(_) => Err(ApiError::Forbidden),
+            };
+        }
+        let Some(api_token) = &config.api_token else {
+            return Ok(Route::Client);
+        };
+        match token {
+            None => Err(ApiError::Unauthorized),
+            Some(t) if same_secret(t, api_token) || same_secret(t, &config.admin_token) => {
+                Ok(Route::Client)
+            }
+            Some(_) => Err(ApiError::Forbidden),
+        }
+    }
+}
+
+/// `{c}` of a collection path, validated.
+pub struct CollectionPath(pub String);
+
+/// `{c}` and `{key}` of a record path, validated.
+pub struct RecordPath {
+    pub collection: String,
+    pub key: String,
+}
+
+fn path_error(rejection: axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::bad_request("bad-path", rejection.body_text())
+}
+
+fn name_error(error: names::NameError) -> ApiError {
+    ApiError::bad_request("bad-name", error.to_string())
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CollectionPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(collection) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(path_error)?;
+        names::validate_user_collection(&collection).map_err(name_error)?;
+        Ok(CollectionPath(collection))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RecordPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path((collection, key)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(path_error)?;
+        names::validate_user_collection(&collection).map_err(name_error)?;
+        names::validate("key", &key).map_err(name_error)?;
+        Ok(RecordPath { collection, key })
+    }
+}
+
+/// Query parameters, with a problem document when they do not parse.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::bad_request("bad-query", e.body_text()))
+    }
+}
+
+/// Count and time every request by route and status; stamp `Locus-Region` on every response that
+/// does not already carry one (a forwarded answer keeps the home's).
+async fn observe(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let mut response = next.run(request).await;
+    state.metrics.observe(
+        &route,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+        .headers_mut()
+        .entry(LOCUS_REGION)
+        .or_insert_with(|| state.region_header.clone());
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("this endpoint does not take that method".into())
+}
+
+pub fn router(state: SharedState) -> Router {
+    Router::new()
+        .route("/v1/collections", get(collections::list))
+        .route(
+            "/v1/collections/{c}",
+            get(collections::show).put(collections::configure),
+        )
+        .route("/v1/collections/{c}/records", get(records::list))
+        .route(
+            "/v1/collections/{c}/records/{key}",
+            get(records::get).put(records::put).delete(records::delete),
+        )
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}

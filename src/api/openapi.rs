@@ -1,0 +1,35 @@
+//! The OpenAPI document, generated from the handlers' annotations so it cannot drift from them.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{collections, health, records};
+
+struct BearerSchemes;
+
+impl Modify for BearerSchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer =
+            || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
+        components.add_security_scheme("admin", bearer());
+        components.add_security_scheme("api", bearer());
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "locus", description = "A multi-leader geo-replicated JSON record store: the REST API of one region."),
+    paths(
+        records::get, records::put, records::delete, records::list,
+        collections::configure, collections::show, collections::list,
+        health::healthz, health::readyz, health::metrics,
+    ),
+    modifiers(&BearerSchemes),
+)]
+pub struct ApiDoc;
+
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,173 @@
+//! Building and running regions: open storage (creating the database and running migrations), build
+//! the router, serve until shutdown. `locus serve` runs one region; `locus dev` runs the local
+//! three-region deployment of `regions/*.toml` in one process. Tests use [`start`] with listeners
+//! they bound themselves (port 0), so regions can learn each other's addresses before starting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::migrate::MigrateDatabase;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::service::Region;
+use crate::storage;
+
+/// A region serving HTTP in this process.
+pub struct RunningRegion {
+    pub addr: SocketAddr,
+    pub region: Arc<Region>,
+    pub api: Arc<ApiState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningRegion {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop accepting requests, finish the ones in flight, and close the database pool.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.server)
+            .await
+            .context("the HTTP server task panicked")?
+            .context("the HTTP server failed")?;
+        self.region.store.pool().close().await;
+        Ok(())
+    }
+}
+
+/// Open the region's storage and serve its API on `listener` (or on `config.listen`).
+pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Result<RunningRegion> {
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(&config.listen).await.with_context(|| {
+            format!(
+                "region {}: cannot listen on {}",
+                config.region, config.listen
+            )
+        })?,
+    };
+    let addr = listener.local_addr().context("listener address")?;
+    let (store, identity) = storage::open(
+        &config.database_url,
+        config.database_pool_size,
+        &config.region,
+    )
+    .await
+    .with_context(|| format!("region {}: cannot open its database", config.region))?;
+    let region = Arc::new(Region::new(config, store, identity));
+    let api = Arc::new(ApiState::new(region.clone()));
+    let router = api::router(api.clone());
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+    });
+    Ok(RunningRegion {
+        addr,
+        region,
+        api,
+        shutdown: Some(tx),
+        server,
+    })
+}
+
+/// `locus serve`: one region until Ctrl-C or SIGTERM.
+pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let config =
+        Config::load(config_path).with_context(|| format!("loading {}", config_path.display()))?;
+    let running = start(config, None).await?;
+    let region = &running.region;
+    println!(
+        "locus region {} (incarnation {}) listening on {}",
+        region.id(),
+        region.identity.incarnation,
+        running.url()
+    );
+    shutdown_signal().await;
+    println!("stopping region {}", region.id());
+    running.stop().await
+}
+
+/// The region files of the local deployment, in order.
+pub fn dev_config_paths(dir: &Path) -> Vec<PathBuf> {
+    ["eu", "us", "ap"]
+        .iter()
+        .map(|r| dir.join(format!("{r}.toml")))
+        .collect()
+}
+
+/// `locus dev`: the three regions of `dir` in one process, until Ctrl-C.
+pub async fn dev(dir: &Path, reset: bool) -> anyhow::Result<()> {
+    let configs = dev_config_paths(dir)
+        .iter()
+        .map(|p| Config::load(p).with_context(|| format!("loading {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if reset {
+        for config in &configs {
+            println!("resetting region {}: dropping its database", config.region);
+            if sqlx::Postgres::database_exists(&config.database_url).await? {
+                sqlx::Postgres::force_drop_database(&config.database_url)
+                    .await
+                    .with_context(|| {
+                        format!("dropping the database of region {}", config.region)
+                    })?;
+            }
+        }
+    }
+    let mut running = Vec::new();
+    for config in configs {
+        println!("starting region {} ...", config.region);
+        running.push(start(config, None).await?);
+    }
+    println!();
+    for r in &running {
+        println!("  region {:<4} {}", r.region.id(), r.url());
+    }
+    let first = &running[0];
+    println!(
+        "\ntry:\n  curl -X PUT {url}/v1/collections/users/records/alice -H 'content-type: application/json' -d '{{\"name\":\"Alice\"}}'\n  curl {url}/v1/collections/users/records/alice\n\nCtrl-C stops every region.",
+        url = first.url()
+    );
+    shutdown_signal().await;
+    println!("\nstopping ...");
+    for r in running {
+        let id = r.region.id().to_owned();
+        r.stop()
+            .await
+            .with_context(|| format!("stopping region {id}"))?;
+        println!("  region {id} stopped");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

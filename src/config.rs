@@ -1,0 +1,343 @@
+//! Region and deployment settings: a TOML file (`regions/<id>.toml`) with every field overridable
+//! by a `LOCUS_*` environment variable (`LOCUS_ADMIN_TOKEN`, `LOCUS_LISTEN`; nested fields with a
+//! double underscore: `LOCUS_LIMITS__RECORD_BODY_BYTES`; peers as
+//! `LOCUS_PEERS='[{id="us",api_url="http://..."}]'`).
+//!
+//! Why strict: a misspelt field in a region's config silently falling back to a default could
+//! point a region at another region's database. Unknown fields are refused and every error names
+//! the field it is about.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("config field `{field}`: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub id: String,
+    /// Base URL of the peer's REST API, e.g. `http://127.0.0.1:7102`.
+    pub api_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest record body accepted, in bytes.
+    pub record_body_bytes: usize,
+    /// Largest resolver module accepted, in bytes.
+    pub module_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            record_body_bytes: 512 * 1024,
+            module_body_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Forwarding {
+    /// A peer that does not accept a connection within this is unreachable (nothing was sent).
+    pub connect_timeout_ms: u64,
+    /// A forwarded request without an answer within this has an unknown outcome: 504.
+    pub request_timeout_ms: u64,
+    /// `Retry-After` of a 503 when the home cannot take the write.
+    pub retry_after_secs: u64,
+}
+
+impl Default for Forwarding {
+    fn default() -> Forwarding {
+        Forwarding {
+            connect_timeout_ms: 1_000,
+            request_timeout_ms: 5_000,
+            retry_after_secs: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClockConfig {
+    /// A remote HLC further ahead of the wall clock than this does not advance the local clock.
+    pub max_drift_ms: u64,
+}
+
+impl Default for ClockConfig {
+    fn default() -> ClockConfig {
+        ClockConfig {
+            max_drift_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the installation; prefixes every NATS subject and stream.
+    pub deployment: String,
+    /// This region's id: lowercase letters, digits and '-', starting with a letter, at most 16.
+    pub region: String,
+    pub listen: String,
+    pub database_url: String,
+    #[serde(default = "default_pool_size")]
+    pub database_pool_size: u32,
+    pub nats_url: String,
+    /// Bearer token for policy and resolver changes.
+    pub admin_token: String,
+    /// Bearer token regions present to each other on forwarded requests.
+    pub peer_token: String,
+    /// When set, record endpoints require this bearer token (or the admin token).
+    #[serde(default)]
+    pub api_token: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default)]
+    pub clock: ClockConfig,
+}
+
+fn default_pool_size() -> u32 {
+    16
+}
+
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "deployment",
+    "region",
+    "listen",
+    "database_url",
+    "database_pool_size",
+    "nats_url",
+    "admin_token",
+    "peer_token",
+    "api_token",
+    "peers",
+    "limits",
+    "forwarding",
+    "clock",
+];
+
+impl Config {
+    /// Load `path`, then apply `LOCUS_*` overrides, then validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)))
+    }
+
+    /// Build from a config value (tests and `locus dev`), still applying `LOCUS_*` overrides.
+    pub fn from_value(config: &Config) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Serialized::defaults(config)))
+    }
+
+    fn from_figment(base: Figment) -> Result<Config, ConfigError> {
+        let env = Env::prefixed("LOCUS_").split("__").filter(|key| {
+            let top = key.as_str().split("__").next().unwrap_or_default();
+            TOP_LEVEL_FIELDS
+                .iter()
+                .any(|field| top.eq_ignore_ascii_case(field))
+        });
+        let config: Config = base.merge(env).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_region_id("region", &self.region)?;
+        if self.deployment.is_empty()
+            || !self
+                .deployment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "deployment",
+                "must be non-empty ASCII letters, digits, '-' or '_'",
+            ));
+        }
+        self.listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "listen",
+                format!("{:?} is not host:port ({e})", self.listen),
+            )
+        })?;
+        if !self.database_url.starts_with("postgres://")
+            && !self.database_url.starts_with("postgresql://")
+        {
+            return Err(invalid("database_url", "must be a postgres:// URL"));
+        }
+        if self.database_pool_size == 0 {
+            return Err(invalid("database_pool_size", "must be at least 1"));
+        }
+        if self.admin_token.len() < 8 {
+            return Err(invalid("admin_token", "must be at least 8 characters"));
+        }
+        if self.peer_token.len() < 8 {
+            return Err(invalid("peer_token", "must be at least 8 characters"));
+        }
+        if matches!(&self.api_token, Some(t) if t.is_empty()) {
+            return Err(invalid("api_token", "must not be empty when set"));
+        }
+        for (index, peer) in self.peers.iter().enumerate() {
+            validate_region_id("peers.id", &peer.id)?;
+            if peer.id == self.region {
+                return Err(invalid(
+                    "peers.id",
+                    format!("peer {:?} is this region itself", peer.id),
+                ));
+            }
+            if self.peers[..index].iter().any(|p| p.id == peer.id) {
+                return Err(invalid(
+                    "peers.id",
+                    format!("peer {:?} is listed twice", peer.id),
+                ));
+            }
+            if !peer.api_url.starts_with("http://") && !peer.api_url.starts_with("https://") {
+                return Err(invalid(
+                    "peers.api_url",
+                    format!("{:?} is not an http(s) URL", peer.api_url),
+                ));
+            }
+        }
+        if self.limits.record_body_bytes == 0 {
+            return Err(invalid("limits.record_body_bytes", "must be positive"));
+        }
+        if self.forwarding.connect_timeout_ms == 0 || self.forwarding.request_timeout_ms == 0 {
+            return Err(invalid("forwarding", "timeouts must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Every region of the deployment: this one and its peers.
+    pub fn regions(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.region.as_str()).chain(self.peers.iter().map(|p| p.id.as_str()))
+    }
+
+    pub fn is_region(&self, id: &str) -> bool {
+        self.regions().any(|r| r == id)
+    }
+
+    pub fn peer(&self, id: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.forwarding.connect_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.forwarding.request_timeout_ms)
+    }
+}
+
+fn validate_region_id(field: &'static str, id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 16
+        && id.starts_with(|c: char| c.is_ascii_lowercase())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{id:?} is not a region id (a-z, 0-9, '-', starting with a letter, at most 16)"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(text)
+    }
+
+    /// A tiny temp-file helper, so the tests need no extra crate.
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn with(text: &str) -> TempPath {
+                let path = std::env::temp_dir()
+                    .join(format!("locus-config-{}.toml", rand::random::<u64>()));
+                std::fs::write(&path, text).unwrap();
+                TempPath(path)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    const GOOD: &str = r#"
+        deployment = "dev"
+        region = "eu"
+        listen = "127.0.0.1:7101"
+        database_url = "postgres://postgres@127.0.0.1:5432/locus_dev_eu"
+        nats_url = "nats://127.0.0.1:4222"
+        admin_token = "dev-admin-token"
+        peer_token = "dev-peer-token"
+        [[peers]]
+        id = "us"
+        api_url = "http://127.0.0.1:7102"
+    "#;
+
+    #[test]
+    fn loads_a_good_file_with_defaults() {
+        let file = write(GOOD);
+        let config = Config::load(&file.0).unwrap();
+        assert_eq!(config.region, "eu");
+        assert_eq!(config.limits.record_body_bytes, 512 * 1024);
+        assert_eq!(config.regions().collect::<Vec<_>>(), ["eu", "us"]);
+    }
+
+    #[test]
+    fn errors_name_the_bad_field() {
+        let file = write(&GOOD.replace("127.0.0.1:7101", "nowhere"));
+        let err = Config::load(&file.0).unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+
+        let file = write(&format!("{GOOD}\n[limits]\nrecord_body_bytes = \"big\"\n"));
+        let err = Config::load(&file.0).unwrap_err().to_string();
+        assert!(err.contains("record_body_bytes"), "{err}");
+
+        let file = write(&GOOD.replace("region = \"eu\"", "region = \"eu\"\nregoin = \"us\""));
+        let err = Config::load(&file.0).unwrap_err().to_string();
+        assert!(err.contains("regoin"), "{err}");
+
+        let file = write(&GOOD.replace("id = \"us\"", "id = \"eu\""));
+        let err = Config::load(&file.0).unwrap_err().to_string();
+        assert!(err.contains("peers.id"), "{err}");
+    }
+}

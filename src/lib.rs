@@ -1,0 +1,26 @@
+//! locus: a multi-leader, geo-replicated JSON record store.
+//!
+//! Each region leads the writes of the records homed there, stores its data in its own PostgreSQL,
+//! and (with the replication layer) ships every change to the other regions through a
+//! transactional outbox. Conflicts are detected with version vectors and shown through a view.
+//!
+//! The map:
+//! - [`clock`]: hybrid logical clock, version vectors, ETags, session tokens. Pure.
+//! - [`record`]: versions, the antichain merge, collection policies, read views, name rules. Pure.
+//! - [`config`]: region and deployment settings (`regions/*.toml` + `LOCUS_*` overrides).
+//! - [`storage`]: the only place with SQL: records, outbox, policies, region metadata.
+//! - [`replication`]: the versioned wire format of the events the outbox holds.
+//! - [`service`]: the read and write paths of a region: homing, preconditions, versioning.
+//! - [`api`]: the REST API (axum): records, collections, health, metrics, OpenAPI, forwarding.
+//! - [`app`]: builds a region from its config and runs it until shutdown; `locus dev`.
+//! - [`bench`]: the benchmark programs behind `locus bench`.
+
+pub mod api;
+pub mod app;
+pub mod bench;
+pub mod clock;
+pub mod config;
+pub mod record;
+pub mod replication;
+pub mod service;
+pub mod storage;

@@ -1,0 +1,54 @@
+//! The `locus` command: parse the command line and hand over to the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "locus",
+    version,
+    about = "A multi-leader geo-replicated JSON record store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one region.
+    Serve {
+        /// The region's config file, e.g. regions/eu.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the local three-region deployment (regions/eu.toml, us.toml, ap.toml) in one process.
+    Dev {
+        /// Wipe the dev databases first.
+        #[arg(long)]
+        reset: bool,
+        /// Folder holding eu.toml, us.toml and ap.toml.
+        #[arg(long, default_value = "regions")]
+        regions: PathBuf,
+    },
+    /// Benchmarks that print measured figures.
+    #[command(subcommand)]
+    Bench(locus::bench::BenchCommand),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve { config } => locus::app::serve(&config).await,
+        Command::Dev { reset, regions } => locus::app::dev(&regions, reset).await,
+        Command::Bench(command) => locus::bench::run(command).await,
+    }
+}

@@ -1,0 +1,334 @@
+//! The record domain: versions, the stored state of a record, and how states merge. Pure, no I/O.
+//!
+//! The stored state of a record is the set of its *maximal* versions (an antichain under version
+//! vector order) plus its home. Merging is a join-semilattice (commutative, associative,
+//! idempotent), which is what lets regions apply each other's events in any order, any number of
+//! times, and still end in the same state. Concurrent versions are always kept, whatever the
+//! collection's conflict strategy: strategies are views over the set (see [`view`]), so changing a
+//! strategy never needs data that was thrown away, and every region holds the same set.
+//!
+//! Deletes are tombstone versions that merge like any other, so a delete never resurrects.
+//! The home travels beside the versions and merges by the highest `(epoch, region)`, independently
+//! of the values, so a failover write can never bring an old home back.
+
+pub mod names;
+pub mod policy;
+pub mod view;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::hlc::Hlc;
+use crate::clock::version::{Actor, Causality, VersionVector};
+
+/// One version of a record's value. The same shape is used in API responses (siblings), in events
+/// and in the resolver ABI: `{"value","deleted","region","hlc","version"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Version {
+    /// The JSON value; `null` for a tombstone.
+    #[schema(value_type = Object)]
+    pub value: Value,
+    pub deleted: bool,
+    /// The region that wrote this version.
+    pub region: String,
+    /// HLC as a decimal string.
+    #[schema(value_type = String)]
+    pub hlc: Hlc,
+    /// Version vector `{"<region>.<incarnation>": counter}`.
+    #[schema(value_type = Object)]
+    #[serde(rename = "version")]
+    pub vector: VersionVector,
+}
+
+impl Version {
+    /// The order used to break ties deterministically: `(hlc, region)`, then the vector's text so
+    /// that even a pathological tie is ordered the same way everywhere.
+    pub fn lww_key(&self) -> (Hlc, &str, String) {
+        (
+            self.hlc,
+            &self.region,
+            serde_json::to_string(&self.vector).unwrap_or_default(),
+        )
+    }
+}
+
+/// Which region leads a record's writes, and how many times the home has moved.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Home {
+    pub epoch: u64,
+    pub region: String,
+}
+
+impl Home {
+    pub fn new(region: impl Into<String>) -> Home {
+        Home {
+            epoch: 0,
+            region: region.into(),
+        }
+    }
+}
+
+/// What merging one version into a state did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOutcome {
+    /// A held version dominates or equals the incoming one: nothing changed.
+    AlreadyCovered,
+    /// The incoming version replaced every held version it dominates, and no other remains.
+    Superseded,
+    /// The incoming version is concurrent with a held one: both are kept (a conflict).
+    Conflict,
+}
+
+/// The stored state of a record: its home and its maximal versions, kept sorted by
+/// [`Version::lww_key`] so equal states compare equal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordState {
+    pub home: Home,
+    pub versions: Vec<Version>,
+}
+
+impl RecordState {
+    pub fn new(home: Home) -> RecordState {
+        RecordState {
+            home,
+            versions: Vec::new(),
+        }
+    }
+
+    /// The join of every held vector: what a reader has seen, and what a writer supersedes.
+    pub fn causal_context(&self) -> VersionVector {
+        self.versions
+            .iter()
+            .fold(VersionVector::new(), |acc, v| acc.joined(&v.vector))
+    }
+
+    pub fn max_hlc(&self) -> Option<Hlc> {
+        self.versions.iter().map(|v| v.hlc).max()
+    }
+
+    /// Merge one version. Equal vectors denote the same write, so they are never kept twice.
+    pub fn merge_version(&mut self, incoming: Version) -> MergeOutcome {
+        let mut dominated = Vec::new();
+        for (index, held) in self.versions.iter().enumerate() {
+            match held.vector.compare(&incoming.vector) {
+                Causality::Equal | Causality::Dominates => return MergeOutcome::AlreadyCovered,
+                Causality::DominatedBy => dominated.push(index),
+                Causality::Concurrent => {}
+            }
+        }
+        for index in dominated.into_iter().rev() {
+            self.versions.remove(index);
+        }
+        self.versions.push(incoming);
+        self.versions.sort_by(|a, b| a.lww_key().cmp(&b.lww_key()));
+        if self.versions.len() == 1 {
+            MergeOutcome::Superseded
+        } else {
+            MergeOutcome::Conflict
+        }
+    }
+
+    pub fn merge_home(&mut self, home: &Home) {
+        if *home > self.home {
+            self.home = home.clone();
+        }
+    }
+
+    /// The join of two states.
+    pub fn join(&mut self, other: &RecordState) {
+        self.merge_home(&other.home);
+        for version in &other.versions {
+            self.merge_version(version.clone());
+        }
+    }
+
+    /// A local write by `actor`: its vector is the join of every held version plus one for the
+    /// writer, so it supersedes everything this region holds; the caller stamps `hlc` above
+    /// [`RecordState::max_hlc`]. Returns the new version, which becomes the only one held.
+    pub fn write(&mut self, actor: &Actor, hlc: Hlc, value: Option<Value>) -> Version {
+        debug_assert!(self.max_hlc().is_none_or(|max| hlc > max));
+        let mut vector = self.causal_context();
+        vector.increment(actor);
+        let version = Version {
+            deleted: value.is_none(),
+            value: value.unwrap_or(Value::Null),
+            region: actor.region().to_owned(),
+            hlc,
+            vector,
+        };
+        self.versions = vec![version.clone()];
+        version
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::view::{read_view, View};
+    use super::*;
+    use crate::clock::version::tests::arb_vector;
+    use crate::record::policy::Strategy as ConflictStrategy;
+    use proptest::prelude::*;
+
+    /// A version whose every field derives from its vector, so equal vectors mean the same write
+    /// (as they do in the store). Its HLC is a hash of the vector: clocks skewed arbitrarily, with no
+    /// respect for causality, which the merge must not need.
+    pub fn version_for(vector: VersionVector) -> Version {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        vector.hash(&mut hasher);
+        let h = hasher.finish();
+        let region = ["eu", "us", "ap"][(h % 3) as usize].to_owned();
+        let deleted = h % 5 == 0;
+        Version {
+            value: if deleted {
+                Value::Null
+            } else {
+                serde_json::json!({ "h": h % 1000 })
+            },
+            deleted,
+            region,
+            hlc: Hlc::from_u64(h % 64), // few distinct values: ties happen
+            vector,
+        }
+    }
+
+    fn arb_home() -> impl Strategy<Value = Home> {
+        (0u64..3, prop_oneof![Just("eu"), Just("us"), Just("ap")]).prop_map(|(epoch, region)| {
+            Home {
+                epoch,
+                region: region.to_owned(),
+            }
+        })
+    }
+
+    fn arb_versions() -> impl Strategy<Value = Vec<Version>> {
+        proptest::collection::vec(arb_vector().prop_map(version_for), 0..8)
+    }
+
+    fn state_of(home: Home, versions: &[Version]) -> RecordState {
+        let mut state = RecordState::new(home);
+        for v in versions {
+            state.merge_version(v.clone());
+        }
+        state
+    }
+
+    fn is_antichain(state: &RecordState) -> bool {
+        state.versions.iter().enumerate().all(|(i, a)| {
+            state
+                .versions
+                .iter()
+                .skip(i + 1)
+                .all(|b| a.vector.compare(&b.vector) == Causality::Concurrent)
+        })
+    }
+
+    #[test]
+    fn concurrent_versions_are_both_kept_and_a_write_supersedes_them() {
+        let mut state = RecordState::new(Home::new("eu"));
+        let a = version_for(VersionVector::from([("eu.a", 1)]));
+        let b = version_for(VersionVector::from([("us.b", 1)]));
+        assert_eq!(state.merge_version(a.clone()), MergeOutcome::Superseded);
+        assert_eq!(state.merge_version(b), MergeOutcome::Conflict);
+        assert_eq!(state.merge_version(a), MergeOutcome::AlreadyCovered);
+        let max = state.max_hlc().unwrap();
+        let written = state.write(
+            &Actor::new("eu", "a"),
+            max.successor(),
+            Some(serde_json::json!(1)),
+        );
+        assert_eq!(
+            written.vector,
+            VersionVector::from([("eu.a", 2), ("us.b", 1)])
+        );
+        assert_eq!(state.versions.len(), 1);
+    }
+
+    #[test]
+    fn a_tombstone_does_not_resurrect_when_an_old_version_arrives_late() {
+        let mut state = RecordState::new(Home::new("eu"));
+        let old = version_for(VersionVector::from([("eu.a", 1)]));
+        state.merge_version(old.clone());
+        state.write(&Actor::new("eu", "a"), Hlc::from_u64(1_000), None);
+        assert_eq!(state.merge_version(old), MergeOutcome::AlreadyCovered);
+        assert!(matches!(
+            read_view(&state, &ConflictStrategy::Lww),
+            View::Deleted
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_commutative(versions in arb_versions(), home in arb_home(), seed: u64) {
+            let forward = state_of(home.clone(), &versions);
+            let mut shuffled = versions.clone();
+            // A deterministic permutation from the seed.
+            let len = shuffled.len();
+            for i in (1..len).rev() {
+                shuffled.swap(i, (seed.wrapping_mul(i as u64 + 7) % (i as u64 + 1)) as usize);
+            }
+            prop_assert_eq!(forward, state_of(home, &shuffled));
+        }
+
+        #[test]
+        fn join_is_associative_commutative_and_idempotent(
+            a in arb_versions(), b in arb_versions(), c in arb_versions(),
+            ha in arb_home(), hb in arb_home(), hc in arb_home(),
+        ) {
+            let (sa, sb, sc) = (state_of(ha, &a), state_of(hb, &b), state_of(hc, &c));
+            let join = |x: &RecordState, y: &RecordState| { let mut z = x.clone(); z.join(y); z };
+            prop_assert_eq!(join(&join(&sa, &sb), &sc), join(&sa, &join(&sb, &sc)));
+            prop_assert_eq!(join(&sa, &sb), join(&sb, &sa));
+            prop_assert_eq!(join(&sa, &sa), sa.clone());
+        }
+
+        #[test]
+        fn the_stored_set_is_an_antichain_covering_every_input(versions in arb_versions()) {
+            let state = state_of(Home::new("eu"), &versions);
+            prop_assert!(is_antichain(&state));
+            for v in &versions {
+                prop_assert!(state.versions.iter().any(|held| held.vector.covers(&v.vector)));
+            }
+        }
+
+        #[test]
+        fn views_do_not_depend_on_arrival_order(versions in arb_versions()) {
+            let forward = state_of(Home::new("eu"), &versions);
+            let mut reversed_input = versions.clone();
+            reversed_input.reverse();
+            let backward = state_of(Home::new("eu"), &reversed_input);
+            for strategy in [ConflictStrategy::Lww, ConflictStrategy::Siblings] {
+                prop_assert_eq!(read_view(&forward, &strategy), read_view(&backward, &strategy));
+            }
+        }
+
+        #[test]
+        fn a_local_write_dominates_everything_its_region_held(
+            versions in arb_versions(), physical in 0u64..100,
+        ) {
+            let mut state = state_of(Home::new("eu"), &versions);
+            let held = state.versions.clone();
+            let mut clock = crate::clock::hlc::HybridClock::new(1_000);
+            let hlc = clock.stamp_write(physical, state.max_hlc());
+            let written = state.write(&Actor::new("us", "b"), hlc, Some(serde_json::json!("new")));
+            for old in &held {
+                prop_assert_eq!(written.vector.compare(&old.vector), Causality::Dominates);
+                prop_assert!(written.hlc > old.hlc);
+            }
+            // And merging the old versions back in changes nothing.
+            for old in held {
+                prop_assert_eq!(state.merge_version(old), MergeOutcome::AlreadyCovered);
+            }
+        }
+
+        #[test]
+        fn the_home_with_the_highest_epoch_wins_in_any_order(homes in proptest::collection::vec(arb_home(), 1..6)) {
+            let mut forward = RecordState::new(homes[0].clone());
+            for h in &homes { forward.merge_home(h); }
+            let mut backward = RecordState::new(homes[homes.len() - 1].clone());
+            for h in homes.iter().rev() { backward.merge_home(h); }
+            prop_assert_eq!(&forward.home, &backward.home);
+            prop_assert_eq!(forward.home.clone(), homes.iter().max().unwrap().clone());
+        }
+    }
+}

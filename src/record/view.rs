@@ -1,0 +1,118 @@
+//! The value a reader sees: a pure function of the stored set of maximal versions and the
+//! collection's strategy. Because it depends on nothing else (not arrival order, not which region
+//! computes it), every region that holds the same set shows the same view.
+
+use super::policy::Strategy;
+use super::{RecordState, Version};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum View<'a> {
+    /// No version was ever stored.
+    Absent,
+    /// The view is a tombstone: reads answer 404.
+    Deleted,
+    /// One value.
+    Value(&'a Version),
+    /// Several concurrent versions, sorted by `(hlc, region)`; the client resolves them.
+    Siblings(Vec<&'a Version>),
+}
+
+impl View<'_> {
+    /// Whether a reader would find the record (for `If-None-Match: *` and listings).
+    pub fn is_live(&self) -> bool {
+        matches!(self, View::Value(_) | View::Siblings(_))
+    }
+}
+
+/// The last-writer-wins winner: the greatest `(hlc, region)`.
+pub fn lww_winner(state: &RecordState) -> Option<&Version> {
+    state
+        .versions
+        .iter()
+        .max_by(|a, b| a.lww_key().cmp(&b.lww_key()))
+}
+
+pub fn read_view<'a>(state: &'a RecordState, strategy: &Strategy) -> View<'a> {
+    match strategy {
+        Strategy::Siblings if state.versions.len() > 1 => {
+            if state.versions.iter().all(|v| v.deleted) {
+                View::Deleted
+            } else {
+                // `versions` is kept sorted by `(hlc, region)` already.
+                View::Siblings(state.versions.iter().collect())
+            }
+        }
+        // A resolver's output is materialised by the resolve module when the set changes; this
+        // pure view is its last-writer-wins fallback.
+        Strategy::Lww | Strategy::Siblings | Strategy::Resolver(_) => match lww_winner(state) {
+            None => View::Absent,
+            Some(v) if v.deleted => View::Deleted,
+            Some(v) => View::Value(v),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::hlc::Hlc;
+    use crate::clock::version::VersionVector;
+    use crate::record::Home;
+    use serde_json::json;
+
+    fn version(actor: &str, hlc: u64, region: &str, value: Option<i64>) -> Version {
+        Version {
+            value: value.map_or(serde_json::Value::Null, |v| json!(v)),
+            deleted: value.is_none(),
+            region: region.into(),
+            hlc: Hlc::from_u64(hlc),
+            vector: VersionVector::from([(actor, 1)]),
+        }
+    }
+
+    fn state(versions: Vec<Version>) -> RecordState {
+        let mut s = RecordState::new(Home::new("eu"));
+        for v in versions {
+            s.merge_version(v);
+        }
+        s
+    }
+
+    #[test]
+    fn lww_picks_the_greatest_hlc_and_breaks_ties_by_region() {
+        let s = state(vec![
+            version("eu.a", 5, "eu", Some(1)),
+            version("us.b", 5, "us", Some(2)),
+        ]);
+        assert_eq!(read_view(&s, &Strategy::Lww), View::Value(&s.versions[1]));
+        assert_eq!(s.versions[1].region, "us");
+        let s = state(vec![
+            version("eu.a", 9, "eu", None),
+            version("us.b", 5, "us", Some(2)),
+        ]);
+        assert_eq!(read_view(&s, &Strategy::Lww), View::Deleted);
+    }
+
+    #[test]
+    fn siblings_show_every_concurrent_version_including_tombstones() {
+        let s = state(vec![
+            version("eu.a", 9, "eu", None),
+            version("us.b", 5, "us", Some(2)),
+        ]);
+        match read_view(&s, &Strategy::Siblings) {
+            View::Siblings(v) => {
+                assert_eq!(v.iter().map(|v| v.hlc.as_u64()).collect::<Vec<_>>(), [5, 9])
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = state(vec![
+            version("eu.a", 9, "eu", None),
+            version("us.b", 5, "us", None),
+        ]);
+        assert_eq!(read_view(&s, &Strategy::Siblings), View::Deleted);
+        assert_eq!(
+            read_view(&RecordState::new(Home::new("eu")), &Strategy::Siblings),
+            View::Absent
+        );
+    }
+}

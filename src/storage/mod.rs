@@ -1,0 +1,107 @@
+//! The only place with SQL. A region's PostgreSQL holds its records (one row per record: the home
+//! and the antichain of maximal versions), the outbox of changes to replicate, the conflict log and
+//! the region's identity.
+//!
+//! Why compare-and-swap instead of `BEGIN; lock; read; write; COMMIT`: on this kind of hardware a
+//! commit's fsync costs about as much as two network round trips, so round trips dominate a write.
+//! A write reads the row (and its collection's policy) in one statement, computes the new state in
+//! Rust, and commits the record and its outbox row in a second, single statement that only succeeds
+//! if the row's `rev` is unchanged (or, for a new key, the key is still absent). A lost race re-reads
+//! and retries, so concurrent writers to one record serialize, creates of the same new key included,
+//! while writers to different records never wait on each other.
+
+pub mod records;
+
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+pub use records::{Loaded, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// PostgreSQL could not be reached or gave no connection in time: worth retrying.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("stored data does not decode: {0}")]
+    Corrupt(String),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the database belongs to region {found:?}, not {expected:?}")]
+    WrongRegion { expected: String, found: String },
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(error: sqlx::Error) -> StorageError {
+        match error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StorageError::Unavailable(error),
+            other => StorageError::Database(other),
+        }
+    }
+}
+
+/// Who this database says the region is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionIdentity {
+    pub region: String,
+    pub incarnation: String,
+}
+
+/// Create the database if it is missing, connect a pool, run the migrations and read (or make)
+/// the region's identity.
+pub async fn open(
+    database_url: &str,
+    pool_size: u32,
+    region: &str,
+) -> Result<(Store, RegionIdentity), StorageError> {
+    if !Postgres::database_exists(database_url).await? {
+        if let Err(error) = Postgres::create_database(database_url).await {
+            // Another process may have created it in between; only that is harmless.
+            if !Postgres::database_exists(database_url).await? {
+                return Err(error.into());
+            }
+        }
+    }
+    let options: PgConnectOptions = database_url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(options)
+        .await?;
+    sqlx::migrate!("./migrations").run(&pool).await?;
+    let identity = ensure_identity(&pool, region).await?;
+    Ok((Store::new(pool), identity))
+}
+
+async fn ensure_identity(pool: &PgPool, region: &str) -> Result<RegionIdentity, StorageError> {
+    let fresh = format!("{:08x}", rand::random::<u32>());
+    sqlx::query(
+        "INSERT INTO region_meta (region, incarnation) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(region)
+    .bind(&fresh)
+    .execute(pool)
+    .await?;
+    let (found, incarnation): (String, String) =
+        sqlx::query_as("SELECT region, incarnation FROM region_meta")
+            .fetch_one(pool)
+            .await?;
+    if found != region {
+        return Err(StorageError::WrongRegion {
+            expected: region.to_owned(),
+            found,
+        });
+    }
+    Ok(RegionIdentity {
+        region: found,
+        incarnation,
+    })
+}

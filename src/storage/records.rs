@@ -1,0 +1,172 @@
+//! Records, their policies and the outbox: load a record with its collection's policy in one
+//! statement, and commit a new state together with its outbox event in another.
+
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+
+use super::StorageError;
+use crate::record::policy::POLICY_COLLECTION;
+use crate::record::RecordState;
+use crate::replication::event::Event;
+
+/// The stored state of a record, the revision it was read at, and its collection's policy record.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub state: Option<RecordState>,
+    /// 0 when the record has no row yet.
+    pub rev: i64,
+    pub policy: Option<RecordState>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+fn decode_state(value: Option<Json<RecordState>>) -> Option<RecordState> {
+    value.map(|Json(state)| state)
+}
+
+impl Store {
+    pub(super) fn new(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A cheap round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn load(&self, collection: &str, key: &str) -> Result<Loaded, StorageError> {
+        let row = sqlx::query(
+            "SELECT r.rev, r.state, p.state AS policy
+               FROM (SELECT 1) AS one
+               LEFT JOIN records r ON r.collection = $1 AND r.key = $2
+               LEFT JOIN records p ON p.collection = $3 AND p.key = $1",
+        )
+        .bind(collection)
+        .bind(key)
+        .bind(POLICY_COLLECTION)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Loaded {
+            rev: row.try_get::<Option<i64>, _>("rev")?.unwrap_or(0),
+            state: decode_state(row.try_get("state").map_err(corrupt)?),
+            policy: decode_state(row.try_get("policy").map_err(corrupt)?),
+        })
+    }
+
+    /// Commit `state` and its outbox `event` if the record is still at `expected_rev` (0: still
+    /// absent). Returns false when another writer got there first; nothing was written then.
+    pub async fn save(
+        &self,
+        collection: &str,
+        key: &str,
+        expected_rev: i64,
+        state: &RecordState,
+        event: &Event,
+    ) -> Result<bool, StorageError> {
+        let sql = if expected_rev == 0 {
+            "WITH written AS (
+                 INSERT INTO records (collection, key, rev, state) VALUES ($1, $2, 1, $3)
+                 ON CONFLICT (collection, key) DO NOTHING
+                 RETURNING 1),
+             queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
+             SELECT count(*) FROM written WHERE $5::bigint = 0"
+        } else {
+            "WITH written AS (
+                 UPDATE records SET rev = rev + 1, state = $3, updated_at = now()
+                  WHERE collection = $1 AND key = $2 AND rev = $5
+                 RETURNING 1),
+             queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
+             SELECT count(*) FROM written"
+        };
+        let written: i64 = sqlx::query_scalar(sql)
+            .bind(collection)
+            .bind(key)
+            .bind(Json(state))
+            .bind(Json(event))
+            .bind(expected_rev)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(written == 1)
+    }
+
+    /// Up to `limit` records of `collection` in key order, after `after`, within `[from, until)`.
+    pub async fn list(
+        &self,
+        collection: &str,
+        after: Option<&str>,
+        from: &str,
+        until: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<(String, RecordState)>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT key, state FROM records
+              WHERE collection = $1 AND key > $2 AND key >= $3 AND ($4::text IS NULL OR key < $4)
+              ORDER BY key LIMIT $5",
+        )
+        .bind(collection)
+        .bind(after.unwrap_or(""))
+        .bind(from)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let key: String = row.try_get("key")?;
+                let Json(state): Json<RecordState> = row.try_get("state").map_err(corrupt)?;
+                Ok((key, state))
+            })
+            .collect()
+    }
+
+    /// Every collection that holds at least one row, system collections included, in name order.
+    /// A loose index scan: one index probe per collection, not a scan of every record.
+    pub async fn collections_with_records(&self) -> Result<Vec<String>, StorageError> {
+        let names = sqlx::query_scalar(
+            "WITH RECURSIVE names AS (
+                 (SELECT collection FROM records ORDER BY collection LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT r.collection FROM records r WHERE r.collection > names.collection
+                          ORDER BY r.collection LIMIT 1)
+                   FROM names WHERE names.collection IS NOT NULL)
+             SELECT collection FROM names WHERE collection IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(names)
+    }
+
+    /// Whether a collection holds any row.
+    pub async fn collection_has_records(&self, collection: &str) -> Result<bool, StorageError> {
+        let found: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM records WHERE collection = $1)")
+                .bind(collection)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(found)
+    }
+
+    /// How many outbox rows wait to be published.
+    pub async fn outbox_backlog(&self) -> Result<i64, StorageError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+fn corrupt(error: sqlx::Error) -> StorageError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StorageError::Corrupt(error.to_string())
+        }
+        other => other.into(),
+    }
+}
