@@ -20,8 +20,11 @@ use crate::record::{Home, RecordState};
 use crate::replication::event::Event;
 use crate::storage::{RegionIdentity, StorageError, Store};
 
-/// How many times a write re-reads after losing a race before giving up with [`ServiceError::Contention`].
-const MAX_WRITE_ATTEMPTS: usize = 64;
+/// Optimistic attempts before a write takes the record's row lock.
+const OPTIMISTIC_ATTEMPTS: usize = 2;
+/// Attempts in all before giving up with [`ServiceError::Contention`]. Under the row lock a write
+/// only loses to a concurrent create of a key that had no row, so this is never reached in practice.
+const MAX_WRITE_ATTEMPTS: usize = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteOp {
@@ -161,8 +164,16 @@ impl Region {
     }
 
     pub async fn write(&self, request: &WriteRequest) -> Result<WriteOutcome, ServiceError> {
-        for _ in 0..MAX_WRITE_ATTEMPTS {
-            let loaded = self.store.load(&request.collection, &request.key).await?;
+        for attempt in 0..MAX_WRITE_ATTEMPTS {
+            let mut lock = None;
+            let loaded = if attempt < OPTIMISTIC_ATTEMPTS {
+                self.store.load(&request.collection, &request.key).await?
+            } else {
+                let locked = self.store.lock(&request.collection, &request.key).await?;
+                let loaded = locked.loaded.clone();
+                lock = Some(locked);
+                loaded
+            };
             let policy = self.policy_of(&request.collection, loaded.policy.as_ref());
             let mut state = match &loaded.state {
                 Some(state) => state.clone(),
@@ -219,17 +230,25 @@ impl Region {
                 state.home.clone(),
                 version.clone(),
             );
-            if self
-                .store
-                .save(
-                    &request.collection,
-                    &request.key,
-                    loaded.rev,
-                    &state,
-                    &event,
-                )
-                .await?
-            {
+            let saved = match lock {
+                Some(locked) => {
+                    locked
+                        .save(&request.collection, &request.key, &state, &event)
+                        .await?
+                }
+                None => {
+                    self.store
+                        .save(
+                            &request.collection,
+                            &request.key,
+                            loaded.rev,
+                            &state,
+                            &event,
+                        )
+                        .await?
+                }
+            };
+            if saved {
                 let session = SessionToken {
                     collection: request.collection.clone(),
                     key: request.key.clone(),

@@ -94,8 +94,14 @@ impl Policy {
         is_region: impl Fn(&str) -> bool,
         is_resolver: impl Fn(&str) -> bool,
     ) -> Result<Policy, PolicyError> {
-        let policy: Policy =
+        let document: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        if !document.is_object() {
+            // serde would build a struct from `[]` when every field has a default.
+            return Err(PolicyError::Parse("a policy is a JSON object".into()));
+        }
+        let policy: Policy =
+            serde_json::from_value(document).map_err(|e| PolicyError::Parse(e.to_string()))?;
         if let Some(home) = &policy.default_home {
             if !is_region(home) {
                 return Err(PolicyError::UnknownRegion(home.clone()));
@@ -173,6 +179,8 @@ mod tests {
             Err(PolicyError::UnknownRegion("mars".into()))
         );
         assert!(matches!(parse("[1]"), Err(PolicyError::Parse(_))));
+        assert!(matches!(parse("[]"), Err(PolicyError::Parse(_))));
+        assert!(matches!(parse("null"), Err(PolicyError::Parse(_))));
     }
 
     #[test]

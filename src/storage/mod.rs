@@ -8,7 +8,9 @@
 //! Rust, and commits the record and its outbox row in a second, single statement that only succeeds
 //! if the row's `rev` is unchanged (or, for a new key, the key is still absent). A lost race re-reads
 //! and retries, so concurrent writers to one record serialize, creates of the same new key included,
-//! while writers to different records never wait on each other.
+//! while writers to different records never wait on each other. Optimism alone could starve a slow
+//! writer on a hot record, so a writer that lost twice takes the row lock instead
+//! ([`Store::lock`]): lock waiters are served in order, so every write makes progress.
 
 pub mod records;
 
@@ -18,7 +20,7 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
-pub use records::{Loaded, Store};
+pub use records::{Loaded, LockedRecord, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -2,7 +2,7 @@
 //! statement, and commit a new state together with its outbox event in another.
 
 use sqlx::types::Json;
-use sqlx::{PgPool, Row};
+use sqlx::{PgExecutor, PgPool, Row};
 
 use super::StorageError;
 use crate::record::policy::POLICY_COLLECTION;
@@ -43,22 +43,7 @@ impl Store {
     }
 
     pub async fn load(&self, collection: &str, key: &str) -> Result<Loaded, StorageError> {
-        let row = sqlx::query(
-            "SELECT r.rev, r.state, p.state AS policy
-               FROM (SELECT 1) AS one
-               LEFT JOIN records r ON r.collection = $1 AND r.key = $2
-               LEFT JOIN records p ON p.collection = $3 AND p.key = $1",
-        )
-        .bind(collection)
-        .bind(key)
-        .bind(POLICY_COLLECTION)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Loaded {
-            rev: row.try_get::<Option<i64>, _>("rev")?.unwrap_or(0),
-            state: decode_state(row.try_get("state").map_err(corrupt)?),
-            policy: decode_state(row.try_get("policy").map_err(corrupt)?),
-        })
+        load(&self.pool, collection, key).await
     }
 
     /// Commit `state` and its outbox `event` if the record is still at `expected_rev` (0: still
@@ -71,30 +56,21 @@ impl Store {
         state: &RecordState,
         event: &Event,
     ) -> Result<bool, StorageError> {
-        let sql = if expected_rev == 0 {
-            "WITH written AS (
-                 INSERT INTO records (collection, key, rev, state) VALUES ($1, $2, 1, $3)
-                 ON CONFLICT (collection, key) DO NOTHING
-                 RETURNING 1),
-             queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
-             SELECT count(*) FROM written WHERE $5::bigint = 0"
-        } else {
-            "WITH written AS (
-                 UPDATE records SET rev = rev + 1, state = $3, updated_at = now()
-                  WHERE collection = $1 AND key = $2 AND rev = $5
-                 RETURNING 1),
-             queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
-             SELECT count(*) FROM written"
-        };
-        let written: i64 = sqlx::query_scalar(sql)
+        save(&self.pool, collection, key, expected_rev, state, event).await
+    }
+
+    /// Take the record's row lock in a transaction and load it: the path of a writer that lost
+    /// races, since lock waiters are served in order and so cannot starve.
+    pub async fn lock(&self, collection: &str, key: &str) -> Result<LockedRecord, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM records WHERE collection = $1 AND key = $2 FOR UPDATE")
             .bind(collection)
             .bind(key)
-            .bind(Json(state))
-            .bind(Json(event))
-            .bind(expected_rev)
-            .fetch_one(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(written == 1)
+        // A new statement takes a new snapshot, so this sees what the previous lock holder committed.
+        let loaded = load(&mut *tx, collection, key).await?;
+        Ok(LockedRecord { tx, loaded })
     }
 
     /// Up to `limit` records of `collection` in key order, after `after`, within `[from, until)`.
@@ -160,6 +136,93 @@ impl Store {
             .fetch_one(&self.pool)
             .await?)
     }
+}
+
+/// A record whose row lock is held until [`LockedRecord::save`] commits or the value is dropped.
+pub struct LockedRecord {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    pub loaded: Loaded,
+}
+
+impl LockedRecord {
+    pub async fn save(
+        mut self,
+        collection: &str,
+        key: &str,
+        state: &RecordState,
+        event: &Event,
+    ) -> Result<bool, StorageError> {
+        let written = save(
+            &mut *self.tx,
+            collection,
+            key,
+            self.loaded.rev,
+            state,
+            event,
+        )
+        .await?;
+        if written {
+            self.tx.commit().await?;
+        }
+        Ok(written)
+    }
+}
+
+async fn load<'e>(
+    executor: impl PgExecutor<'e>,
+    collection: &str,
+    key: &str,
+) -> Result<Loaded, StorageError> {
+    let row = sqlx::query(
+        "SELECT r.rev, r.state, p.state AS policy
+           FROM (SELECT 1) AS one
+           LEFT JOIN records r ON r.collection = $1 AND r.key = $2
+           LEFT JOIN records p ON p.collection = $3 AND p.key = $1",
+    )
+    .bind(collection)
+    .bind(key)
+    .bind(POLICY_COLLECTION)
+    .fetch_one(executor)
+    .await?;
+    Ok(Loaded {
+        rev: row.try_get::<Option<i64>, _>("rev")?.unwrap_or(0),
+        state: decode_state(row.try_get("state").map_err(corrupt)?),
+        policy: decode_state(row.try_get("policy").map_err(corrupt)?),
+    })
+}
+
+async fn save<'e>(
+    executor: impl PgExecutor<'e>,
+    collection: &str,
+    key: &str,
+    expected_rev: i64,
+    state: &RecordState,
+    event: &Event,
+) -> Result<bool, StorageError> {
+    let sql = if expected_rev == 0 {
+        "WITH written AS (
+             INSERT INTO records (collection, key, rev, state) VALUES ($1, $2, 1, $3)
+             ON CONFLICT (collection, key) DO NOTHING
+             RETURNING 1),
+         queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
+         SELECT count(*) FROM written WHERE $5::bigint = 0"
+    } else {
+        "WITH written AS (
+             UPDATE records SET rev = rev + 1, state = $3, updated_at = now()
+              WHERE collection = $1 AND key = $2 AND rev = $5
+             RETURNING 1),
+         queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
+         SELECT count(*) FROM written"
+    };
+    let written: i64 = sqlx::query_scalar(sql)
+        .bind(collection)
+        .bind(key)
+        .bind(Json(state))
+        .bind(Json(event))
+        .bind(expected_rev)
+        .fetch_one(executor)
+        .await?;
+    Ok(written == 1)
 }
 
 fn corrupt(error: sqlx::Error) -> StorageError {

@@ -1,0 +1,324 @@
+//! Bad input: each case gets a 4xx problem document, writes nothing, and the region keeps serving.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{expect_problem, record_path, Cluster, Setup};
+
+const LIMIT: usize = 1024;
+
+async fn nothing_written(c: &Cluster) {
+    let page: Value = c
+        .request("eu", Method::GET, "/v1/collections")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        page["collections"],
+        json!([]),
+        "no collection came into being"
+    );
+    let pool = c.region("eu").region.store.pool();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM records")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 0);
+}
+
+#[tokio::test]
+async fn bad_bodies_names_and_headers_are_refused_and_nothing_is_written() {
+    let c = Setup::regions(&["eu"])
+        .tweak(|config| config.limits.record_body_bytes = LIMIT)
+        .start()
+        .await;
+    let path = record_path("c", "k");
+    let put = |path: &str| c.request("eu", Method::PUT, path);
+
+    // Malformed JSON, a non-JSON content type, no content type.
+    let r = put(&path)
+        .header("content-type", "application/json")
+        .body("{\"a\":")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::BAD_REQUEST).await;
+    let r = put(&path)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    let r = put(&path).body("{}").send().await.unwrap();
+    expect_problem(r, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+
+    // A body over the limit, declared or streamed; at the limit it would be accepted.
+    let big = format!("\"{}\"", "x".repeat(LIMIT - 1));
+    let r = put(&path)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    let detail = expect_problem(r, StatusCode::PAYLOAD_TOO_LARGE).await;
+    assert!(detail.contains(&LIMIT.to_string()), "{detail}");
+    let chunks = streamed(vec![vec![b'"'; 1], vec![b'y'; LIMIT + 10], vec![b'"'; 1]]);
+    let r = put(&path)
+        .header("content-type", "application/json")
+        .body(chunks)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::PAYLOAD_TOO_LARGE).await;
+
+    // Names: empty, too long, control characters, reserved.
+    let long = "k".repeat(513);
+    for bad in [
+        format!("/v1/collections/c/records/{long}"),
+        format!("/v1/collections/{long}/records/k"),
+        "/v1/collections/c/records/a%0Ab".to_owned(),
+        "/v1/collections/c%07/records/k".to_owned(),
+        "/v1/collections/_collections/records/k".to_owned(),
+        "/v1/collections/c/records/%FF".to_owned(),
+    ] {
+        let r = put(&bad).json(&json!(1)).send().await.unwrap();
+        expect_problem(r, StatusCode::BAD_REQUEST).await;
+    }
+    let r = put("/v1/collections/c/records/")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::NOT_FOUND).await;
+    let r = put(&format!("/v1/collections/c/records/{}", "k".repeat(512)))
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "512 bytes is allowed");
+    c.delete("eu", "c", &"k".repeat(512)).await;
+    sqlx::query("TRUNCATE records, outbox")
+        .execute(c.region("eu").region.store.pool())
+        .await
+        .unwrap();
+
+    // Headers: unknown Locus-Home region, malformed If-Match, If-None-Match other than *.
+    let r = put(&path)
+        .header("locus-home", "mars")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    let detail = expect_problem(r, StatusCode::BAD_REQUEST).await;
+    assert!(detail.contains("mars"), "{detail}");
+    for tag in ["unquoted", "\"!!not base64!!\"", "\"WzFd\""] {
+        let r = put(&path)
+            .header("if-match", tag)
+            .json(&json!(1))
+            .send()
+            .await
+            .unwrap();
+        expect_problem(r, StatusCode::BAD_REQUEST).await;
+    }
+    let r = put(&path)
+        .header("if-none-match", "\"abc\"")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::BAD_REQUEST).await;
+    let r = c
+        .request("eu", Method::GET, &path)
+        .header("locus-session", "garbage")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::BAD_REQUEST).await;
+
+    nothing_written(&c).await;
+    assert_eq!(
+        c.request("eu", Method::GET, "/healthz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    c.teardown().await;
+}
+
+/// A streamed body with no declared length.
+fn streamed(chunks: Vec<Vec<u8>>) -> reqwest::Body {
+    reqwest::Body::wrap_stream(futures_util::stream::iter(
+        chunks.into_iter().map(Ok::<_, std::io::Error>),
+    ))
+}
+
+#[tokio::test]
+async fn bad_policies_tokens_and_listing_parameters_are_refused() {
+    let c = Setup::regions(&["eu"]).start().await;
+    let configure = |token: Option<&str>, body: &str| {
+        let mut r = c
+            .request("eu", Method::PUT, "/v1/collections/carts")
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+
+    expect_problem(
+        configure(None, "{}").await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    expect_problem(
+        configure(Some("wrong-token"), "{}").await.unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    let r = c
+        .request("eu", Method::PUT, "/v1/collections/carts")
+        .header("authorization", "Basic abc")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::UNAUTHORIZED).await;
+    for bad in [
+        r#"{"homing":"record","colour":"red"}"#,
+        r#"{"homing":"sometimes"}"#,
+        r#"{"conflicts":{"strategy":"coin-flip"}}"#,
+        r#"{"default_home":"mars"}"#,
+        r#"{"conflicts":{"strategy":"resolver","resolver":"none-such"}}"#,
+        r#"{"on_home_unreachable":"accept_local""#,
+        r#"[]"#,
+    ] {
+        let detail = expect_problem(
+            configure(Some(crate::helpers::ADMIN), bad).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        assert!(!detail.is_empty());
+    }
+    expect_problem(
+        c.request("eu", Method::GET, "/v1/collections/carts")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    // Listing: a tampered cursor, a cursor from another prefix, a bad limit, an unknown parameter.
+    for i in 0..3 {
+        c.put("eu", "items", &format!("k{i}"), &json!(i)).await;
+    }
+    let page: Value = c
+        .request("eu", Method::GET, "/v1/collections/items/records?limit=1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cursor = page["next"].as_str().unwrap().to_owned();
+    let ok = c
+        .request(
+            "eu",
+            Method::GET,
+            &format!("/v1/collections/items/records?limit=1&cursor={cursor}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let (key_part, tag) = cursor.split_once('.').unwrap();
+    let tampered = format!(
+        "{}.{tag}",
+        if key_part.ends_with('A') {
+            key_part.replace('A', "B")
+        } else {
+            format!("{key_part}A")
+        }
+    );
+    for query in [
+        format!("cursor={tampered}"),
+        format!("cursor={cursor}&prefix=k"),
+        "cursor=nonsense".to_owned(),
+        "limit=0".to_owned(),
+        "limit=100000".to_owned(),
+        "limit=ten".to_owned(),
+        "colour=red".to_owned(),
+    ] {
+        let r = c
+            .request(
+                "eu",
+                Method::GET,
+                &format!("/v1/collections/items/records?{query}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        expect_problem(r, StatusCode::BAD_REQUEST).await;
+    }
+    assert_eq!(
+        c.request("eu", Method::GET, "/healthz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn an_api_token_guards_records_when_configured() {
+    let c = Setup::regions(&["eu"])
+        .tweak(|config| config.api_token = Some("records-token".into()))
+        .start()
+        .await;
+    expect_problem(
+        c.put("eu", "c", "k", &json!(1)).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    let wrong = c
+        .request("eu", Method::PUT, &record_path("c", "k"))
+        .bearer_auth("nope-nope")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(wrong, StatusCode::FORBIDDEN).await;
+    let ok = c
+        .request("eu", Method::PUT, &record_path("c", "k"))
+        .bearer_auth("records-token")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::CREATED);
+    expect_problem(c.get("eu", "c", "k").await, StatusCode::UNAUTHORIZED).await;
+    // Health endpoints stay open for load balancers.
+    assert_eq!(
+        c.request("eu", Method::GET, "/readyz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    c.teardown().await;
+}

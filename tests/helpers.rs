@@ -1,0 +1,287 @@
+//! Test harness: regions started in this process on port 0, each against a fresh database on the
+//! real PostgreSQL, driven over real HTTP.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use locus::app::{self, RunningRegion};
+use locus::config::{Config, Forwarding, Limits, Peer};
+use reqwest::{Method, Response, StatusCode};
+use serde_json::Value;
+use sqlx::migrate::MigrateDatabase;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub const ADMIN: &str = "test-admin-token";
+pub const PEER: &str = "test-peer-token";
+
+pub fn postgres_base() -> String {
+    std::env::var("LOCUS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Settings a test may change before its regions start.
+pub struct Setup {
+    pub ids: Vec<&'static str>,
+    /// Peer URLs to use instead of the real ones (e.g. a black hole).
+    pub peer_override: HashMap<&'static str, String>,
+    /// Database URLs to use instead of the direct one (e.g. through a proxy), by region.
+    pub database_override: HashMap<&'static str, String>,
+    pub tweak: Box<dyn Fn(&mut Config)>,
+}
+
+impl Setup {
+    pub fn regions(ids: &[&'static str]) -> Setup {
+        Setup {
+            ids: ids.to_vec(),
+            peer_override: HashMap::new(),
+            database_override: HashMap::new(),
+            tweak: Box::new(|_| {}),
+        }
+    }
+
+    pub fn tweak(mut self, f: impl Fn(&mut Config) + 'static) -> Setup {
+        self.tweak = Box::new(f);
+        self
+    }
+}
+
+pub struct Cluster {
+    pub http: reqwest::Client,
+    regions: HashMap<&'static str, RunningRegion>,
+    urls: HashMap<&'static str, String>,
+    databases: Vec<String>,
+}
+
+pub async fn cluster(ids: &[&'static str]) -> Cluster {
+    Setup::regions(ids).start().await
+}
+
+impl Setup {
+    pub async fn start(self) -> Cluster {
+        let mut listeners = Vec::new();
+        let mut urls = HashMap::new();
+        for id in &self.ids {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            urls.insert(*id, format!("http://{}", listener.local_addr().unwrap()));
+            listeners.push(listener);
+        }
+        let run = format!("{:08x}", rand::random::<u32>());
+        let mut regions = HashMap::new();
+        let mut databases = Vec::new();
+        for (id, listener) in self.ids.iter().zip(listeners) {
+            let database_url = format!("{}/locus_test_{run}_{id}", postgres_base());
+            databases.push(database_url.clone());
+            let mut config = Config {
+                deployment: format!("test{run}"),
+                region: (*id).into(),
+                listen: "127.0.0.1:0".into(),
+                database_url: self
+                    .database_override
+                    .get(id)
+                    .cloned()
+                    .unwrap_or(database_url),
+                database_pool_size: 4,
+                nats_url: "nats://127.0.0.1:4222".into(),
+                admin_token: ADMIN.into(),
+                peer_token: PEER.into(),
+                api_token: None,
+                peers: self
+                    .ids
+                    .iter()
+                    .filter(|p| *p != id)
+                    .map(|p| Peer {
+                        id: (*p).into(),
+                        api_url: self
+                            .peer_override
+                            .get(p)
+                            .cloned()
+                            .unwrap_or_else(|| urls[p].clone()),
+                    })
+                    .collect(),
+                limits: Limits::default(),
+                forwarding: Forwarding {
+                    connect_timeout_ms: 500,
+                    request_timeout_ms: 3_000,
+                    retry_after_secs: 2,
+                },
+                clock: Default::default(),
+            };
+            (self.tweak)(&mut config);
+            config.validate().expect("test config is valid");
+            let running = app::start(config, Some(listener))
+                .await
+                .expect("region starts");
+            regions.insert(*id, running);
+        }
+        Cluster {
+            http: reqwest::Client::new(),
+            regions,
+            urls,
+            databases,
+        }
+    }
+}
+
+impl Cluster {
+    pub fn url(&self, id: &str) -> &str {
+        &self.urls[id]
+    }
+
+    pub fn region(&self, id: &str) -> &RunningRegion {
+        &self.regions[id]
+    }
+
+    /// Stop a region: its port closes, so peers find it unreachable. Its database stays.
+    pub async fn stop(&mut self, id: &str) {
+        let running = self.regions.remove(id).expect("a running region");
+        running.stop().await.unwrap();
+    }
+
+    pub fn request(&self, id: &str, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.url(id)))
+    }
+
+    pub async fn put(&self, id: &str, collection: &str, key: &str, value: &Value) -> Response {
+        self.request(id, Method::PUT, &record_path(collection, key))
+            .json(value)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, id: &str, collection: &str, key: &str) -> Response {
+        self.request(id, Method::GET, &record_path(collection, key))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, id: &str, collection: &str, key: &str) -> Response {
+        self.request(id, Method::DELETE, &record_path(collection, key))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn configure(&self, id: &str, collection: &str, policy: &Value) -> Response {
+        self.request(id, Method::PUT, &format!("/v1/collections/{collection}"))
+            .bearer_auth(ADMIN)
+            .json(policy)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Configure the same policy in every running region (until policies replicate on their own).
+    pub async fn configure_everywhere(&self, collection: &str, policy: &Value) {
+        for id in self.regions.keys() {
+            let response = self.configure(id, collection, policy).await;
+            assert!(
+                response.status().is_success(),
+                "configure at {id}: {}",
+                response.status()
+            );
+        }
+    }
+
+    /// Stop every region and drop their databases.
+    pub async fn teardown(mut self) {
+        for (_, running) in self.regions.drain() {
+            let _ = running.stop().await;
+        }
+        for url in &self.databases {
+            let _ = sqlx::Postgres::force_drop_database(url).await;
+        }
+    }
+}
+
+pub fn record_path(collection: &str, key: &str) -> String {
+    format!("/v1/collections/{collection}/records/{key}")
+}
+
+pub fn header<'r>(response: &'r Response, name: &str) -> Option<&'r str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Assert a problem document with this status, and return its `detail`.
+pub async fn expect_problem(response: Response, status: StatusCode) -> String {
+    assert_eq!(response.status(), status, "status");
+    assert_eq!(
+        header(&response, "content-type"),
+        Some("application/problem+json")
+    );
+    assert!(
+        header(&response, "locus-region").is_some(),
+        "problem responses carry Locus-Region"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:locus:problem:"),
+        "{body}"
+    );
+    assert!(body["title"].is_string());
+    body["detail"].as_str().expect("a detail").to_owned()
+}
+
+/// A TCP proxy the test controls: cut it and every connection through it drops and new ones are
+/// refused, as when a network link or a server goes away.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let target = target.to_owned();
+        let acceptor = {
+            let tasks = tasks.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let target = target.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    tasks.lock().unwrap().push(task);
+                }
+            })
+        };
+        TcpProxy {
+            addr,
+            tasks,
+            acceptor,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.acceptor.abort();
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// A peer that accepts connections and never answers: a forwarded request to it times out.
+pub async fn black_hole() -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (url, task)
+}

@@ -1,0 +1,9 @@
+//! Integration tests: regions run in this process against the real PostgreSQL, over real HTTP.
+//! One test binary, so the crate links once.
+
+mod bad_input;
+mod collections;
+mod health;
+mod helpers;
+mod homing;
+mod records;
