@@ -20,10 +20,11 @@ CREATE TABLE records (
     PRIMARY KEY (collection, key)
 );
 
--- Changes committed with their records, waiting to be published to the region's stream.
+-- Changes committed with their records, waiting to be published to the region's stream. `event` is
+-- the exact wire payload (replication::event::Event, JSON): never queried in SQL, so not parsed here.
 CREATE TABLE outbox (
     id         bigserial PRIMARY KEY,
-    event      jsonb NOT NULL,
+    event      bytea NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
 

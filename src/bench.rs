@@ -15,6 +15,7 @@ use sqlx::migrate::MigrateDatabase;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, Limits};
+use crate::service::{Precondition, Route, WriteOp, WriteOutcome, WriteRequest};
 
 #[derive(Debug, clap::Args)]
 pub struct WritesArgs {
@@ -174,13 +175,10 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         .connect(&database_url)
         .await
         .context("connecting the raw-upsert pool")?;
-    sqlx::query(
-        "CREATE TABLE bench_raw (collection text COLLATE \"C\" NOT NULL, key text COLLATE \"C\" NOT NULL,
-         rev bigint NOT NULL, state jsonb NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(),
-         PRIMARY KEY (collection, key))",
-    )
-    .execute(&pool)
-    .await?;
+    // Exactly the shape of a record row, whatever the migrations made it.
+    sqlx::query("CREATE TABLE bench_raw (LIKE records INCLUDING ALL)")
+        .execute(&pool)
+        .await?;
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(max_clients)
@@ -211,6 +209,33 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
             })
             .await?
         };
+        let service = {
+            let region = region.region.clone();
+            drive(
+                "locus write path (no HTTP)",
+                clients,
+                args.seconds,
+                move |client, n| {
+                    let region = region.clone();
+                    async move {
+                        let request = WriteRequest {
+                            collection: "bench-direct".into(),
+                            key: format!("c{client}-k{}", n % keys),
+                            op: WriteOp::Put(sample_value(client, n)),
+                            precondition: Precondition::None,
+                            home_hint: None,
+                            route: Route::Client,
+                        };
+                        anyhow::ensure!(matches!(
+                            region.write(&request).await?,
+                            WriteOutcome::Written(_)
+                        ));
+                        Ok(())
+                    }
+                },
+            )
+            .await?
+        };
         let api = {
             let (http, url) = (http.clone(), url.clone());
             drive("locus PUT", clients, args.seconds, move |client, n| {
@@ -236,8 +261,9 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         };
         let ratio = api.throughput() / raw.throughput();
         report.push(format!(
-            "clients {clients}:\n  {}\n  {}\n  locus / raw throughput: {ratio:.2}",
+            "clients {clients}:\n  {}\n  {}\n  {}\n  locus / raw throughput: {ratio:.2}",
             raw.line("raw sqlx upsert"),
+            service.line("locus write path (no HTTP)"),
             api.line("locus PUT (HTTP, outbox)")
         ));
     }

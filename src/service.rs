@@ -7,7 +7,9 @@
 //! computed by the pure [`RecordState::write`]; storage commits it only if nobody wrote in between,
 //! else the write starts over from a fresh read.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -15,8 +17,8 @@ use crate::clock::hlc::{wall_clock_ms, HybridClock};
 use crate::clock::version::{Actor, SessionToken, VersionVector};
 use crate::config::Config;
 use crate::record::policy::{Homing, Policy, POLICY_COLLECTION};
-use crate::record::view::{lww_winner, read_view};
-use crate::record::{Home, RecordState};
+use crate::record::view::lww_winner;
+use crate::record::{Home, RecordState, Summary};
 use crate::replication::event::Event;
 use crate::storage::{RegionIdentity, StorageError, Store};
 
@@ -103,6 +105,95 @@ pub enum ServiceError {
     Storage(#[from] StorageError),
 }
 
+/// The revision and summary of a record, as this process last wrote it.
+#[derive(Debug, Clone)]
+struct Known {
+    rev: i64,
+    summary: Summary,
+}
+
+/// What a write is judged on: the record's revision and summary, and its collection's policy.
+struct Base {
+    rev: i64,
+    summary: Summary,
+    policy: Policy,
+}
+
+enum Decision {
+    Save { created: bool, value: Option<Value> },
+    Forward { home: String },
+    Fail(ServiceError),
+}
+
+/// Lets a write skip reading the record when this process wrote it last: the write then saves
+/// against the cached revision, and the compare-and-swap in storage rejects it if anyone (another
+/// process, replication) changed the record since, so a stale entry costs a retry, never a wrong
+/// version. Policies are cached for [`POLICY_TTL`], so a policy changed by another process of
+/// this region takes effect here within that time. Bounded: when full, it starts over empty.
+struct WriteCache {
+    records: Mutex<HashMap<(String, String), Known>>,
+    policies: Mutex<HashMap<String, (Instant, Policy)>>,
+}
+
+const RECORD_CACHE_ENTRIES: usize = 100_000;
+const POLICY_TTL: Duration = Duration::from_secs(1);
+
+impl WriteCache {
+    fn new() -> WriteCache {
+        WriteCache {
+            records: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn base(&self, collection: &str, key: &str) -> Option<Base> {
+        let policy = {
+            let policies = self.policies.lock().expect("policy cache lock");
+            let (at, policy) = policies.get(collection)?;
+            if at.elapsed() > POLICY_TTL {
+                return None;
+            }
+            policy.clone()
+        };
+        let records = self.records.lock().expect("record cache lock");
+        let known = records.get(&(collection.to_owned(), key.to_owned()))?;
+        Some(Base {
+            rev: known.rev,
+            summary: known.summary.clone(),
+            policy,
+        })
+    }
+
+    fn remember(&self, collection: &str, key: &str, known: Known) {
+        let mut records = self.records.lock().expect("record cache lock");
+        if records.len() >= RECORD_CACHE_ENTRIES {
+            records.clear();
+        }
+        records.insert((collection.to_owned(), key.to_owned()), known);
+    }
+
+    fn forget(&self, collection: &str, key: &str) {
+        self.records
+            .lock()
+            .expect("record cache lock")
+            .remove(&(collection.to_owned(), key.to_owned()));
+    }
+
+    fn remember_policy(&self, collection: &str, policy: &Policy) {
+        self.policies
+            .lock()
+            .expect("policy cache lock")
+            .insert(collection.to_owned(), (Instant::now(), policy.clone()));
+    }
+
+    fn forget_policy(&self, collection: &str) {
+        self.policies
+            .lock()
+            .expect("policy cache lock")
+            .remove(collection);
+    }
+}
+
 /// One region's state shared by every request.
 pub struct Region {
     pub config: Config,
@@ -110,6 +201,7 @@ pub struct Region {
     pub identity: RegionIdentity,
     pub actor: Actor,
     clock: Mutex<HybridClock>,
+    cache: WriteCache,
 }
 
 impl Region {
@@ -122,6 +214,7 @@ impl Region {
             identity,
             actor,
             clock,
+            cache: WriteCache::new(),
         }
     }
 
@@ -164,107 +257,154 @@ impl Region {
     }
 
     pub async fn write(&self, request: &WriteRequest) -> Result<WriteOutcome, ServiceError> {
-        for attempt in 0..MAX_WRITE_ATTEMPTS {
-            let mut lock = None;
-            let loaded = if attempt < OPTIMISTIC_ATTEMPTS {
-                self.store.load(&request.collection, &request.key).await?
+        let (collection, key) = (&request.collection, &request.key);
+        let mut trust_cache = true;
+        let mut loads = 0;
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let cached = if trust_cache {
+                self.cache.base(collection, key)
             } else {
-                let locked = self.store.lock(&request.collection, &request.key).await?;
-                let loaded = locked.loaded.clone();
-                lock = Some(locked);
-                loaded
+                None
             };
-            let policy = self.policy_of(&request.collection, loaded.policy.as_ref());
-            let mut state = match &loaded.state {
-                Some(state) => state.clone(),
-                None => RecordState::new(Home::new(self.placement(request, &policy))),
+            let from_cache = cached.is_some();
+            let mut lock = None;
+            let base = match cached {
+                Some(base) => base,
+                None => {
+                    loads += 1;
+                    let loaded = if loads <= OPTIMISTIC_ATTEMPTS {
+                        self.store.load(collection, key).await?
+                    } else {
+                        let locked = self.store.lock(collection, key).await?;
+                        let loaded = locked.loaded.clone();
+                        lock = Some(locked);
+                        loaded
+                    };
+                    let policy = self.policy_of(collection, loaded.policy.as_ref());
+                    self.cache.remember_policy(collection, &policy);
+                    let summary = match &loaded.state {
+                        Some(state) => state.summary(),
+                        None => Summary::absent(Home::new(self.placement(request, &policy))),
+                    };
+                    Base {
+                        rev: loaded.rev,
+                        summary,
+                        policy,
+                    }
+                }
             };
 
-            if policy.homing == Homing::Record && state.home.region != self.config.region {
-                match request.route {
-                    Route::Client => {
-                        return Ok(WriteOutcome::Forward {
-                            home: state.home.region,
-                            policy,
-                        })
-                    }
-                    Route::Forwarded => {
-                        return Err(ServiceError::NotHome {
-                            home: state.home.region,
-                        })
-                    }
-                    Route::Failover => {}
+            let (created, value) = match self.decide(request, &base) {
+                Decision::Save { created, value } => (created, value),
+                // Only a save may rest on the cache: anything else is checked against a fresh read.
+                _ if from_cache => {
+                    trust_cache = false;
+                    continue;
                 }
-            }
-
-            let before = read_view(&state, &policy.strategy());
-            match &request.precondition {
-                Precondition::IfMatch(context)
-                    if loaded.state.is_none() || state.causal_context() != *context =>
-                {
-                    return Err(ServiceError::PreconditionFailed(
-                        "the record changed since the ETag was read",
-                    ));
+                Decision::Forward { home } => {
+                    return Ok(WriteOutcome::Forward {
+                        home,
+                        policy: base.policy,
+                    })
                 }
-                Precondition::IfNoneMatchAny if before.is_live() => {
-                    return Err(ServiceError::PreconditionFailed("the record exists"));
-                }
-                _ => {}
-            }
-            let created = !before.is_live();
-            let value = match &request.op {
-                WriteOp::Put(value) => Some(value.clone()),
-                WriteOp::Delete if created => return Err(ServiceError::NotFound),
-                WriteOp::Delete => None,
+                Decision::Fail(error) => return Err(error),
             };
 
             let hlc = {
                 let mut clock = self.clock.lock().expect("clock lock");
-                clock.stamp_write(wall_clock_ms(), state.max_hlc())
+                clock.stamp_write(wall_clock_ms(), base.summary.max_hlc)
             };
-            let version = state.write(&self.actor, hlc, value);
+            let state = base.summary.write(&self.actor, hlc, value);
+            let version = state.versions[0].clone();
             let event = Event::new(
                 self.id(),
-                &request.collection,
-                &request.key,
+                collection,
+                key,
                 state.home.clone(),
                 version.clone(),
             );
             let saved = match lock {
-                Some(locked) => {
-                    locked
-                        .save(&request.collection, &request.key, &state, &event)
-                        .await?
-                }
+                Some(locked) => locked.save(collection, key, &state, &event).await?,
                 None => {
                     self.store
-                        .save(
-                            &request.collection,
-                            &request.key,
-                            loaded.rev,
-                            &state,
-                            &event,
-                        )
+                        .save(collection, key, base.rev, &state, &event)
                         .await?
                 }
             };
-            if saved {
-                let session = SessionToken {
-                    collection: request.collection.clone(),
-                    key: request.key.clone(),
-                    version: version.vector,
-                    home: state.home.region.clone(),
-                };
-                return Ok(WriteOutcome::Written(Written {
-                    state,
-                    policy,
-                    created,
-                    session,
-                }));
+            if !saved {
+                tracing::debug!(%collection, %key, "lost a write race; retrying");
+                self.cache.forget(collection, key);
+                trust_cache = false;
+                continue;
             }
-            tracing::debug!(collection = %request.collection, key = %request.key, "lost a write race; retrying");
+            self.cache.remember(
+                collection,
+                key,
+                Known {
+                    rev: base.rev + 1,
+                    summary: state.summary(),
+                },
+            );
+            if collection == POLICY_COLLECTION {
+                self.cache.forget_policy(key);
+            }
+            let session = SessionToken {
+                collection: collection.clone(),
+                key: key.clone(),
+                version: version.vector,
+                home: state.home.region.clone(),
+            };
+            return Ok(WriteOutcome::Written(Written {
+                state,
+                policy: base.policy,
+                created,
+                session,
+            }));
         }
         Err(ServiceError::Contention)
+    }
+
+    /// Where the write goes and whether its preconditions hold, judged on `base`.
+    fn decide(&self, request: &WriteRequest, base: &Base) -> Decision {
+        let summary = &base.summary;
+        if base.policy.homing == Homing::Record && summary.home.region != self.config.region {
+            match request.route {
+                Route::Client => {
+                    return Decision::Forward {
+                        home: summary.home.region.clone(),
+                    }
+                }
+                Route::Forwarded => {
+                    return Decision::Fail(ServiceError::NotHome {
+                        home: summary.home.region.clone(),
+                    })
+                }
+                Route::Failover => {}
+            }
+        }
+        let live = summary.is_live(&base.policy.strategy());
+        match &request.precondition {
+            Precondition::IfMatch(context) if !summary.exists || summary.context != *context => {
+                return Decision::Fail(ServiceError::PreconditionFailed(
+                    "the record changed since the ETag was read",
+                ));
+            }
+            Precondition::IfNoneMatchAny if live => {
+                return Decision::Fail(ServiceError::PreconditionFailed("the record exists"));
+            }
+            _ => {}
+        }
+        match &request.op {
+            WriteOp::Put(value) => Decision::Save {
+                created: !live,
+                value: Some(value.clone()),
+            },
+            WriteOp::Delete if !live => Decision::Fail(ServiceError::NotFound),
+            WriteOp::Delete => Decision::Save {
+                created: false,
+                value: None,
+            },
+        }
     }
 
     /// Where a new record lives: the writer's `Locus-Home`, else the collection's default home,

@@ -84,12 +84,22 @@ async fn policies_are_configured_shown_and_listed() {
 
     // The policy is stored as a versioned record: its change is in the outbox, ready to replicate.
     let pool = c.region("eu").region.store.pool();
-    let events: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE event->>'collection' = '_collections'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert_eq!(events, 2);
+    let events: Vec<Vec<u8>> = sqlx::query_scalar("SELECT event FROM outbox ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let events: Vec<_> = events
+        .iter()
+        .map(|bytes| locus::replication::event::Event::decode(bytes).unwrap())
+        .collect();
+    let policy_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.collection == "_collections")
+        .collect();
+    assert_eq!(policy_events.len(), 2);
+    assert!(policy_events
+        .iter()
+        .all(|e| e.key == "carts" && e.origin == "eu"));
+    assert_eq!(policy_events[1].version.value["default_home"], "us");
     c.teardown().await;
 }

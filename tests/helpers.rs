@@ -133,6 +133,16 @@ impl Cluster {
         &self.regions[id]
     }
 
+    /// Start another process of region `id`, on its own port and against the same database, as
+    /// when a region runs several replicas behind a load balancer.
+    pub async fn second_process(&self, id: &str) -> RunningRegion {
+        let config = self.regions[id].region.config.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        app::start(config, Some(listener))
+            .await
+            .expect("second process starts")
+    }
+
     /// Stop a region: its port closes, so peers find it unreachable. Its database stays.
     pub async fn stop(&mut self, id: &str) {
         let running = self.regions.remove(id).expect("a running region");

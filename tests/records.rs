@@ -488,3 +488,72 @@ async fn every_response_names_the_region_and_the_api_describes_itself() {
     assert!(metrics.contains("locus_http_request_duration_seconds_bucket"));
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn processes_of_one_region_never_write_on_stale_state() {
+    let c = cluster(&["eu"]).await;
+    let second = c.second_process("eu").await;
+    let (a, b) = (c.url("eu").to_owned(), second.url());
+    let http = &c.http;
+    let put = |base: &str, value: Value| {
+        http.put(format!("{base}{}", record_path("k", "k")))
+            .json(&value)
+            .send()
+    };
+
+    assert_eq!(
+        counter(&put(&a, json!(1)).await.unwrap().json().await.unwrap()),
+        1
+    );
+    assert_eq!(
+        counter(&put(&b, json!(2)).await.unwrap().json().await.unwrap()),
+        2
+    );
+    // a wrote last at revision 1; its write must still supersede b's.
+    assert_eq!(
+        counter(&put(&a, json!(3)).await.unwrap().json().await.unwrap()),
+        3
+    );
+
+    // b deletes; a, which last saw the record live, must not refuse a create-only write.
+    let deleted = http
+        .delete(format!("{b}{}", record_path("k", "k")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let recreated = http
+        .put(format!("{a}{}", record_path("k", "k")))
+        .header("if-none-match", "*")
+        .json(&json!(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(recreated.status(), StatusCode::CREATED);
+
+    // Both hammer the record at once: every write counts exactly once.
+    let mut tasks = Vec::new();
+    for base in [a.clone(), b.clone()] {
+        for w in 0..4 {
+            let (http, base) = (http.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..15 {
+                    let r = http
+                        .put(format!("{base}{}", record_path("k", "k")))
+                        .json(&json!([w, i]))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(r.status().is_success(), "{}", r.status());
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let body: Value = c.get("eu", "k", "k").await.json().await.unwrap();
+    assert_eq!(counter(&body), 5 + 2 * 4 * 15);
+    second.stop().await.unwrap();
+    c.teardown().await;
+}

@@ -142,12 +142,67 @@ impl RecordState {
         }
     }
 
-    /// A local write by `actor`: its vector is the join of every held version plus one for the
-    /// writer, so it supersedes everything this region holds; the caller stamps `hlc` above
-    /// [`RecordState::max_hlc`]. Returns the new version, which becomes the only one held.
+    /// What a local write needs to know of this state.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            home: self.home.clone(),
+            context: self.causal_context(),
+            max_hlc: self.max_hlc(),
+            exists: !self.versions.is_empty(),
+            lww_live: view::lww_winner(self).is_some_and(|v| !v.deleted),
+            any_live: self.versions.iter().any(|v| !v.deleted),
+        }
+    }
+
+    /// A local write by `actor` (see [`Summary::write`]); returns the new version, which becomes
+    /// the only one held.
     pub fn write(&mut self, actor: &Actor, hlc: Hlc, value: Option<Value>) -> Version {
-        debug_assert!(self.max_hlc().is_none_or(|max| hlc > max));
-        let mut vector = self.causal_context();
+        *self = self.summary().write(actor, hlc, value);
+        self.versions[0].clone()
+    }
+}
+
+/// All a local write needs of the state it replaces: not the values, only the home, the causal
+/// context, the greatest HLC and whether a reader would find the record. Small enough to cache
+/// per key, so a write can skip reading the record when its revision is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub home: Home,
+    pub context: VersionVector,
+    pub max_hlc: Option<Hlc>,
+    /// Whether any version is stored (a tombstone counts).
+    pub exists: bool,
+    lww_live: bool,
+    any_live: bool,
+}
+
+impl Summary {
+    pub fn absent(home: Home) -> Summary {
+        Summary {
+            home,
+            context: VersionVector::new(),
+            max_hlc: None,
+            exists: false,
+            lww_live: false,
+            any_live: false,
+        }
+    }
+
+    /// Whether a reader would find the record under `strategy`: the same answer as
+    /// `read_view(state, strategy).is_live()`, without the state.
+    pub fn is_live(&self, strategy: &policy::Strategy) -> bool {
+        match strategy {
+            policy::Strategy::Siblings => self.any_live,
+            policy::Strategy::Lww | policy::Strategy::Resolver(_) => self.lww_live,
+        }
+    }
+
+    /// The state after a local write by `actor`: one version whose vector is the join of every
+    /// held version plus one for the writer, so it supersedes everything this region holds. The
+    /// caller stamps `hlc` above [`Summary::max_hlc`].
+    pub fn write(&self, actor: &Actor, hlc: Hlc, value: Option<Value>) -> RecordState {
+        debug_assert!(self.max_hlc.is_none_or(|max| hlc > max));
+        let mut vector = self.context.clone();
         vector.increment(actor);
         let version = Version {
             deleted: value.is_none(),
@@ -156,8 +211,10 @@ impl RecordState {
             hlc,
             vector,
         };
-        self.versions = vec![version.clone()];
-        version
+        RecordState {
+            home: self.home.clone(),
+            versions: vec![version],
+        }
     }
 }
 
@@ -319,6 +376,17 @@ pub(crate) mod tests {
             for old in held {
                 prop_assert_eq!(state.merge_version(old), MergeOutcome::AlreadyCovered);
             }
+        }
+
+        #[test]
+        fn the_summary_agrees_with_the_read_view(versions in arb_versions()) {
+            let state = state_of(Home::new("eu"), &versions);
+            let summary = state.summary();
+            for strategy in [ConflictStrategy::Lww, ConflictStrategy::Siblings, ConflictStrategy::Resolver("r".into())] {
+                prop_assert_eq!(summary.is_live(&strategy), read_view(&state, &strategy).is_live());
+            }
+            prop_assert_eq!(summary.exists, !versions.is_empty());
+            prop_assert_eq!(summary.context, state.causal_context());
         }
 
         #[test]

@@ -218,7 +218,7 @@ async fn save<'e>(
         .bind(collection)
         .bind(key)
         .bind(Json(state))
-        .bind(Json(event))
+        .bind(event.encode())
         .bind(expected_rev)
         .fetch_one(executor)
         .await?;
