@@ -156,8 +156,11 @@ impl Config {
     }
 
     fn from_figment(base: Figment) -> Result<Config, ConfigError> {
+        // Only variables that name a config field: LOCUS_* variables of other tools (or of tests)
+        // must not become unknown-field errors. figment filters after splitting, so a nested key
+        // arrives as `LIMITS.RECORD_BODY_BYTES`.
         let env = Env::prefixed("LOCUS_").split("__").filter(|key| {
-            let top = key.as_str().split("__").next().unwrap_or_default();
+            let top = key.as_str().split('.').next().unwrap_or_default();
             TOP_LEVEL_FIELDS
                 .iter()
                 .any(|field| top.eq_ignore_ascii_case(field))
@@ -278,28 +281,6 @@ fn validate_region_id(field: &'static str, id: &str) -> Result<(), ConfigError> 
 mod tests {
     use super::*;
 
-    fn write(text: &str) -> tempfile_path::TempPath {
-        tempfile_path::TempPath::with(text)
-    }
-
-    /// A tiny temp-file helper, so the tests need no extra crate.
-    mod tempfile_path {
-        pub struct TempPath(pub std::path::PathBuf);
-        impl TempPath {
-            pub fn with(text: &str) -> TempPath {
-                let path = std::env::temp_dir()
-                    .join(format!("locus-config-{}.toml", rand::random::<u64>()));
-                std::fs::write(&path, text).unwrap();
-                TempPath(path)
-            }
-        }
-        impl Drop for TempPath {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-    }
-
     const GOOD: &str = r#"
         deployment = "dev"
         region = "eu"
@@ -313,31 +294,67 @@ mod tests {
         api_url = "http://127.0.0.1:7102"
     "#;
 
+    /// Load `text` as a config file inside figment's jail, which serializes every test that
+    /// touches the process environment and gives each a clean one.
+    fn load(text: &str) -> Result<Config, String> {
+        let mut result = Err(String::new());
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("region.toml", text)?;
+            result = Config::load(Path::new("region.toml")).map_err(|e| e.to_string());
+            Ok(())
+        });
+        result
+    }
+
     #[test]
     fn loads_a_good_file_with_defaults() {
-        let file = write(GOOD);
-        let config = Config::load(&file.0).unwrap();
+        let config = load(GOOD).unwrap();
         assert_eq!(config.region, "eu");
         assert_eq!(config.limits.record_body_bytes, 512 * 1024);
         assert_eq!(config.regions().collect::<Vec<_>>(), ["eu", "us"]);
     }
 
     #[test]
+    fn environment_variables_override_fields_nested_ones_included() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("eu.toml", GOOD)?;
+            jail.set_env("LOCUS_ADMIN_TOKEN", "from-the-environment");
+            jail.set_env("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048");
+            jail.set_env("LOCUS_FORWARDING__REQUEST_TIMEOUT_MS", "750");
+            jail.set_env(
+                "LOCUS_PEERS",
+                r#"[{id="ap",api_url="http://127.0.0.1:7103"}]"#,
+            );
+            jail.set_env("LOCUS_SOMETHING_ELSE", "not a config field: ignored");
+            let config = Config::load(Path::new("eu.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(config.admin_token, "from-the-environment");
+            assert_eq!(config.limits.record_body_bytes, 2048);
+            assert_eq!(config.forwarding.request_timeout_ms, 750);
+            assert_eq!(config.regions().collect::<Vec<_>>(), ["eu", "ap"]);
+
+            jail.set_env("LOCUS_LIMITS__RECORD_BODY_BYTES", "lots");
+            let err = Config::load(Path::new("eu.toml")).unwrap_err().to_string();
+            assert!(
+                err.to_lowercase().contains("limits.record_body_bytes"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn errors_name_the_bad_field() {
-        let file = write(&GOOD.replace("127.0.0.1:7101", "nowhere"));
-        let err = Config::load(&file.0).unwrap_err().to_string();
+        let err = load(&GOOD.replace("127.0.0.1:7101", "nowhere")).unwrap_err();
         assert!(err.contains("listen"), "{err}");
 
-        let file = write(&format!("{GOOD}\n[limits]\nrecord_body_bytes = \"big\"\n"));
-        let err = Config::load(&file.0).unwrap_err().to_string();
+        let err = load(&format!("{GOOD}\n[limits]\nrecord_body_bytes = \"big\"\n")).unwrap_err();
         assert!(err.contains("record_body_bytes"), "{err}");
 
-        let file = write(&GOOD.replace("region = \"eu\"", "region = \"eu\"\nregoin = \"us\""));
-        let err = Config::load(&file.0).unwrap_err().to_string();
+        let err =
+            load(&GOOD.replace("region = \"eu\"", "region = \"eu\"\nregoin = \"us\"")).unwrap_err();
         assert!(err.contains("regoin"), "{err}");
 
-        let file = write(&GOOD.replace("id = \"us\"", "id = \"eu\""));
-        let err = Config::load(&file.0).unwrap_err().to_string();
+        let err = load(&GOOD.replace("id = \"us\"", "id = \"eu\"")).unwrap_err();
         assert!(err.contains("peers.id"), "{err}");
     }
 }

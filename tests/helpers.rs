@@ -201,9 +201,32 @@ impl Cluster {
         for (_, running) in self.regions.drain() {
             let _ = running.stop().await;
         }
-        for url in &self.databases {
-            let _ = sqlx::Postgres::force_drop_database(url).await;
+        for url in self.databases.drain(..) {
+            let _ = sqlx::Postgres::force_drop_database(&url).await;
         }
+    }
+}
+
+impl Drop for Cluster {
+    /// A test that failed before its teardown still drops its databases (from a thread of its
+    /// own, since the test's runtime is unwinding).
+    fn drop(&mut self) {
+        let databases = std::mem::take(&mut self.databases);
+        if databases.is_empty() {
+            return;
+        }
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                for url in databases {
+                    let _ = sqlx::Postgres::force_drop_database(&url).await;
+                }
+            });
+        })
+        .join();
     }
 }
 

@@ -2,6 +2,7 @@
 //! One test binary, so the crate links once.
 
 mod bad_input;
+mod cli;
 mod collections;
 mod health;
 mod helpers;

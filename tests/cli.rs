@@ -1,0 +1,212 @@
+//! The `locus` binary as users run it: a config file with `LOCUS_*` overrides, a database created on
+//! first start, a start-up line naming the address, a bad config naming its field, and writes that
+//! survive `kill -9`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::migrate::MigrateDatabase;
+
+use crate::helpers::postgres_base;
+
+struct Serve {
+    child: Child,
+    url: String,
+    /// Kept open: the process prints on shutdown too.
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+/// Start `locus serve --config regions/eu.toml` with overrides, and wait for its start-up line.
+fn serve(database_url: &str) -> Serve {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["serve", "--config", "regions/eu.toml"])
+        .env("LOCUS_LISTEN", "127.0.0.1:0")
+        .env("LOCUS_DATABASE_URL", database_url)
+        .env("LOCUS_ADMIN_TOKEN", "cli-admin-token")
+        .env("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the locus binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in the start-up line {line:?}"))
+        .to_owned();
+    assert!(line.starts_with("locus region eu"), "{line}");
+    Serve {
+        child,
+        url,
+        _stdout: stdout,
+    }
+}
+
+#[tokio::test]
+async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() {
+    let database_url = format!(
+        "{}/locus_test_cli_{:08x}",
+        postgres_base(),
+        rand::random::<u32>()
+    );
+    let http = reqwest::Client::new();
+    let mut first = serve(&database_url);
+
+    // LOCUS_ADMIN_TOKEN replaced the file's token; LOCUS_LIMITS__RECORD_BODY_BYTES the limit.
+    let policy = |token: &str| {
+        http.put(format!("{}/v1/collections/things", first.url))
+            .bearer_auth(token.to_owned())
+            .json(&json!({}))
+            .send()
+    };
+    assert_eq!(
+        policy("dev-admin-token").await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        policy("cli-admin-token").await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    let big = http
+        .put(format!("{}/v1/collections/things/records/big", first.url))
+        .json(&"x".repeat(3000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Acknowledged writes, then kill -9 while more writes are in flight.
+    let mut acknowledged = Vec::new();
+    for i in 0..40 {
+        let r = http
+            .put(format!("{}/v1/collections/things/records/k{i}", first.url))
+            .json(&json!({"i": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        acknowledged.push(i);
+    }
+    let in_flight = {
+        let (http, url) = (http.clone(), first.url.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 40..400 {
+                match http
+                    .put(format!("{url}/v1/collections/things/records/k{i}"))
+                    .json(&json!({"i": i}))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => acked.push(i),
+                    _ => break,
+                }
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+    acknowledged.extend(in_flight.await.unwrap());
+    assert!(
+        acknowledged.len() > 40,
+        "some writes were in flight when the process died"
+    );
+
+    // Restart on the same database: every acknowledged write is there, with its outbox event.
+    let mut second = serve(&database_url);
+    for i in &acknowledged {
+        let r = http
+            .get(format!("{}/v1/collections/things/records/k{i}", second.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "k{i} was acknowledged");
+        assert_eq!(r.json::<Value>().await.unwrap()["value"], json!({"i": i}));
+    }
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM records WHERE collection = 'things'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        queued,
+        stored + 1,
+        "one event per stored write, plus the policy's"
+    );
+    pool.close().await;
+
+    // SIGTERM stops it cleanly.
+    terminate(second.child.id());
+    let status = second.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = sqlx::Postgres::force_drop_database(&database_url).await;
+}
+
+impl Drop for Serve {
+    /// A test that fails must not leave its server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn terminate(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Run `locus serve` with one override that breaks the config; it must exit (within a deadline,
+/// else it is killed and the test fails) and name the field.
+fn refused(variable: &str, value: &str, field: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["serve", "--config", "regions/eu.toml"])
+        .env(variable, value)
+        .env("LOCUS_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("locus serve with {variable}={value:?} did not refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.to_lowercase().contains(field), "{stderr}");
+}
+
+#[test]
+fn a_bad_config_is_refused_with_the_field_named() {
+    refused(
+        "LOCUS_LIMITS__RECORD_BODY_BYTES",
+        "lots",
+        "record_body_bytes",
+    );
+    refused("LOCUS_REGION", "Not A Region", "region");
+    refused("LOCUS_DATABASE_URL", "mysql://elsewhere", "database_url");
+}
