@@ -8,14 +8,7 @@ use crate::helpers::{expect_problem, record_path, Cluster, Setup};
 const LIMIT: usize = 1024;
 
 async fn nothing_written(c: &Cluster) {
-    let page: Value = c
-        .request("eu", Method::GET, "/v1/collections")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = c.get_json("eu", "/v1/collections").await;
     assert_eq!(
         page["collections"],
         json!([]),
@@ -145,14 +138,7 @@ async fn bad_bodies_names_and_headers_are_refused_and_nothing_is_written() {
     expect_problem(r, StatusCode::BAD_REQUEST).await;
 
     nothing_written(&c).await;
-    assert_eq!(
-        c.request("eu", Method::GET, "/healthz")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(c.get_status("eu", "/healthz").await, StatusCode::OK);
     c.teardown().await;
 }
 
@@ -225,13 +211,8 @@ async fn bad_policies_tokens_and_listing_parameters_are_refused() {
         c.put("eu", "items", &format!("k{i}"), &json!(i)).await;
     }
     let page: Value = c
-        .request("eu", Method::GET, "/v1/collections/items/records?limit=1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("eu", "/v1/collections/items/records?limit=1")
+        .await;
     let cursor = page["next"].as_str().unwrap().to_owned();
     let ok = c
         .request(
@@ -272,14 +253,7 @@ async fn bad_policies_tokens_and_listing_parameters_are_refused() {
             .unwrap();
         expect_problem(r, StatusCode::BAD_REQUEST).await;
     }
-    assert_eq!(
-        c.request("eu", Method::GET, "/healthz")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(c.get_status("eu", "/healthz").await, StatusCode::OK);
     c.teardown().await;
 }
 
@@ -312,13 +286,6 @@ async fn an_api_token_guards_records_when_configured() {
     assert_eq!(ok.status(), StatusCode::CREATED);
     expect_problem(c.get("eu", "c", "k").await, StatusCode::UNAUTHORIZED).await;
     // Health endpoints stay open for load balancers.
-    assert_eq!(
-        c.request("eu", Method::GET, "/readyz")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(c.get_status("eu", "/readyz").await, StatusCode::OK);
     c.teardown().await;
 }

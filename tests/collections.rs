@@ -24,14 +24,7 @@ async fn policies_are_configured_shown_and_listed() {
         .configure("eu", "carts", &json!({"default_home": "us"}))
         .await;
     assert_eq!(replaced.status(), StatusCode::OK);
-    let shown: Value = c
-        .request("eu", Method::GET, "/v1/collections/carts")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown: Value = c.get_json("eu", "/v1/collections/carts").await;
     assert_eq!(shown["policy"]["default_home"], "us");
     assert_eq!(
         shown["policy"]["homing"], "record",
@@ -51,25 +44,11 @@ async fn policies_are_configured_shown_and_listed() {
         c.put("eu", "users", "alice", &json!(1)).await.status(),
         StatusCode::CREATED
     );
-    let users: Value = c
-        .request("eu", Method::GET, "/v1/collections/users")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let users: Value = c.get_json("eu", "/v1/collections/users").await;
     assert_eq!(users["configured"], false);
     assert_eq!(users["policy"]["conflicts"]["strategy"], "lww");
 
-    let list: Value = c
-        .request("eu", Method::GET, "/v1/collections")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = c.get_json("eu", "/v1/collections").await;
     let names: Vec<&str> = list["collections"]
         .as_array()
         .unwrap()

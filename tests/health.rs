@@ -15,14 +15,7 @@ async fn readiness_follows_postgres_and_the_region_survives_its_loss() {
     setup.database_override.insert("eu", proxied);
     let c = setup.start().await;
 
-    assert_eq!(
-        c.request("eu", Method::GET, "/readyz")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(c.get_status("eu", "/readyz").await, StatusCode::OK);
     assert_eq!(
         c.put("eu", "c", "k", &json!(1)).await.status(),
         StatusCode::CREATED
@@ -49,14 +42,7 @@ async fn readiness_follows_postgres_and_the_region_survives_its_loss() {
     );
     expect_problem(c.get("eu", "c", "k").await, StatusCode::SERVICE_UNAVAILABLE).await;
     // The process is alive.
-    assert_eq!(
-        c.request("eu", Method::GET, "/healthz")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(c.get_status("eu", "/healthz").await, StatusCode::OK);
 
     c.teardown().await;
     let _ = <sqlx::Postgres as sqlx::migrate::MigrateDatabase>::force_drop_database(&direct).await;

@@ -153,6 +153,25 @@ impl Cluster {
         self.http.request(method, format!("{}{path}", self.url(id)))
     }
 
+    /// GET `path` and parse the JSON body, whatever the status.
+    pub async fn get_json(&self, id: &str, path: &str) -> Value {
+        self.request(id, Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_status(&self, id: &str, path: &str) -> StatusCode {
+        self.request(id, Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
     pub async fn put(&self, id: &str, collection: &str, key: &str, value: &Value) -> Response {
         self.request(id, Method::PUT, &record_path(collection, key))
             .json(value)

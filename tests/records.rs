@@ -223,14 +223,7 @@ async fn listing_pages_through_a_prefix_in_key_order() {
     assert_eq!(seen, expected);
     assert_eq!(pages, 3, "20 records in pages of 7");
 
-    let all: Value = c
-        .request("eu", Method::GET, "/v1/collections/items/records")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = c.get_json("eu", "/v1/collections/items/records").await;
     let keys: Vec<&str> = all["records"]
         .as_array()
         .unwrap()
@@ -320,14 +313,7 @@ async fn siblings_are_shown_under_the_siblings_strategy_and_resolved_by_a_write(
     assert_eq!(body["home"], "eu");
 
     // The listing shows the siblings too.
-    let page: Value = c
-        .request("eu", Method::GET, "/v1/collections/carts/records")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = c.get_json("eu", "/v1/collections/carts/records").await;
     assert_eq!(page["records"][0]["siblings"].as_array().unwrap().len(), 2);
 
     // Writing with the set's ETag resolves it: one version, dominating both.
@@ -451,14 +437,7 @@ async fn every_response_names_the_region_and_the_api_describes_itself() {
     )
     .await;
 
-    let doc: Value = c
-        .request("eu", Method::GET, "/openapi.json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = c.get_json("eu", "/openapi.json").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
     for p in [
