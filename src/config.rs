@@ -278,6 +278,7 @@ fn validate_region_id(field: &'static str, id: &str) -> Result<(), ConfigError> 
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
 

@@ -86,6 +86,14 @@ async fn bad_bodies_names_and_headers_are_refused_and_nothing_is_written() {
         let r = put(&bad).json(&json!(1)).send().await.unwrap();
         expect_problem(r, StatusCode::BAD_REQUEST).await;
     }
+    // An empty collection is named as such; an empty key matches no route.
+    let r = put("/v1/collections//records/k")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    let detail = expect_problem(r, StatusCode::BAD_REQUEST).await;
+    assert!(detail.contains("collection must not be empty"), "{detail}");
     let r = put("/v1/collections/c/records/")
         .json(&json!(1))
         .send()
