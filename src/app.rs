@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::replication;
 use crate::service::Region;
 use crate::storage;
 
@@ -25,6 +26,7 @@ pub struct RunningRegion {
     pub api: Arc<ApiState>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl RunningRegion {
@@ -34,6 +36,9 @@ impl RunningRegion {
 
     /// Stop accepting requests, finish the ones in flight, and close the database pool.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        for worker in &self.workers {
+            worker.abort();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -66,6 +71,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
     .await
     .with_context(|| format!("region {}: cannot open its database", config.region))?;
     let region = Arc::new(Region::new(config, store, identity));
+    let workers = start_replication(&region).await?;
     let api = Arc::new(ApiState::new(region.clone()));
     let router = api::router(api.clone());
     let (tx, rx) = oneshot::channel::<()>();
@@ -82,7 +88,63 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
         api,
         shutdown: Some(tx),
         server,
+        workers,
     })
+}
+
+/// Room a record's event needs beyond its value: names, version, home.
+const EVENT_OVERHEAD_BYTES: usize = 4 * 1024;
+
+/// Connect to NATS and start the publisher and one consumer per peer. A NATS that is down does
+/// not stop the region: the client keeps reconnecting and the outbox holds the writes meanwhile.
+/// A NATS whose `max_payload` cannot carry the largest record does stop it: such a record would
+/// be acknowledged and then never replicate.
+async fn start_replication(region: &Arc<Region>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = &region.config;
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("locus-{}-{}", config.deployment, config.region))
+        .retry_on_initial_connect()
+        .connection_timeout(std::time::Duration::from_secs(2))
+        .connect(&config.nats_url)
+        .await
+        .with_context(|| {
+            format!(
+                "region {}: bad NATS address {}",
+                config.region, config.nats_url
+            )
+        })?;
+    for _ in 0..20 {
+        if client.connection_state() == async_nats::connection::State::Connected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if client.connection_state() == async_nats::connection::State::Connected {
+        let max_payload = client.server_info().max_payload;
+        let needed = config.limits.record_body_bytes + EVENT_OVERHEAD_BYTES;
+        anyhow::ensure!(
+            max_payload >= needed,
+            "region {}: NATS max_payload is {max_payload} bytes, but a record of limits.record_body_bytes = {} needs {needed}; \
+             raise max_payload on the NATS servers or lower the limit",
+            config.region,
+            config.limits.record_body_bytes
+        );
+    } else {
+        tracing::warn!(region = %config.region, url = %config.nats_url, "NATS unreachable at start; writes wait in the outbox");
+    }
+    let js = async_nats::jetstream::new(client);
+    let mut workers = vec![tokio::spawn(replication::publisher::run(
+        region.clone(),
+        js.clone(),
+    ))];
+    for peer in &config.peers {
+        workers.push(tokio::spawn(replication::consumer::run(
+            region.clone(),
+            js.clone(),
+            peer.id.clone(),
+        )));
+    }
+    Ok(workers)
 }
 
 /// `locus serve`: one region until Ctrl-C or SIGTERM.
@@ -127,6 +189,12 @@ pub async fn dev(dir: &Path, reset: bool) -> anyhow::Result<()> {
                     })?;
             }
         }
+        let first = &configs[0];
+        let regions: Vec<&str> = configs.iter().map(|c| c.region.as_str()).collect();
+        println!("resetting the streams of deployment {}", first.deployment);
+        replication::delete_streams(&first.nats_url, &first.deployment, &regions)
+            .await
+            .map_err(|e| anyhow::anyhow!("deleting the dev streams on {}: {e}", first.nats_url))?;
     }
     let mut running = Vec::new();
     for config in configs {

@@ -160,6 +160,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         limits: Limits::default(),
         forwarding: Default::default(),
         clock: Default::default(),
+        replication: Default::default(),
     };
     println!(
         "locus bench writes: scratch database {database}, phases of {}s",

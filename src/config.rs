@@ -96,6 +96,25 @@ impl Default for ClockConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Replication {
+    /// Largest size of this region's stream. JetStream reserves it against its storage limit; when
+    /// the stream is full, new events wait in the outbox (nothing is dropped).
+    pub stream_max_bytes: i64,
+    /// Copies of the stream inside the region's NATS cluster (1 for a single server).
+    pub stream_replicas: usize,
+}
+
+impl Default for Replication {
+    fn default() -> Replication {
+        Replication {
+            stream_max_bytes: 1024 * 1024 * 1024,
+            stream_replicas: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Names the installation; prefixes every NATS subject and stream.
@@ -122,6 +141,8 @@ pub struct Config {
     pub forwarding: Forwarding,
     #[serde(default)]
     pub clock: ClockConfig,
+    #[serde(default)]
+    pub replication: Replication,
 }
 
 fn default_pool_size() -> u32 {
@@ -142,6 +163,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "limits",
     "forwarding",
     "clock",
+    "replication",
 ];
 
 impl Config {
@@ -229,6 +251,15 @@ impl Config {
         }
         if self.limits.record_body_bytes == 0 {
             return Err(invalid("limits.record_body_bytes", "must be positive"));
+        }
+        if self.replication.stream_max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "replication.stream_max_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
+        if self.replication.stream_replicas == 0 {
+            return Err(invalid("replication.stream_replicas", "must be at least 1"));
         }
         if self.forwarding.connect_timeout_ms == 0 || self.forwarding.request_timeout_ms == 0 {
             return Err(invalid("forwarding", "timeouts must be positive"));

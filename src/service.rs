@@ -13,13 +13,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::clock::hlc::{wall_clock_ms, HybridClock};
+use tokio::sync::Notify;
+
+use crate::clock::hlc::{wall_clock_ms, Hlc, HybridClock, Observation};
 use crate::clock::version::{Actor, SessionToken, VersionVector};
 use crate::config::Config;
 use crate::record::policy::{Homing, Policy, POLICY_COLLECTION};
 use crate::record::view::lww_winner;
 use crate::record::{Home, RecordState, Summary};
 use crate::replication::event::Event;
+use crate::replication::status::ReplicationStatus;
 use crate::storage::{RegionIdentity, StorageError, Store};
 
 /// Optimistic attempts before a write takes the record's row lock.
@@ -202,6 +205,9 @@ pub struct Region {
     pub actor: Actor,
     clock: Mutex<HybridClock>,
     cache: WriteCache,
+    /// Woken after each committed write, so the publisher ships it at once.
+    pub outbox_signal: Notify,
+    pub replication: ReplicationStatus,
 }
 
 impl Region {
@@ -215,7 +221,27 @@ impl Region {
             actor,
             clock,
             cache: WriteCache::new(),
+            outbox_signal: Notify::new(),
+            replication: ReplicationStatus::default(),
         }
+    }
+
+    /// Fold a remote event's HLC into this region's clock (unless it is too far ahead).
+    pub fn observe_remote(&self, hlc: Hlc) -> Observation {
+        self.clock
+            .lock()
+            .expect("clock lock")
+            .observe(hlc, wall_clock_ms())
+    }
+
+    /// A record changed under this process (replication): its cached revision is stale.
+    pub fn forget_cached(&self, collection: &str, key: &str) {
+        self.cache.forget(collection, key);
+    }
+
+    /// A collection's policy changed under this process (replication).
+    pub fn forget_cached_policy(&self, collection: &str) {
+        self.cache.forget_policy(collection);
     }
 
     pub fn id(&self) -> &str {
@@ -348,6 +374,7 @@ impl Region {
             if collection == POLICY_COLLECTION {
                 self.cache.forget_policy(key);
             }
+            self.outbox_signal.notify_one();
             let session = SessionToken {
                 collection: collection.clone(),
                 key: key.clone(),

@@ -20,11 +20,13 @@ struct Serve {
 }
 
 /// Start `locus serve --config regions/eu.toml` with overrides, and wait for its start-up line.
-fn serve(database_url: &str) -> Serve {
+fn serve(database_url: &str, deployment: &str) -> Serve {
     let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
         .args(["serve", "--config", "regions/eu.toml"])
         .env("LOCUS_LISTEN", "127.0.0.1:0")
         .env("LOCUS_DATABASE_URL", database_url)
+        .env("LOCUS_DEPLOYMENT", deployment)
+        .env("LOCUS_REPLICATION__STREAM_MAX_BYTES", "67108864")
         .env("LOCUS_ADMIN_TOKEN", "cli-admin-token")
         .env("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048")
         .env("RUST_LOG", "warn")
@@ -51,13 +53,11 @@ fn serve(database_url: &str) -> Serve {
 
 #[tokio::test]
 async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() {
-    let database_url = format!(
-        "{}/locus_test_cli_{:08x}",
-        postgres_base(),
-        rand::random::<u32>()
-    );
+    let run = format!("{:08x}", rand::random::<u32>());
+    let database_url = format!("{}/locus_test_cli_{run}", postgres_base());
+    let deployment = format!("testcli{run}");
     let http = reqwest::Client::new();
-    let mut first = serve(&database_url);
+    let mut first = serve(&database_url, &deployment);
 
     // LOCUS_ADMIN_TOKEN replaced the file's token; LOCUS_LIMITS__RECORD_BODY_BYTES the limit.
     let policy = |token: &str| {
@@ -122,7 +122,7 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
     );
 
     // Restart on the same database: every acknowledged write is there, with its outbox event.
-    let mut second = serve(&database_url);
+    let mut second = serve(&database_url, &deployment);
     for i in &acknowledged {
         let r = http
             .get(format!("{}/v1/collections/things/records/k{i}", second.url))
@@ -132,20 +132,28 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
         assert_eq!(r.status(), StatusCode::OK, "k{i} was acknowledged");
         assert_eq!(r.json::<Value>().await.unwrap()["value"], json!({"i": i}));
     }
+    // And every one of them has its event, in the outbox or in the stream (nobody consumes the
+    // stream here, and the message ids dedupe a republish after the kill): one per write.
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
-    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM records")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let stored: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM records WHERE collection = 'things'")
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::NATS).await.unwrap());
+    let stream_name = locus::replication::stream_name(&deployment, "eu");
+    crate::helpers::eventually(20, "the outbox drains into the stream", || async {
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
             .fetch_one(&pool)
             .await
             .unwrap();
+        queued == 0
+    })
+    .await;
+    let mut stream = js.get_stream(&stream_name).await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
     assert_eq!(
-        queued,
-        stored + 1,
-        "one event per stored write, plus the policy's"
+        messages as i64, stored,
+        "one event per stored write (the policy's included)"
     );
     pool.close().await;
 
@@ -154,6 +162,7 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
     let status = second.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let _ = sqlx::Postgres::force_drop_database(&database_url).await;
+    let _ = locus::replication::delete_streams(crate::helpers::NATS, &deployment, &["eu"]).await;
 }
 
 impl Drop for Serve {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use locus::app::{self, RunningRegion};
-use locus::config::{Config, Forwarding, Limits, Peer};
+use locus::config::{Config, Forwarding, Limits, Peer, Replication};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
 use sqlx::migrate::MigrateDatabase;
@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 pub const ADMIN: &str = "test-admin-token";
 pub const PEER: &str = "test-peer-token";
+pub const NATS: &str = "nats://127.0.0.1:4222";
 
 pub fn postgres_base() -> String {
     std::env::var("LOCUS_TEST_POSTGRES")
@@ -49,6 +50,8 @@ impl Setup {
 
 pub struct Cluster {
     pub http: reqwest::Client,
+    pub deployment: String,
+    ids: Vec<&'static str>,
     regions: HashMap<&'static str, RunningRegion>,
     urls: HashMap<&'static str, String>,
     databases: Vec<String>,
@@ -58,8 +61,19 @@ pub async fn cluster(ids: &[&'static str]) -> Cluster {
     Setup::regions(ids).start().await
 }
 
+/// Logs of the regions under test, shown for failing tests (`RUST_LOG` selects, default warn).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 impl Setup {
     pub async fn start(self) -> Cluster {
+        init_logging();
         let mut listeners = Vec::new();
         let mut urls = HashMap::new();
         for id in &self.ids {
@@ -83,7 +97,7 @@ impl Setup {
                     .cloned()
                     .unwrap_or(database_url),
                 database_pool_size: 4,
-                nats_url: "nats://127.0.0.1:4222".into(),
+                nats_url: NATS.into(),
                 admin_token: ADMIN.into(),
                 peer_token: PEER.into(),
                 api_token: None,
@@ -107,6 +121,10 @@ impl Setup {
                     retry_after_secs: 2,
                 },
                 clock: Default::default(),
+                replication: Replication {
+                    stream_max_bytes: 64 * 1024 * 1024,
+                    stream_replicas: 1,
+                },
             };
             (self.tweak)(&mut config);
             config.validate().expect("test config is valid");
@@ -117,6 +135,8 @@ impl Setup {
         }
         Cluster {
             http: reqwest::Client::new(),
+            deployment: format!("test{run}"),
+            ids: self.ids.clone(),
             regions,
             urls,
             databases,
@@ -223,6 +243,7 @@ impl Cluster {
         for url in self.databases.drain(..) {
             let _ = sqlx::Postgres::force_drop_database(&url).await;
         }
+        let _ = locus::replication::delete_streams(NATS, &self.deployment, &self.ids).await;
     }
 }
 
@@ -234,6 +255,7 @@ impl Drop for Cluster {
         if databases.is_empty() {
             return;
         }
+        let (deployment, ids) = (self.deployment.clone(), self.ids.clone());
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -243,9 +265,26 @@ impl Drop for Cluster {
                 for url in databases {
                     let _ = sqlx::Postgres::force_drop_database(&url).await;
                 }
+                let _ = locus::replication::delete_streams(NATS, &deployment, &ids).await;
             });
         })
         .join();
+    }
+}
+
+/// Poll `check` until it holds, for at most `seconds`; replication is asynchronous.
+pub async fn eventually<F, Fut>(seconds: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {seconds}s: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -12,6 +12,8 @@
 //! writer on a hot record, so a writer that lost twice takes the row lock instead
 //! ([`Store::lock`]): lock waiters are served in order, so every write makes progress.
 
+pub mod apply;
+pub mod outbox;
 pub mod records;
 
 use std::time::Duration;

@@ -1,0 +1,277 @@
+//! Reads another region's stream and merges its events into this region.
+//!
+//! A batch is applied in one transaction (records locked in key order, conflicts logged, the
+//! origin's position recorded) and acknowledged only after it commits, so a crash at any point
+//! means redelivery, never loss; redelivered or reordered events merge to the same state. A gap
+//! (events this region never applied are gone from the stream) stops the consumer with an error
+//! in the log and the status: applying on top of a gap would silently diverge, so this region
+//! needs a bootstrap from a peer instead.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use super::event::Event;
+use crate::clock::hlc::{wall_clock_ms, Observation};
+use crate::record::policy::{Strategy, POLICY_COLLECTION};
+use crate::record::view::{read_view, View};
+use crate::record::{MergeOutcome, RecordState};
+use crate::service::Region;
+use crate::storage::apply::{ConflictEntry, RecordKey};
+use crate::storage::StorageError;
+
+const BATCH: usize = 512;
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+enum ConsumeError {
+    /// The consumer cannot go on without losing or guessing: it stops until an operator acts.
+    #[error("{0}")]
+    Stopped(String),
+    #[error("NATS: {0}")]
+    Nats(#[from] async_nats::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+pub async fn run(region: Arc<Region>, js: jetstream::Context, origin: String) {
+    loop {
+        match consume(&region, &js, &origin).await {
+            Ok(()) => return,
+            Err(ConsumeError::Stopped(reason)) => {
+                tracing::error!(region = region.id(), %origin, %reason, "replication from this origin stopped");
+                region.replication.peer_stopped(&origin, &reason);
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(region = region.id(), %origin, %error, "replication interrupted; retrying");
+                region.replication.peer_error(&origin, &error.to_string());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn consume(
+    region: &Region,
+    js: &jetstream::Context,
+    origin: &str,
+) -> Result<(), ConsumeError> {
+    let config = &region.config;
+    let mut stream = super::ensure_stream(
+        js,
+        &config.replication,
+        &config.deployment,
+        origin,
+        &[config.region.as_str()],
+    )
+    .await
+    .map_err(ConsumeError::Nats)?;
+    let consumer: PullConsumer = stream
+        .get_consumer(&super::consumer_name(&config.region))
+        .await
+        .map_err(|e| ConsumeError::Nats(e.into()))?;
+    check_for_gap(region, &mut stream, &consumer, origin).await?;
+    region.replication.peer_running(origin);
+
+    loop {
+        let mut fetched = consumer
+            .fetch()
+            .max_messages(BATCH)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await
+            .map_err(|e| ConsumeError::Nats(e.into()))?;
+        let mut messages = Vec::new();
+        while let Some(message) = fetched.next().await {
+            messages.push(message.map_err(|e| ConsumeError::Nats(e.into()))?);
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        let mut events = Vec::with_capacity(messages.len());
+        let mut last_sequence = 0;
+        for message in &messages {
+            let sequence = message.info().map_err(ConsumeError::Nats)?.stream_sequence;
+            let event = Event::decode(&message.payload).map_err(|e| {
+                ConsumeError::Stopped(format!(
+                    "event {sequence} of {origin}'s stream cannot be read: {e}"
+                ))
+            })?;
+            last_sequence = last_sequence.max(sequence);
+            events.push(event);
+        }
+        let applied = apply_batch(region, origin, &events, last_sequence).await?;
+        for message in &messages {
+            message.ack().await.map_err(ConsumeError::Nats)?;
+        }
+        region.replication.applied(origin, &applied);
+    }
+}
+
+/// Stop if events this region has not applied are no longer in the stream: everything up to
+/// `max(consumer ack floor, applied position)` is applied here, so the stream must still hold the
+/// event after it.
+async fn check_for_gap(
+    region: &Region,
+    stream: &mut jetstream::stream::Stream,
+    consumer: &PullConsumer,
+    origin: &str,
+) -> Result<(), ConsumeError> {
+    let applied = region.store.applied_position(origin).await? as u64;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| ConsumeError::Nats(e.into()))?
+        .state
+        .clone();
+    let mut consumer = consumer.clone();
+    let acked = consumer
+        .info()
+        .await
+        .map_err(|e| ConsumeError::Nats(e.into()))?
+        .ack_floor
+        .stream_sequence;
+    if state.last_sequence < applied {
+        return Err(ConsumeError::Stopped(format!(
+            "{origin}'s stream ends at {} but this region applied up to {applied}: the stream was recreated; bootstrap this region from a peer",
+            state.last_sequence
+        )));
+    }
+    let covered = applied.max(acked);
+    if state.messages > 0 && state.first_sequence > covered + 1 {
+        return Err(ConsumeError::Stopped(format!(
+            "events {}..{} of {origin}'s stream are gone but were never applied here: bootstrap this region from a peer",
+            covered + 1,
+            state.first_sequence - 1
+        )));
+    }
+    Ok(())
+}
+
+/// What one applied batch did.
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    pub events: usize,
+    pub conflicts: usize,
+    pub stream_sequence: u64,
+    /// Milliseconds from the newest event's HLC to its apply here.
+    pub lag_ms: u64,
+}
+
+/// Merge `events` from `origin` in one transaction.
+pub async fn apply_batch(
+    region: &Region,
+    origin: &str,
+    events: &[Event],
+    stream_sequence: u64,
+) -> Result<Applied, StorageError> {
+    let mut by_key: BTreeMap<RecordKey, Vec<&Event>> = BTreeMap::new();
+    for event in events {
+        by_key
+            .entry((event.collection.clone(), event.key.clone()))
+            .or_default()
+            .push(event);
+    }
+    let newest = events
+        .iter()
+        .map(|e| e.version.hlc)
+        .max()
+        .unwrap_or_default();
+    for event in events {
+        if let Observation::TooFarAhead { skew_ms } = region.observe_remote(event.version.hlc) {
+            tracing::warn!(%origin, skew_ms, "event from further in the future than the allowed drift; applied, clock not advanced");
+            region.replication.skewed(origin);
+        }
+    }
+
+    let keys: Vec<RecordKey> = by_key.keys().cloned().collect();
+    let mut tx = region.store.begin_apply().await?;
+    let mut loaded = tx.lock(&keys).await?;
+    let mut conflicts = 0;
+    for (key, batch) in &by_key {
+        loop {
+            let current = &loaded[key];
+            let mut state = current
+                .state
+                .clone()
+                .unwrap_or_else(|| RecordState::new(batch[0].home.clone()));
+            let mut conflicted = false;
+            for event in batch {
+                state.merge_home(&event.home);
+                conflicted |= state.merge_version(event.version.clone()) == MergeOutcome::Conflict;
+            }
+            if current.state.as_ref() == Some(&state) {
+                break; // replays: nothing new
+            }
+            if !tx.store(key, current.rev, &state).await? {
+                // A local write created the record after the lock: merge into what it wrote.
+                let again = tx.lock(std::slice::from_ref(key)).await?;
+                loaded.extend(again);
+                continue;
+            }
+            region.forget_cached(&key.0, &key.1);
+            if conflicted {
+                let policy = region.policy_of(&key.0, current.policy.as_ref());
+                tx.log_conflict(&conflict_entry(
+                    region.id(),
+                    key,
+                    &state,
+                    &policy.strategy(),
+                ))
+                .await?;
+                conflicts += 1;
+            }
+            break;
+        }
+    }
+    tx.commit(origin, stream_sequence as i64, newest.as_u64())
+        .await?;
+    for (collection, key) in &keys {
+        if collection == POLICY_COLLECTION {
+            region.forget_cached_policy(key);
+        }
+    }
+    Ok(Applied {
+        events: events.len(),
+        conflicts,
+        stream_sequence,
+        lag_ms: wall_clock_ms().saturating_sub(newest.millis()),
+    })
+}
+
+fn conflict_entry(
+    region: &str,
+    key: &RecordKey,
+    state: &RecordState,
+    strategy: &Strategy,
+) -> ConflictEntry {
+    let (strategy_name, outcome) = match (strategy, read_view(state, strategy)) {
+        (Strategy::Siblings, View::Siblings(siblings)) => {
+            ("siblings", json!({ "siblings": siblings.len() }))
+        }
+        (strategy, View::Value(v)) => (strategy_label(strategy), json!({ "value": v.value })),
+        (strategy, _) => (strategy_label(strategy), json!({ "deleted": true })),
+    };
+    ConflictEntry {
+        collection: key.0.clone(),
+        key: key.1.clone(),
+        region: region.to_owned(),
+        strategy: strategy_name.to_owned(),
+        versions: serde_json::to_value(&state.versions).expect("versions serialize"),
+        outcome,
+        error: None,
+    }
+}
+
+fn strategy_label(strategy: &Strategy) -> &'static str {
+    match strategy {
+        Strategy::Lww => "lww",
+        Strategy::Siblings => "siblings",
+        Strategy::Resolver(_) => "resolver",
+    }
+}

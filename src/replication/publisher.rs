@@ -1,0 +1,93 @@
+//! Ships committed outbox rows to the region's JetStream stream.
+//!
+//! Each pass publishes every row visible now, in id order, with many acknowledgements in flight,
+//! and deletes a row only once JetStream acknowledged it. The message id `<region>:<outbox id>`
+//! lets JetStream drop the duplicate when a publisher dies between the acknowledgement and the
+//! delete. Woken by the write path, with a timer as a backstop for rows other processes wrote.
+//! One publisher per region: the holder of an advisory lock; another process takes over when its
+//! session dies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::Publish};
+
+use crate::service::Region;
+use crate::storage::outbox::PublisherLease;
+
+const BATCH: i64 = 1024;
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+pub async fn run(region: Arc<Region>, js: jetstream::Context) {
+    loop {
+        match PublisherLease::try_acquire(&region.config.database_url).await {
+            Ok(Some(lease)) => {
+                tracing::info!(
+                    region = region.id(),
+                    "this process publishes the region's outbox"
+                );
+                if let Err(error) = publish_while_leased(&region, &js, lease).await {
+                    tracing::warn!(region = region.id(), %error, "publisher interrupted; retrying");
+                    region.replication.publisher_error(&error.to_string());
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(region = region.id(), %error, "cannot reach the database for the publisher lock")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn publish_while_leased(
+    region: &Region,
+    js: &jetstream::Context,
+    mut lease: PublisherLease,
+) -> Result<(), async_nats::Error> {
+    let config = &region.config;
+    let peers: Vec<&str> = config.peers.iter().map(|p| p.id.as_str()).collect();
+    super::ensure_stream(
+        js,
+        &config.replication,
+        &config.deployment,
+        &config.region,
+        &peers,
+    )
+    .await?;
+    let subject = super::subject(&config.deployment, &config.region);
+    loop {
+        let rows = region.store.unpublished(BATCH).await?;
+        if rows.is_empty() {
+            tokio::select! {
+                _ = region.outbox_signal.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => lease.check().await?,
+            }
+            continue;
+        }
+        let mut pending = Vec::with_capacity(rows.len());
+        for (id, bytes) in rows {
+            let message = Publish::build()
+                .payload(bytes.into())
+                .message_id(format!("{}:{id}", config.region));
+            pending.push((id, js.send_publish(subject.clone(), message).await?));
+        }
+        let mut published = Vec::with_capacity(pending.len());
+        let mut failure = None;
+        for (id, ack) in pending {
+            match ack.await {
+                Ok(_) => published.push(id),
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        if !published.is_empty() {
+            region.store.mark_published(&published).await?;
+            region.replication.published(published.len());
+        }
+        if let Some(error) = failure {
+            return Err(error.into());
+        }
+    }
+}

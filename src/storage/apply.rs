@@ -1,0 +1,176 @@
+//! Applying a batch of remote events in one transaction: lock the touched records in key order (two
+//! batches locking in opposite orders would deadlock), let the caller merge, write what changed, log
+//! conflicts, and advance the origin's applied position, all committed together.
+
+use std::collections::BTreeMap;
+
+use sqlx::types::Json;
+use sqlx::{Postgres, Row, Transaction};
+
+use super::records::Loaded;
+use super::{StorageError, Store};
+use crate::record::policy::POLICY_COLLECTION;
+use crate::record::RecordState;
+
+/// A record's key.
+pub type RecordKey = (String, String);
+
+/// One conflict-log entry, as stored.
+#[derive(Debug, Clone)]
+pub struct ConflictEntry {
+    pub collection: String,
+    pub key: String,
+    pub region: String,
+    pub strategy: String,
+    pub versions: serde_json::Value,
+    pub outcome: serde_json::Value,
+    pub error: Option<String>,
+}
+
+pub struct ApplyTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl Store {
+    pub async fn begin_apply(&self) -> Result<ApplyTx, StorageError> {
+        Ok(ApplyTx {
+            tx: self.pool().begin().await?,
+        })
+    }
+
+    /// The last stream sequence applied from `origin` (0 when none).
+    pub async fn applied_position(&self, origin: &str) -> Result<i64, StorageError> {
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT stream_sequence FROM applied_positions WHERE origin = $1")
+                .bind(origin)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(position.unwrap_or(0))
+    }
+}
+
+impl ApplyTx {
+    /// Lock and load `keys` (sorted, so every batch locks in the same order), with each
+    /// collection's policy record. Absent records have no row to lock: their creation serializes
+    /// on the primary key in [`ApplyTx::store`].
+    pub async fn lock(
+        &mut self,
+        keys: &[RecordKey],
+    ) -> Result<BTreeMap<RecordKey, Loaded>, StorageError> {
+        let collections: Vec<&str> = keys.iter().map(|(c, _)| c.as_str()).collect();
+        let names: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT r.collection, r.key, r.rev, r.state FROM records r
+               JOIN unnest($1::text[], $2::text[]) AS k(collection, key)
+                 ON r.collection = k.collection AND r.key = k.key
+              ORDER BY r.collection, r.key
+                FOR UPDATE OF r",
+        )
+        .bind(&collections)
+        .bind(&names)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut found = BTreeMap::new();
+        for row in rows {
+            let key: RecordKey = (row.try_get("collection")?, row.try_get("key")?);
+            let Json(state): Json<RecordState> = row.try_get("state")?;
+            found.insert(key, (row.try_get::<i64, _>("rev")?, state));
+        }
+        let mut distinct: Vec<&str> = collections.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let policy_rows =
+            sqlx::query("SELECT key, state FROM records WHERE collection = $1 AND key = ANY($2)")
+                .bind(POLICY_COLLECTION)
+                .bind(&distinct)
+                .fetch_all(&mut *self.tx)
+                .await?;
+        let mut policies = BTreeMap::new();
+        for row in policy_rows {
+            let Json(state): Json<RecordState> = row.try_get("state")?;
+            policies.insert(row.try_get::<String, _>("key")?, state);
+        }
+        Ok(keys
+            .iter()
+            .map(|key| {
+                let (rev, state) = match found.remove(key) {
+                    Some((rev, state)) => (rev, Some(state)),
+                    None => (0, None),
+                };
+                let loaded = Loaded {
+                    state,
+                    rev,
+                    policy: policies.get(&key.0).cloned(),
+                };
+                (key.clone(), loaded)
+            })
+            .collect())
+    }
+
+    /// Write a merged state. Returns false when the record did not exist at lock time and a local
+    /// write created it since: the caller reloads it with [`ApplyTx::lock`] and merges again.
+    pub async fn store(
+        &mut self,
+        key: &RecordKey,
+        rev: i64,
+        state: &RecordState,
+    ) -> Result<bool, StorageError> {
+        let written = if rev == 0 {
+            sqlx::query(
+                "INSERT INTO records (collection, key, rev, state) VALUES ($1, $2, 1, $3)
+                 ON CONFLICT (collection, key) DO NOTHING",
+            )
+            .bind(&key.0)
+            .bind(&key.1)
+            .bind(Json(state))
+            .execute(&mut *self.tx)
+            .await?
+        } else {
+            sqlx::query("UPDATE records SET rev = rev + 1, state = $3, updated_at = now() WHERE collection = $1 AND key = $2")
+                .bind(&key.0)
+                .bind(&key.1)
+                .bind(Json(state))
+                .execute(&mut *self.tx)
+                .await?
+        };
+        Ok(written.rows_affected() == 1)
+    }
+
+    pub async fn log_conflict(&mut self, entry: &ConflictEntry) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO conflicts (collection, key, region, strategy, versions, outcome, error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&entry.collection)
+        .bind(&entry.key)
+        .bind(&entry.region)
+        .bind(&entry.strategy)
+        .bind(&entry.versions)
+        .bind(&entry.outcome)
+        .bind(&entry.error)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Commit the batch and the origin's new position together.
+    pub async fn commit(
+        mut self,
+        origin: &str,
+        stream_sequence: i64,
+        last_event_hlc: u64,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO applied_positions (origin, stream_sequence, last_event_hlc) VALUES ($1, $2, $3)
+             ON CONFLICT (origin) DO UPDATE SET stream_sequence = GREATEST(applied_positions.stream_sequence, EXCLUDED.stream_sequence),
+                 last_event_hlc = EXCLUDED.last_event_hlc, applied_at = now()",
+        )
+        .bind(origin)
+        .bind(stream_sequence)
+        .bind(last_event_hlc as i64)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
