@@ -163,6 +163,41 @@ impl Cluster {
             .expect("second process starts")
     }
 
+    /// Start a stopped region again, on its old address and database.
+    pub async fn restart(&mut self, id: &'static str, config: Config) {
+        let addr = self.urls[id].trim_start_matches("http://").to_owned();
+        let mut listener = None;
+        for _ in 0..50 {
+            match TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        let running = app::start(config, Some(listener.expect("the old port is free again")))
+            .await
+            .expect("region restarts");
+        self.regions.insert(id, running);
+    }
+
+    /// Every stored record of `collections` in region `id`, as JSON, in key order: what must be
+    /// identical in every region once replication is quiet.
+    pub async fn stored_states(
+        &self,
+        id: &str,
+        collections: &[&str],
+    ) -> Vec<(String, String, Value)> {
+        sqlx::query_as::<_, (String, String, Value)>(
+            "SELECT collection, key, state::jsonb FROM records WHERE collection = ANY($1) ORDER BY collection, key",
+        )
+        .bind(collections)
+        .fetch_all(self.region(id).region.store.pool())
+        .await
+        .unwrap()
+    }
+
     /// Stop a region: its port closes, so peers find it unreachable. Its database stays.
     pub async fn stop(&mut self, id: &str) {
         let running = self.regions.remove(id).expect("a running region");

@@ -4,6 +4,8 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
+use locus::clock::version::{SessionToken, VersionVector};
+
 use crate::helpers::{black_hole, cluster, expect_problem, header, record_path, Setup, PEER};
 
 #[tokio::test]
@@ -39,7 +41,8 @@ async fn writes_are_forwarded_to_the_home_and_reads_can_go_there() {
     // Stored at the home, from where it replicates.
     assert_eq!(c.get("eu", "users", "alice").await.status(), StatusCode::OK);
 
-    // A session token makes us read where the write is visible: the home.
+    // Read your writes: with the session token, a read at us right after the write sees it,
+    // served by us if it has applied the write already, else by the home.
     let ryw = c
         .request("us", Method::GET, &path)
         .header("locus-session", &session)
@@ -47,8 +50,19 @@ async fn writes_are_forwarded_to_the_home_and_reads_can_go_there() {
         .await
         .unwrap();
     assert_eq!(ryw.status(), StatusCode::OK);
-    assert_eq!(header(&ryw, "locus-region"), Some("eu"));
     assert_eq!(ryw.json::<Value>().await.unwrap()["value"], json!({"v": 1}));
+    // A token ahead of anything us holds is always served by the home.
+    let mut ahead = SessionToken::decode(&session).unwrap();
+    let actor = ahead.version.entries().next().unwrap().0.to_owned();
+    ahead.version = VersionVector::from([(actor.as_str(), 1_000)]);
+    let at_home = c
+        .request("us", Method::GET, &path)
+        .header("locus-session", ahead.encode())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(at_home.status(), StatusCode::OK);
+    assert_eq!(header(&at_home, "locus-region"), Some("eu"));
 
     // consistency=home at the home itself is a local read.
     let at_home = c
@@ -208,7 +222,11 @@ async fn anywhere_collections_write_locally_in_every_region() {
         .await;
     for region in ["eu", "us"] {
         let r = c
-            .request(region, Method::PUT, &record_path("events", "e1"))
+            .request(
+                region,
+                Method::PUT,
+                &record_path("events", &format!("e-{region}")),
+            )
             .header("locus-home", "eu")
             .json(&json!(region))
             .send()

@@ -8,3 +8,4 @@ mod health;
 mod helpers;
 mod homing;
 mod records;
+mod replication;

@@ -1,0 +1,262 @@
+//! Replication across three regions, over the real JetStream and PostgreSQL: changes reach every
+//! region, concurrent writes converge to the same stored sets and views everywhere, conflicts are
+//! logged, and a region that was down catches up.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{cluster, eventually, expect_problem, record_path, Cluster};
+use locus::record::{Home, Version};
+use locus::replication::event::Event;
+
+const REGIONS: [&str; 3] = ["eu", "us", "ap"];
+
+async fn status_everywhere(c: &Cluster, collection: &str, key: &str, status: StatusCode) -> bool {
+    for id in REGIONS {
+        if c.get(id, collection, key).await.status() != status {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resurrect() {
+    let c = cluster(&REGIONS).await;
+    let created: Value = c
+        .put("eu", "users", "alice", &json!({"v": 1}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    eventually(20, "the create reaches us and ap", || {
+        status_everywhere(&c, "users", "alice", StatusCode::OK)
+    })
+    .await;
+
+    assert_eq!(
+        c.put("eu", "users", "alice", &json!({"v": 2}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    eventually(20, "the update reaches us and ap", || async {
+        for id in ["us", "ap"] {
+            let body: Value = c.get(id, "users", "alice").await.json().await.unwrap();
+            if body["value"] != json!({"v": 2}) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    // Replicas know the home: a write at us is forwarded to eu.
+    let forwarded = c.put("us", "users", "alice", &json!({"v": 3})).await;
+    assert_eq!(forwarded.status(), StatusCode::OK);
+    assert_eq!(
+        crate::helpers::header(&forwarded, "locus-region"),
+        Some("eu")
+    );
+
+    assert_eq!(
+        c.delete("eu", "users", "alice").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    eventually(20, "the delete reaches us and ap", || {
+        status_everywhere(&c, "users", "alice", StatusCode::NOT_FOUND)
+    })
+    .await;
+
+    // The first version, delivered again late (as after a redelivery), does not bring the record back.
+    let old = Version {
+        value: created["value"].clone(),
+        deleted: false,
+        region: "eu".into(),
+        hlc: created["hlc"].as_str().unwrap().parse().unwrap(),
+        vector: serde_json::from_value(created["version"].clone()).unwrap(),
+    };
+    let replay = Event::new("eu", "users", "alice", Home::new("eu"), old);
+    let applied =
+        locus::replication::consumer::apply_batch(&c.region("ap").region, "eu", &[replay], 1)
+            .await
+            .unwrap();
+    assert_eq!(applied.conflicts, 0);
+    expect_problem(c.get("ap", "users", "alice").await, StatusCode::NOT_FOUND).await;
+    c.teardown().await;
+}
+
+/// Every region writes every key of `collection` at once, and some keys are deleted; return when
+/// all writes were answered.
+async fn write_from_everywhere(c: &Cluster, collection: &'static str, keys: usize) {
+    let mut tasks = Vec::new();
+    for id in REGIONS {
+        let (http, url) = (c.http.clone(), c.url(id).to_owned());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..keys {
+                let path = format!("{url}{}", record_path(collection, &format!("k{i:03}")));
+                let r = http
+                    .put(&path)
+                    .json(&json!({"from": id, "i": i}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{id} k{i}: {}", r.status());
+                if i % 7 == 0 && id == "us" {
+                    let r = http.delete(&path).send().await.unwrap();
+                    assert!(
+                        r.status().is_success() || r.status() == StatusCode::NOT_FOUND,
+                        "{}",
+                        r.status()
+                    );
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Wait until every region holds exactly the same stored state for `collections`, and return it.
+async fn converged(c: &Cluster, collections: &[&str]) -> Vec<(String, String, Value)> {
+    eventually(60, "all regions hold the same records", || async {
+        let eu = c.stored_states("eu", collections).await;
+        c.stored_states("us", collections).await == eu
+            && c.stored_states("ap", collections).await == eu
+    })
+    .await;
+    c.stored_states("eu", collections).await
+}
+
+#[tokio::test]
+async fn concurrent_writes_in_every_region_converge_under_lww_and_siblings() {
+    let c = cluster(&REGIONS).await;
+    c.configure("eu", "lww-any", &json!({"homing": "anywhere"}))
+        .await;
+    c.configure(
+        "eu",
+        "sib-any",
+        &json!({"homing": "anywhere", "conflicts": {"strategy": "siblings"}}),
+    )
+    .await;
+    eventually(20, "policies reach every region", || async {
+        for id in REGIONS {
+            let p = c.get_json(id, "/v1/collections/sib-any").await;
+            if p["policy"]["conflicts"]["strategy"] != "siblings"
+                || c.get_json(id, "/v1/collections/lww-any").await["configured"] != true
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    let keys = 120;
+    let (a, b) = tokio::join!(
+        write_from_everywhere(&c, "lww-any", keys),
+        write_from_everywhere(&c, "sib-any", keys)
+    );
+    let _ = (a, b);
+    let stored = converged(&c, &["lww-any", "sib-any"]).await;
+    assert_eq!(stored.len(), 2 * keys);
+
+    // Same stored sets, so the same views: compare every key's answer in every region.
+    let mut multiple = 0;
+    for collection in ["lww-any", "sib-any"] {
+        for i in 0..keys {
+            let key = format!("k{i:03}");
+            let mut answers = Vec::new();
+            for id in REGIONS {
+                let r = c.get(id, collection, &key).await;
+                let status = r.status();
+                let etag = crate::helpers::header(&r, "etag").map(str::to_owned);
+                answers.push((status, etag, r.text().await.unwrap()));
+            }
+            assert!(
+                answers.iter().all(|a| *a == answers[0]),
+                "{collection}/{key} differs: {answers:?}"
+            );
+            if answers[0].0 == StatusCode::MULTIPLE_CHOICES {
+                assert_eq!(
+                    collection, "sib-any",
+                    "only the siblings strategy answers 300"
+                );
+                multiple += 1;
+            }
+        }
+    }
+    assert!(
+        multiple > 0,
+        "concurrent writes from three regions left some siblings"
+    );
+
+    // Every region logged conflicts, naming the strategy.
+    for id in REGIONS {
+        let pool = c.region(id).region.store.pool();
+        let logged: Vec<(String, i64)> =
+            sqlx::query_as("SELECT strategy, count(*) FROM conflicts WHERE collection IN ('lww-any', 'sib-any') GROUP BY strategy ORDER BY strategy")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        let strategies: Vec<&str> = logged.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(strategies, ["lww", "siblings"], "{id}: {logged:?}");
+    }
+
+    // A write with the siblings' ETag resolves the conflict everywhere.
+    let (collection, key) = stored
+        .iter()
+        .find(|(c, _, state)| c == "sib-any" && state["versions"].as_array().unwrap().len() > 1)
+        .map(|(c, k, _)| (c.clone(), k.clone()))
+        .unwrap();
+    let read = c.get("ap", &collection, &key).await;
+    let etag = crate::helpers::header(&read, "etag").unwrap().to_owned();
+    let resolved = c
+        .request("ap", Method::PUT, &record_path(&collection, &key))
+        .header("if-match", &etag)
+        .json(&json!("resolved"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resolved.status(), StatusCode::OK);
+    eventually(20, "the resolution reaches every region", || async {
+        for id in REGIONS {
+            let r = c.get(id, &collection, &key).await;
+            if r.status() != StatusCode::OK
+                || r.json::<Value>().await.unwrap()["value"] != "resolved"
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_region_that_was_down_catches_up() {
+    let mut c = cluster(&REGIONS).await;
+    let ap_config = c.region("ap").region.config.clone();
+    c.stop("ap").await;
+    for i in 0..150 {
+        let r = c.put("eu", "backlog", &format!("k{i:03}"), &json!(i)).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    for i in 0..10 {
+        assert_eq!(
+            c.delete("eu", "backlog", &format!("k{i:03}"))
+                .await
+                .status(),
+            StatusCode::NO_CONTENT
+        );
+    }
+    c.restart("ap", ap_config).await;
+    let stored = converged(&c, &["backlog"]).await;
+    assert_eq!(stored.len(), 150);
+    let page = c
+        .get_json("ap", "/v1/collections/backlog/records?limit=1000")
+        .await;
+    assert_eq!(page["records"].as_array().unwrap().len(), 140);
+    c.teardown().await;
+}
