@@ -191,16 +191,53 @@ async fn concurrent_writes_in_every_region_converge_under_lww_and_siblings() {
         "concurrent writes from three regions left some siblings"
     );
 
-    // Every region logged conflicts, naming the strategy.
+    // Every region logged conflicts, naming the strategy, listed through the API page by page.
     for id in REGIONS {
-        let pool = c.region(id).region.store.pool();
-        let logged: Vec<(String, i64)> =
-            sqlx::query_as("SELECT strategy, count(*) FROM conflicts WHERE collection IN ('lww-any', 'sib-any') GROUP BY strategy ORDER BY strategy")
-                .fetch_all(pool)
-                .await
-                .unwrap();
-        let strategies: Vec<&str> = logged.iter().map(|(s, _)| s.as_str()).collect();
-        assert_eq!(strategies, ["lww", "siblings"], "{id}: {logged:?}");
+        for (collection, strategy) in [("lww-any", "lww"), ("sib-any", "siblings")] {
+            let mut entries = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = c
+                    .get_json(
+                        id,
+                        &format!("/v1/conflicts?collection={collection}&limit=7&after={after}"),
+                    )
+                    .await;
+                entries.extend(page["conflicts"].as_array().unwrap().iter().cloned());
+                match page["next"].as_i64() {
+                    Some(next) => after = next,
+                    None => break,
+                }
+            }
+            assert!(
+                !entries.is_empty(),
+                "{id} logged no conflict in {collection}"
+            );
+            for e in &entries {
+                assert_eq!(e["collection"], collection);
+                assert_eq!(e["region"], id);
+                assert_eq!(e["strategy"], strategy);
+                assert!(e["versions"].as_array().unwrap().len() >= 2, "{e}");
+                assert!(e["outcome"].is_object() && e["detected_at"].is_string());
+            }
+            let ids: Vec<i64> = entries.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "pages are in id order without repeats"
+            );
+            let key = entries[0]["key"].as_str().unwrap();
+            let one = c
+                .get_json(
+                    id,
+                    &format!("/v1/conflicts?collection={collection}&key={key}"),
+                )
+                .await;
+            assert!(one["conflicts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["key"] == key));
+        }
     }
 
     // A write with the siblings' ETag resolves the conflict everywhere.
@@ -258,5 +295,31 @@ async fn a_region_that_was_down_catches_up() {
         .get_json("ap", "/v1/collections/backlog/records?limit=1000")
         .await;
     assert_eq!(page["records"].as_array().unwrap().len(), 140);
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_record_at_the_size_limit_replicates() {
+    let c = cluster(&["eu", "us"]).await;
+    let limit = c.region("eu").region.config.limits.record_body_bytes;
+    let body = format!("\"{}\"", "x".repeat(limit - 2));
+    assert_eq!(body.len(), limit);
+    let r = c
+        .request("eu", Method::PUT, &record_path("big", "k"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    eventually(20, "the largest record reaches us", || async {
+        let r = c.get("us", "big", "k").await;
+        r.status() == StatusCode::OK
+            && r.json::<Value>().await.unwrap()["value"]
+                .as_str()
+                .map(str::len)
+                == Some(limit - 2)
+    })
+    .await;
     c.teardown().await;
 }

@@ -5,6 +5,7 @@
 //! every error is a problem document. The OpenAPI document is generated from the handlers.
 
 pub mod collections;
+pub mod conflicts;
 pub mod cursor;
 pub mod error;
 pub mod forward;
@@ -190,6 +191,7 @@ pub fn router(state: SharedState) -> Router {
             "/v1/collections/{c}/records/{key}",
             get(records::get).put(records::put).delete(records::delete),
         )
+        .route("/v1/conflicts", get(conflicts::list))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -174,3 +174,44 @@ impl ApplyTx {
         Ok(())
     }
 }
+
+/// A conflict-log entry as listed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LoggedConflict {
+    pub id: i64,
+    pub collection: String,
+    pub key: String,
+    pub region: String,
+    pub detected_at: String,
+    pub strategy: String,
+    pub resolver: Option<serde_json::Value>,
+    pub versions: serde_json::Value,
+    pub outcome: serde_json::Value,
+    pub error: Option<String>,
+}
+
+impl Store {
+    /// Conflict-log entries after id `after`, oldest first, optionally for one collection or key.
+    pub async fn conflicts(
+        &self,
+        collection: Option<&str>,
+        key: Option<&str>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedConflict>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT id, collection, key, region,
+                    to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at,
+                    strategy, resolver, versions, outcome, error
+               FROM conflicts
+              WHERE id > $1 AND ($2::text IS NULL OR collection = $2) AND ($3::text IS NULL OR key = $3)
+              ORDER BY id LIMIT $4",
+        )
+        .bind(after)
+        .bind(collection)
+        .bind(key)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}

@@ -1,0 +1,105 @@
+//! The conflict log: every time a merge kept concurrent versions, in the order this region
+//! detected them. Each region keeps its own log; the stored records converge, the logs say who
+//! noticed what and when.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, Problem};
+use super::{ApiQuery, SharedState};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictParams {
+    pub collection: Option<String>,
+    pub key: Option<String>,
+    /// The `next` of the previous page (an entry id).
+    pub after: Option<i64>,
+    /// 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConflictBody {
+    pub id: i64,
+    pub collection: String,
+    pub key: String,
+    /// The region that detected it.
+    pub region: String,
+    pub detected_at: String,
+    pub strategy: String,
+    #[schema(value_type = Option<Object>)]
+    pub resolver: Option<serde_json::Value>,
+    /// The concurrent versions kept.
+    #[schema(value_type = Vec<Object>)]
+    pub versions: serde_json::Value,
+    /// What a reader saw: `{"value":…}`, `{"deleted":true}` or `{"siblings":n}`.
+    #[schema(value_type = Object)]
+    pub outcome: serde_json::Value,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConflictPage {
+    pub conflicts: Vec<ConflictBody>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next: Option<i64>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/conflicts", tag = "conflicts", params(ConflictParams),
+    responses(
+        (status = 200, description = "conflict-log entries, oldest first", body = ConflictPage),
+        (status = 400, description = "bad parameter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    State(s): State<SharedState>,
+    ApiQuery(params): ApiQuery<ConflictParams>,
+    headers: HeaderMap,
+) -> Result<Json<ConflictPage>, ApiError> {
+    s.authorize_records(&headers)?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "bad-query",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let rows = s
+        .region
+        .store
+        .conflicts(
+            params.collection.as_deref(),
+            params.key.as_deref(),
+            params.after.unwrap_or(0),
+            i64::from(limit) + 1,
+        )
+        .await?;
+    let more = rows.len() > limit as usize;
+    let conflicts: Vec<ConflictBody> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|c| ConflictBody {
+            id: c.id,
+            collection: c.collection,
+            key: c.key,
+            region: c.region,
+            detected_at: c.detected_at,
+            strategy: c.strategy,
+            resolver: c.resolver,
+            versions: c.versions,
+            outcome: c.outcome,
+            error: c.error,
+        })
+        .collect();
+    let next = if more {
+        conflicts.last().map(|c| c.id)
+    } else {
+        None
+    };
+    Ok(Json(ConflictPage { conflicts, next }))
+}
