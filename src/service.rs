@@ -208,12 +208,15 @@ pub struct Region {
     /// Woken after each committed write, so the publisher ships it at once.
     pub outbox_signal: Notify,
     pub replication: ReplicationStatus,
+    /// Every metric of this region (HTTP and replication), rendered at `/metrics`.
+    pub registry: prometheus::Registry,
 }
 
 impl Region {
     pub fn new(config: Config, store: Store, identity: RegionIdentity) -> Region {
         let actor = Actor::new(&identity.region, &identity.incarnation);
         let clock = Mutex::new(HybridClock::new(config.clock.max_drift_ms));
+        let registry = prometheus::Registry::new();
         Region {
             config,
             store,
@@ -222,7 +225,8 @@ impl Region {
             clock,
             cache: WriteCache::new(),
             outbox_signal: Notify::new(),
-            replication: ReplicationStatus::default(),
+            replication: ReplicationStatus::new(&registry),
+            registry,
         }
     }
 

@@ -75,6 +75,44 @@ async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resur
         hlc: created["hlc"].as_str().unwrap().parse().unwrap(),
         vector: serde_json::from_value(created["version"].clone()).unwrap(),
     };
+    // us reports what it applied from eu, and eu's outbox drains.
+    eventually(
+        20,
+        "us reports eu's events and eu's outbox is empty",
+        || async {
+            let seen = c.get_json("us", "/v1/regions").await;
+            let own = c.get_json("eu", "/v1/regions").await;
+            let eu = seen["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["id"] == "eu")
+                .unwrap()
+                .clone();
+            eu["reachable"] == true
+                && eu["replication"]["state"] == "running"
+                && eu["replication"]["events_applied"].as_u64() >= Some(4)
+                && eu["replication"]["lag_ms"].is_u64()
+                && eu["last_heard"].is_string()
+                && own["regions"][0]["self"] == true
+                && own["regions"][0]["outbox_backlog"] == 0
+        },
+    )
+    .await;
+    let metrics = c
+        .request("us", Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("locus_replication_events_applied_total{origin=\"eu\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("locus_replication_lag_seconds_bucket{origin=\"eu\""));
+
     let replay = Event::new("eu", "users", "alice", Home::new("eu"), old);
     let applied =
         locus::replication::consumer::apply_batch(&c.region("ap").region, "eu", &[replay], 1)
@@ -240,6 +278,19 @@ async fn concurrent_writes_in_every_region_converge_under_lww_and_siblings() {
         }
     }
 
+    let metrics = c
+        .request("eu", Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("locus_conflicts_total{strategy=\"siblings\"}"),
+        "{metrics}"
+    );
+
     // A write with the siblings' ETag resolves the conflict everywhere.
     let (collection, key) = stored
         .iter()
@@ -276,6 +327,15 @@ async fn a_region_that_was_down_catches_up() {
     let mut c = cluster(&REGIONS).await;
     let ap_config = c.region("ap").region.config.clone();
     c.stop("ap").await;
+    let regions = c.get_json("eu", "/v1/regions").await;
+    let ap = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "ap")
+        .unwrap()
+        .clone();
+    assert_eq!(ap["reachable"], false, "{regions}");
     for i in 0..150 {
         let r = c.put("eu", "backlog", &format!("k{i:03}"), &json!(i)).await;
         assert_eq!(r.status(), StatusCode::CREATED);

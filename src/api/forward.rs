@@ -119,6 +119,18 @@ impl Peers {
         Ok(response)
     }
 
+    /// Whether `region`'s API answers its health check within a moment.
+    pub async fn probe(&self, region: &str) -> bool {
+        let Some(base) = self.urls.get(region) else {
+            return false;
+        };
+        let probe = self
+            .client
+            .get(format!("{base}/healthz"))
+            .timeout(std::time::Duration::from_millis(800));
+        matches!(probe.send().await, Ok(r) if r.status().is_success())
+    }
+
     fn classify(&self, region: &str, error: reqwest::Error) -> ForwardError {
         let region = region.to_owned();
         if error.is_connect() {

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the HTTP layer: request counts and latency histograms by route, method
-//! and status. One registry per region, so several regions in one process (tests, `locus dev`)
-//! keep separate figures.
+//! and status, in the region's registry (one per region, so several regions in one process keep
+//! separate figures).
 
 use std::time::Duration;
 
@@ -12,15 +12,8 @@ pub struct HttpMetrics {
     latency: HistogramVec,
 }
 
-impl Default for HttpMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl HttpMetrics {
-    pub fn new() -> HttpMetrics {
-        let registry = Registry::new();
+    pub fn new(registry: &Registry) -> HttpMetrics {
         let labels = &["route", "method", "status"];
         let requests = IntCounterVec::new(
             Opts::new(
@@ -49,7 +42,7 @@ impl HttpMetrics {
             .register(Box::new(latency.clone()))
             .expect("unique metric");
         HttpMetrics {
-            registry,
+            registry: registry.clone(),
             requests,
             latency,
         }

@@ -14,6 +14,7 @@ pub mod health;
 pub mod metrics;
 pub mod openapi;
 pub mod records;
+pub mod regions;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,11 +47,12 @@ pub type SharedState = Arc<ApiState>;
 impl ApiState {
     pub fn new(region: Arc<Region>) -> ApiState {
         let peers = Peers::new(&region.config);
+        let metrics = HttpMetrics::new(&region.registry);
         let region_header = HeaderValue::from_str(region.id()).expect("region ids are header-safe");
         ApiState {
             region,
             peers,
-            metrics: HttpMetrics::new(),
+            metrics,
             region_header,
         }
     }
@@ -192,6 +194,7 @@ pub fn router(state: SharedState) -> Router {
             get(records::get).put(records::put).delete(records::delete),
         )
         .route("/v1/conflicts", get(conflicts::list))
+        .route("/v1/regions", get(regions::list))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{collections, conflicts, health, records};
+use super::{collections, conflicts, health, records, regions};
 
 struct BearerSchemes;
 
@@ -24,7 +24,7 @@ impl Modify for BearerSchemes {
     paths(
         records::get, records::put, records::delete, records::list,
         collections::configure, collections::show, collections::list,
-        conflicts::list,
+        conflicts::list, regions::list,
         health::healthz, health::readyz, health::metrics,
     ),
     modifiers(&BearerSchemes),

@@ -158,6 +158,7 @@ async fn check_for_gap(
 pub struct Applied {
     pub events: usize,
     pub conflicts: usize,
+    pub conflicts_by_strategy: BTreeMap<&'static str, usize>,
     pub stream_sequence: u64,
     /// Milliseconds from the newest event's HLC to its apply here.
     pub lag_ms: u64,
@@ -193,6 +194,7 @@ pub async fn apply_batch(
     let mut tx = region.store.begin_apply().await?;
     let mut loaded = tx.lock(&keys).await?;
     let mut conflicts = 0;
+    let mut conflicts_by_strategy = BTreeMap::new();
     for (key, batch) in &by_key {
         loop {
             let current = &loaded[key];
@@ -217,13 +219,12 @@ pub async fn apply_batch(
             region.forget_cached(&key.0, &key.1);
             if conflicted {
                 let policy = region.policy_of(&key.0, current.policy.as_ref());
-                tx.log_conflict(&conflict_entry(
-                    region.id(),
-                    key,
-                    &state,
-                    &policy.strategy(),
-                ))
-                .await?;
+                let strategy = policy.strategy();
+                tx.log_conflict(&conflict_entry(region.id(), key, &state, &strategy))
+                    .await?;
+                *conflicts_by_strategy
+                    .entry(strategy_label(&strategy))
+                    .or_insert(0) += 1;
                 conflicts += 1;
             }
             break;
@@ -239,6 +240,7 @@ pub async fn apply_batch(
     Ok(Applied {
         events: events.len(),
         conflicts,
+        conflicts_by_strategy,
         stream_sequence,
         lag_ms: wall_clock_ms().saturating_sub(newest.millis()),
     })

@@ -1,12 +1,19 @@
-//! What replication is doing, per peer, for `/v1/regions`, the metrics and the logs.
+//! What replication is doing, per peer: the status `/v1/regions` shows and the Prometheus metrics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use serde::Serialize;
 
 use super::consumer::Applied;
+
+/// Window over which `events_applied_per_second` is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PeerStatus {
@@ -22,22 +29,70 @@ pub struct PeerStatus {
     pub lag_ms: Option<u64>,
     #[schema(value_type = Option<String>)]
     pub last_applied_at: Option<String>,
+    pub events_applied_per_second: f64,
     pub skewed_events: u64,
 }
 
 #[derive(Default)]
 struct Inner {
     peers: BTreeMap<String, PeerStatus>,
+    recent: BTreeMap<String, VecDeque<(Instant, usize)>>,
     events_published: u64,
     publisher_error: Option<String>,
 }
 
-#[derive(Default)]
+struct Metrics {
+    lag_ms: IntGaugeVec,
+    lag_seconds: HistogramVec,
+    applied: IntCounterVec,
+    conflicts: IntCounterVec,
+    stopped: IntGaugeVec,
+    skewed: IntCounterVec,
+    published: IntCounter,
+    pub(crate) outbox_backlog: IntGauge,
+    pub(crate) publish_batch: Histogram,
+}
+
 pub struct ReplicationStatus {
     inner: Mutex<Inner>,
+    metrics: Metrics,
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
 }
 
 impl ReplicationStatus {
+    pub fn new(registry: &Registry) -> ReplicationStatus {
+        let origin = &["origin"];
+        let metrics = Metrics {
+            lag_ms: register(registry, IntGaugeVec::new(Opts::new("locus_replication_lag_ms", "Milliseconds from the newest applied event's HLC to its apply here"), origin).unwrap()),
+            lag_seconds: register(registry, HistogramVec::new(
+                HistogramOpts::new("locus_replication_lag_seconds", "Replication lag of applied batches, event HLC to apply")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                origin).unwrap()),
+            applied: register(registry, IntCounterVec::new(Opts::new("locus_replication_events_applied_total", "Events applied from each origin"), origin).unwrap()),
+            conflicts: register(registry, IntCounterVec::new(Opts::new("locus_conflicts_total", "Conflicts detected on apply, by strategy"), &["strategy"]).unwrap()),
+            stopped: register(registry, IntGaugeVec::new(Opts::new("locus_replication_consumer_stopped", "1 while replication from an origin is stopped (a gap or an unreadable event)"), origin).unwrap()),
+            skewed: register(registry, IntCounterVec::new(Opts::new("locus_clock_skewed_events_total", "Events whose HLC was further ahead than the allowed drift"), origin).unwrap()),
+            published: register(registry, IntCounter::new("locus_replication_events_published_total", "Outbox events acknowledged by JetStream").unwrap()),
+            outbox_backlog: register(registry, IntGauge::new("locus_outbox_backlog", "Outbox events waiting to be published").unwrap()),
+            publish_batch: register(registry, Histogram::with_opts(
+                HistogramOpts::new("locus_publish_batch_events", "Events per publisher pass").buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0])).unwrap()),
+        };
+        ReplicationStatus {
+            inner: Mutex::new(Inner::default()),
+            metrics,
+        }
+    }
+
+    pub fn set_outbox_backlog(&self, backlog: i64) {
+        self.metrics.outbox_backlog.set(backlog);
+    }
+
     fn with_peer(&self, origin: &str, f: impl FnOnce(&mut PeerStatus)) {
         let mut inner = self.inner.lock().expect("status lock");
         f(inner
@@ -50,6 +105,7 @@ impl ReplicationStatus {
     }
 
     pub fn peer_running(&self, origin: &str) {
+        self.metrics.stopped.with_label_values(&[origin]).set(0);
         self.with_peer(origin, |p| {
             p.state = "running".into();
             p.error = None;
@@ -64,6 +120,7 @@ impl ReplicationStatus {
     }
 
     pub fn peer_stopped(&self, origin: &str, reason: &str) {
+        self.metrics.stopped.with_label_values(&[origin]).set(1);
         self.with_peer(origin, |p| {
             p.state = "stopped".into();
             p.error = Some(reason.to_owned());
@@ -71,7 +128,36 @@ impl ReplicationStatus {
     }
 
     pub fn applied(&self, origin: &str, applied: &Applied) {
+        let m = &self.metrics;
+        m.applied
+            .with_label_values(&[origin])
+            .inc_by(applied.events as u64);
+        m.lag_ms
+            .with_label_values(&[origin])
+            .set(applied.lag_ms as i64);
+        m.lag_seconds
+            .with_label_values(&[origin])
+            .observe(applied.lag_ms as f64 / 1000.0);
+        for (strategy, count) in &applied.conflicts_by_strategy {
+            m.conflicts
+                .with_label_values(&[strategy])
+                .inc_by(*count as u64);
+        }
+        let rate = {
+            let mut inner = self.inner.lock().expect("status lock");
+            let recent = inner.recent.entry(origin.to_owned()).or_default();
+            let now = Instant::now();
+            recent.push_back((now, applied.events));
+            while recent
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+            {
+                recent.pop_front();
+            }
+            recent.iter().map(|(_, n)| *n).sum::<usize>() as f64 / RATE_WINDOW.as_secs_f64()
+        };
         self.with_peer(origin, |p| {
+            p.events_applied_per_second = rate;
             p.stream_sequence = p.stream_sequence.max(applied.stream_sequence);
             p.events_applied += applied.events as u64;
             p.conflicts += applied.conflicts as u64;
@@ -81,10 +167,13 @@ impl ReplicationStatus {
     }
 
     pub fn skewed(&self, origin: &str) {
+        self.metrics.skewed.with_label_values(&[origin]).inc();
         self.with_peer(origin, |p| p.skewed_events += 1);
     }
 
     pub fn published(&self, count: usize) {
+        self.metrics.published.inc_by(count as u64);
+        self.metrics.publish_batch.observe(count as f64);
         let mut inner = self.inner.lock().expect("status lock");
         inner.events_published += count as u64;
         inner.publisher_error = None;

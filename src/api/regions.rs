@@ -1,0 +1,90 @@
+//! `GET /v1/regions`: this region and every peer as this region sees them: whether the peer's API
+//! answers, when its last event was applied here, its stream position, the replication lag, and
+//! this region's own outbox backlog. What an operator looks at first when regions disagree.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use super::SharedState;
+use crate::replication::status::PeerStatus;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegionEntry {
+    pub id: String,
+    /// Whether this entry is the region that answered.
+    #[serde(rename = "self")]
+    pub this_region: bool,
+    pub api_url: Option<String>,
+    /// The peer's API answered a health probe just now (always true for this region).
+    pub reachable: bool,
+    /// When this region last applied an event from the peer.
+    pub last_heard: Option<String>,
+    /// Replication from the peer into this region.
+    pub replication: Option<PeerStatus>,
+    /// This region only: events waiting in the outbox.
+    pub outbox_backlog: Option<i64>,
+    /// This region only: events JetStream acknowledged since start.
+    pub events_published: Option<u64>,
+    /// This region only: why publishing is failing, if it is.
+    pub publisher_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegionsBody {
+    pub deployment: String,
+    pub region: String,
+    pub incarnation: String,
+    pub regions: Vec<RegionEntry>,
+}
+
+#[utoipa::path(get, path = "/v1/regions", tag = "regions", responses((status = 200, description = "every region of the deployment", body = RegionsBody)))]
+pub async fn list(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Json<RegionsBody>, ApiError> {
+    s.authorize_records(&headers)?;
+    let region = &s.region;
+    let backlog = region.store.outbox_backlog().await?;
+    region.replication.set_outbox_backlog(backlog);
+    let mut regions = vec![RegionEntry {
+        id: region.id().to_owned(),
+        this_region: true,
+        api_url: None,
+        reachable: true,
+        last_heard: None,
+        replication: None,
+        outbox_backlog: Some(backlog),
+        events_published: Some(region.replication.events_published()),
+        publisher_error: region.replication.publisher_error_now(),
+    }];
+    let peers = &s.peers;
+    let probes = region
+        .config
+        .peers
+        .iter()
+        .map(|peer| async move { (peer, peers.probe(&peer.id).await) });
+    for (peer, reachable) in futures_util::future::join_all(probes).await {
+        let replication = region.replication.peer(&peer.id);
+        regions.push(RegionEntry {
+            id: peer.id.clone(),
+            this_region: false,
+            api_url: Some(peer.api_url.clone()),
+            reachable,
+            last_heard: replication.as_ref().and_then(|r| r.last_applied_at.clone()),
+            replication,
+            outbox_backlog: None,
+            events_published: None,
+            publisher_error: None,
+        });
+    }
+    Ok(Json(RegionsBody {
+        deployment: region.config.deployment.clone(),
+        region: region.id().to_owned(),
+        incarnation: region.identity.incarnation.clone(),
+        regions,
+    }))
+}
