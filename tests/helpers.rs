@@ -149,6 +149,11 @@ impl Cluster {
         &self.urls[id]
     }
 
+    /// The regions of this cluster, in the order they were set up.
+    pub fn ids(&self) -> &[&'static str] {
+        &self.ids
+    }
+
     pub fn region(&self, id: &str) -> &RunningRegion {
         &self.regions[id]
     }
@@ -410,4 +415,77 @@ pub async fn black_hole() -> (String, JoinHandle<()>) {
         }
     });
     (url, task)
+}
+
+/// A NATS server of the test's own, on a free port with its own JetStream directory, that the test
+/// can kill and restart (same port, same store) to cut replication off.
+pub struct TestNats {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl TestNats {
+    pub async fn start() -> TestNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("locus-nats-{port}-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nats = TestNats {
+            port,
+            dir,
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port and store, and wait until it accepts connections.
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("nats-server did not start on port {}", self.port);
+    }
+
+    /// SIGKILL: no goodbye to the clients, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
