@@ -19,23 +19,22 @@ struct Serve {
     _stdout: BufReader<std::process::ChildStdout>,
 }
 
-/// Start `locus serve --config regions/eu.toml` with overrides, and wait for its start-up line.
-fn serve(database_url: &str, deployment: &str) -> Serve {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
-        .args(["serve", "--config", "regions/eu.toml"])
+/// Start `locus serve --config regions/<region>.toml` with `LOCUS_*` overrides, and wait for its
+/// start-up line.
+fn serve(region: &str, overrides: &[(&str, String)]) -> Serve {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_locus"));
+    command
+        .args(["serve", "--config", &format!("regions/{region}.toml")])
         .env("LOCUS_LISTEN", "127.0.0.1:0")
-        .env("LOCUS_DATABASE_URL", database_url)
-        .env("LOCUS_DEPLOYMENT", deployment)
         .env("LOCUS_REPLICATION__STREAM_MAX_BYTES", "67108864")
-        .env("LOCUS_ADMIN_TOKEN", "cli-admin-token")
-        .env("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the locus binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut stdout = BufReader::new(stdout);
+        .stderr(Stdio::inherit());
+    for (name, value) in overrides {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("the locus binary starts");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     let url = line
@@ -43,7 +42,10 @@ fn serve(database_url: &str, deployment: &str) -> Serve {
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no address in the start-up line {line:?}"))
         .to_owned();
-    assert!(line.starts_with("locus region eu"), "{line}");
+    assert!(
+        line.starts_with(&format!("locus region {region}")),
+        "{line}"
+    );
     Serve {
         child,
         url,
@@ -57,7 +59,13 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
     let database_url = format!("{}/locus_test_cli_{run}", postgres_base());
     let deployment = format!("testcli{run}");
     let http = reqwest::Client::new();
-    let mut first = serve(&database_url, &deployment);
+    let overrides = [
+        ("LOCUS_DATABASE_URL", database_url.clone()),
+        ("LOCUS_DEPLOYMENT", deployment.clone()),
+        ("LOCUS_ADMIN_TOKEN", "cli-admin-token".to_owned()),
+        ("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048".to_owned()),
+    ];
+    let mut first = serve("eu", &overrides);
 
     // LOCUS_ADMIN_TOKEN replaced the file's token; LOCUS_LIMITS__RECORD_BODY_BYTES the limit.
     let policy = |token: &str| {
@@ -122,7 +130,7 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
     );
 
     // Restart on the same database: every acknowledged write is there, with its outbox event.
-    let mut second = serve(&database_url, &deployment);
+    let mut second = serve("eu", &overrides);
     for i in &acknowledged {
         let r = http
             .get(format!("{}/v1/collections/things/records/k{i}", second.url))
@@ -218,4 +226,135 @@ fn a_bad_config_is_refused_with_the_field_named() {
     );
     refused("LOCUS_REGION", "Not A Region", "region");
     refused("LOCUS_DATABASE_URL", "mysql://elsewhere", "database_url");
+}
+
+#[tokio::test]
+async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
+    let run = format!("{:08x}", rand::random::<u32>());
+    let deployment = format!("testkill{run}");
+    let regions = ["eu", "us", "ap"];
+    let ports: Vec<u16> = regions
+        .iter()
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let overrides = |index: usize| -> Vec<(&'static str, String)> {
+        let peers: Vec<String> = regions
+            .iter()
+            .zip(&ports)
+            .filter(|(id, _)| **id != regions[index])
+            .map(|(id, port)| format!("{{id=\"{id}\",api_url=\"http://127.0.0.1:{port}\"}}"))
+            .collect();
+        vec![
+            ("LOCUS_LISTEN", format!("127.0.0.1:{}", ports[index])),
+            (
+                "LOCUS_DATABASE_URL",
+                format!(
+                    "{}/locus_test_kill_{run}_{}",
+                    postgres_base(),
+                    regions[index]
+                ),
+            ),
+            ("LOCUS_DEPLOYMENT", deployment.clone()),
+            ("LOCUS_PEERS", format!("[{}]", peers.join(","))),
+        ]
+    };
+    let mut servers: Vec<Serve> = (0..3).map(|i| serve(regions[i], &overrides(i))).collect();
+    let http = reqwest::Client::new();
+    let eu = servers[0].url.clone();
+
+    // Four writers to records homed at eu, until eu dies under them.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (http, eu) = (http.clone(), eu.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..1000 {
+                let key = format!("w{w}-{i:04}");
+                match http
+                    .put(format!("{eu}/v1/collections/burst/records/{key}"))
+                    .json(&json!({"w": w, "i": i}))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == StatusCode::CREATED => acknowledged.push(key),
+                    Ok(r) => panic!("{key}: {}", r.status()),
+                    Err(_) => break,
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    servers[0].child.kill().unwrap(); // SIGKILL, mid-burst
+    servers[0].child.wait().unwrap();
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        acknowledged.extend(w.await.unwrap());
+    }
+    assert!(
+        !acknowledged.is_empty() && acknowledged.len() < 4000,
+        "eu died mid-burst ({} acknowledged)",
+        acknowledged.len()
+    );
+    servers[0] = serve("eu", &overrides(0));
+
+    // Every acknowledged write is in every region.
+    for server in &servers {
+        let base = server.url.clone();
+        crate::helpers::eventually(
+            60,
+            &format!("all acknowledged writes at {base}"),
+            || async {
+                let page: Value = http
+                    .get(format!("{base}/v1/collections/burst/records?limit=1000"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let mut keys: Vec<String> = page["records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["key"].as_str().unwrap().to_owned())
+                    .collect();
+                let mut cursor = page["next"].as_str().map(str::to_owned);
+                while let Some(c) = cursor {
+                    let next: Value = http
+                        .get(format!(
+                            "{base}/v1/collections/burst/records?limit=1000&cursor={c}"
+                        ))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    keys.extend(
+                        next["records"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|r| r["key"].as_str().unwrap().to_owned()),
+                    );
+                    cursor = next["next"].as_str().map(str::to_owned);
+                }
+                acknowledged.iter().all(|k| keys.contains(k))
+            },
+        )
+        .await;
+    }
+    drop(servers);
+    for region in regions {
+        let url = format!("{}/locus_test_kill_{run}_{region}", postgres_base());
+        let _ = sqlx::Postgres::force_drop_database(&url).await;
+    }
+    let _ = locus::replication::delete_streams(crate::helpers::NATS, &deployment, &regions).await;
 }
