@@ -125,12 +125,16 @@ async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resur
 
 /// Every region writes every key of `collection` at once, and some keys are deleted; return when
 /// all writes were answered.
-async fn write_from_everywhere(c: &Cluster, collection: &'static str, keys: usize) {
+async fn write_from_everywhere(
+    c: &Cluster,
+    collection: &'static str,
+    keys: std::ops::Range<usize>,
+) {
     let mut tasks = Vec::new();
     for id in REGIONS {
-        let (http, url) = (c.http.clone(), c.url(id).to_owned());
+        let (http, url, keys) = (c.http.clone(), c.url(id).to_owned(), keys.clone());
         tasks.push(tokio::spawn(async move {
-            for i in 0..keys {
+            for i in keys {
                 let path = format!("{url}{}", record_path(collection, &format!("k{i:03}")));
                 let r = http
                     .put(&path)
@@ -173,7 +177,12 @@ async fn converged(c: &Cluster, collections: &[&str]) -> Vec<(String, String, Va
 
 #[tokio::test]
 async fn concurrent_writes_in_every_region_converge_under_lww_and_siblings() {
-    let c = cluster(&REGIONS).await;
+    let mut nats = crate::helpers::TestNats::start().await;
+    let url = nats.url();
+    let c = crate::helpers::Setup::regions(&REGIONS)
+        .tweak(move |config| config.nats_url = url.clone())
+        .start()
+        .await;
     c.configure("eu", "lww-any", &json!({"homing": "anywhere"}))
         .await;
     c.configure(
@@ -195,12 +204,19 @@ async fn concurrent_writes_in_every_region_converge_under_lww_and_siblings() {
     })
     .await;
 
+    // First every region writes the same keys while replication runs (racing it), then while it
+    // is cut off (so each region writes blind, and conflicts are certain).
     let keys = 120;
-    let (a, b) = tokio::join!(
-        write_from_everywhere(&c, "lww-any", keys),
-        write_from_everywhere(&c, "sib-any", keys)
+    tokio::join!(
+        write_from_everywhere(&c, "lww-any", 0..keys / 2),
+        write_from_everywhere(&c, "sib-any", 0..keys / 2)
     );
-    let _ = (a, b);
+    nats.kill();
+    tokio::join!(
+        write_from_everywhere(&c, "lww-any", keys / 2..keys),
+        write_from_everywhere(&c, "sib-any", keys / 2..keys)
+    );
+    nats.restart().await;
     let stored = converged(&c, &["lww-any", "sib-any"]).await;
     assert_eq!(stored.len(), 2 * keys);
 

@@ -202,10 +202,14 @@ pub async fn apply_batch(
                 .state
                 .clone()
                 .unwrap_or_else(|| RecordState::new(batch[0].home.clone()));
-            let mut conflicted = false;
+            // Each merge that kept concurrent versions is a conflict, logged with the versions
+            // it found, even if a later event of the same batch supersedes them.
+            let mut detected = Vec::new();
             for event in batch {
                 state.merge_home(&event.home);
-                conflicted |= state.merge_version(event.version.clone()) == MergeOutcome::Conflict;
+                if state.merge_version(event.version.clone()) == MergeOutcome::Conflict {
+                    detected.push(state.clone());
+                }
             }
             if current.state.as_ref() == Some(&state) {
                 break; // replays: nothing new
@@ -217,15 +221,16 @@ pub async fn apply_batch(
                 continue;
             }
             region.forget_cached(&key.0, &key.1);
-            if conflicted {
-                let policy = region.policy_of(&key.0, current.policy.as_ref());
-                let strategy = policy.strategy();
-                tx.log_conflict(&conflict_entry(region.id(), key, &state, &strategy))
-                    .await?;
+            if !detected.is_empty() {
+                let strategy = region.policy_of(&key.0, current.policy.as_ref()).strategy();
+                for found in &detected {
+                    tx.log_conflict(&conflict_entry(region.id(), key, found, &strategy))
+                        .await?;
+                }
                 *conflicts_by_strategy
                     .entry(strategy_label(&strategy))
-                    .or_insert(0) += 1;
-                conflicts += 1;
+                    .or_insert(0) += detected.len();
+                conflicts += detected.len();
             }
             break;
         }
