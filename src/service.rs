@@ -398,20 +398,8 @@ impl Region {
     /// Where the write goes and whether its preconditions hold, judged on `base`.
     fn decide(&self, request: &WriteRequest, base: &Base) -> Decision {
         let summary = &base.summary;
-        if base.policy.homing == Homing::Record && summary.home.region != self.config.region {
-            match request.route {
-                Route::Client => {
-                    return Decision::Forward {
-                        home: summary.home.region.clone(),
-                    }
-                }
-                Route::Forwarded => {
-                    return Decision::Fail(ServiceError::NotHome {
-                        home: summary.home.region.clone(),
-                    })
-                }
-                Route::Failover => {}
-            }
+        if let Some(elsewhere) = self.route(request.route, &base.policy, &summary.home) {
+            return elsewhere;
         }
         let live = summary.is_live(&base.policy.strategy());
         match &request.precondition {
@@ -436,6 +424,98 @@ impl Region {
                 value: None,
             },
         }
+    }
+
+    /// Whether a write to a record homed at `home` belongs elsewhere: forward it (a client's), or
+    /// refuse it (a forwarded one: one hop only). `None`: this region takes it.
+    fn route(&self, route: Route, policy: &Policy, home: &Home) -> Option<Decision> {
+        if policy.homing != Homing::Record || home.region == self.config.region {
+            return None;
+        }
+        match route {
+            Route::Client => Some(Decision::Forward {
+                home: home.region.clone(),
+            }),
+            Route::Forwarded => Some(Decision::Fail(ServiceError::NotHome {
+                home: home.region.clone(),
+            })),
+            Route::Failover => None,
+        }
+    }
+
+    /// Move a record's home to `target`: at the current home, raise the home epoch and name the
+    /// new home. No value changes, so concurrent versions survive the move; the event carries the
+    /// new home with a version every region may merge again harmlessly. Under the row lock, so a
+    /// write racing the move either commits before it (and replicates with it) or sees the new
+    /// home and is forwarded there.
+    pub async fn rehome(
+        &self,
+        collection: &str,
+        key: &str,
+        target: &str,
+        route: Route,
+    ) -> Result<WriteOutcome, ServiceError> {
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let locked = self.store.lock(collection, key).await?;
+            let policy = self.policy_of(collection, locked.loaded.policy.as_ref());
+            let Some(mut state) = locked.loaded.state.clone() else {
+                return Err(ServiceError::NotFound);
+            };
+            // A rehome is never a failover write: only the home may move the home.
+            let route = if route == Route::Failover {
+                Route::Client
+            } else {
+                route
+            };
+            let routing_policy = Policy {
+                homing: Homing::Record,
+                ..policy.clone()
+            };
+            match self.route(route, &routing_policy, &state.home) {
+                Some(Decision::Forward { home }) => {
+                    return Ok(WriteOutcome::Forward { home, policy })
+                }
+                Some(Decision::Fail(error)) => return Err(error),
+                _ => {}
+            }
+            let created = false;
+            let session = |state: &RecordState| SessionToken {
+                collection: collection.to_owned(),
+                key: key.to_owned(),
+                version: state.causal_context(),
+                home: state.home.region.clone(),
+            };
+            if state.home.region == target {
+                let session = session(&state);
+                return Ok(WriteOutcome::Written(Written {
+                    state,
+                    policy,
+                    created,
+                    session,
+                }));
+            }
+            state.home = Home {
+                epoch: state.home.epoch + 1,
+                region: target.to_owned(),
+            };
+            let carried = lww_winner(&state)
+                .expect("a stored record has a version")
+                .clone();
+            let event = Event::new(self.id(), collection, key, state.home.clone(), carried);
+            if locked.save(collection, key, &state, &event).await? {
+                self.cache.forget(collection, key);
+                self.outbox_signal.notify_one();
+                tracing::info!(%collection, %key, %target, epoch = state.home.epoch, "record rehomed");
+                let session = session(&state);
+                return Ok(WriteOutcome::Written(Written {
+                    state,
+                    policy,
+                    created,
+                    session,
+                }));
+            }
+        }
+        Err(ServiceError::Contention)
     }
 
     /// Where a new record lives: the writer's `Locus-Home`, else the collection's default home,

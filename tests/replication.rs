@@ -445,3 +445,124 @@ async fn nats_killed_and_restarted_mid_stream_loses_nothing() {
     assert_eq!(stored.len(), 300, "every acknowledged write reached us");
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn rehome_moves_the_leader_and_racing_writes_are_neither_lost_nor_bounced() {
+    let c = cluster(&REGIONS).await;
+    let path = record_path("docs", "moving");
+    let created = c
+        .request("us", Method::PUT, &path)
+        .header("locus-home", "eu")
+        .json(&json!(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    eventually(20, "the record reaches every region", || {
+        status_everywhere(&c, "docs", "moving", StatusCode::OK)
+    })
+    .await;
+
+    // Writers at eu and ap, retrying what the move turns away (503: nothing written).
+    let mut writers = Vec::new();
+    for (w, id) in ["eu", "ap"].into_iter().enumerate() {
+        let (http, url) = (c.http.clone(), format!("{}{path}", c.url(id)));
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = 0;
+            for i in 0..100 {
+                loop {
+                    let r = http
+                        .put(&url)
+                        .json(&json!({"w": w, "i": i}))
+                        .send()
+                        .await
+                        .unwrap();
+                    match r.status() {
+                        StatusCode::OK => break,
+                        StatusCode::SERVICE_UNAVAILABLE => {
+                            assert!(
+                                r.headers().contains_key("locus-home")
+                                    && r.headers().contains_key("retry-after")
+                            );
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        other => {
+                            panic!("write {i} via {url}: {other} (a bounce or an unknown outcome)")
+                        }
+                    }
+                }
+                acknowledged += 1;
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let moved = c
+        .request("us", Method::POST, &format!("{path}/rehome"))
+        .json(&json!({"region": "us"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), StatusCode::OK);
+    assert_eq!(
+        crate::helpers::header(&moved, "locus-region"),
+        Some("eu"),
+        "only the home moves the home"
+    );
+    assert_eq!(moved.json::<Value>().await.unwrap()["home"], "us");
+    assert!(
+        writers.iter().all(|w| !w.is_finished()),
+        "the writes race the move"
+    );
+    let mut acknowledged = 0;
+    for w in writers {
+        acknowledged += w.await.unwrap();
+    }
+
+    let stored = converged(&c, &["docs"]).await;
+    let state = &stored[0].2;
+    assert_eq!(state["home"], json!({"epoch": 1, "region": "us"}));
+    let context = state["versions"].as_array().unwrap().iter().fold(
+        std::collections::BTreeMap::<String, u64>::new(),
+        |mut acc, v| {
+            for (actor, n) in v["version"].as_object().unwrap() {
+                let entry = acc.entry(actor.clone()).or_insert(0);
+                *entry = (*entry).max(n.as_u64().unwrap());
+            }
+            acc
+        },
+    );
+    assert_eq!(
+        context.values().sum::<u64>(),
+        1 + acknowledged,
+        "every acknowledged write, once: {context:?}"
+    );
+
+    // The new home leads: it takes writes itself, and the old home forwards to it.
+    let at_us = c.put("us", "docs", "moving", &json!("after")).await;
+    assert_eq!(at_us.status(), StatusCode::OK);
+    assert_eq!(crate::helpers::header(&at_us, "locus-region"), Some("us"));
+    let via_eu = c.put("eu", "docs", "moving", &json!("after 2")).await;
+    assert_eq!(crate::helpers::header(&via_eu, "locus-region"), Some("us"));
+
+    // Bad rehomes.
+    let unknown = c
+        .request("us", Method::POST, &format!("{path}/rehome"))
+        .json(&json!({"region": "mars"}))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(unknown, StatusCode::BAD_REQUEST).await;
+    let absent = c
+        .request(
+            "us",
+            Method::POST,
+            &format!("{}/rehome", record_path("docs", "nothing")),
+        )
+        .json(&json!({"region": "eu"}))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(absent, StatusCode::NOT_FOUND).await;
+    c.teardown().await;
+}

@@ -193,6 +193,10 @@ pub fn router(state: SharedState) -> Router {
             "/v1/collections/{c}/records/{key}",
             get(records::get).put(records::put).delete(records::delete),
         )
+        .route(
+            "/v1/collections/{c}/records/{key}/rehome",
+            axum::routing::post(records::rehome),
+        )
         .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/regions", get(regions::list))
         .route("/healthz", get(health::healthz))

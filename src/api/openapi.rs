@@ -22,7 +22,7 @@ impl Modify for BearerSchemes {
 #[openapi(
     info(title = "locus", description = "A multi-leader geo-replicated JSON record store: the REST API of one region."),
     paths(
-        records::get, records::put, records::delete, records::list,
+        records::get, records::put, records::delete, records::list, records::rehome,
         collections::configure, collections::show, collections::list,
         conflicts::list, regions::list,
         health::healthz, health::readyz, health::metrics,

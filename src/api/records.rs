@@ -458,3 +458,78 @@ pub async fn list(
     };
     Ok(Json(RecordPage { records, next }))
 }
+
+/// Where to move a record's home.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RehomeBody {
+    pub region: String,
+}
+
+#[utoipa::path(
+    post, path = "/v1/collections/{c}/records/{key}/rehome", tag = "records",
+    params(("c" = String, Path, description = "collection"), ("key" = String, Path, description = "record key")),
+    request_body(content = RehomeBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "the record, with its new home", body = RecordBody),
+        (status = 400, description = "unknown region or bad body", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such record", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the home is unreachable, or the receiving region no longer leads the record", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn rehome(
+    State(s): State<SharedState>,
+    RecordPath { collection, key }: RecordPath,
+    OriginalUri(uri): OriginalUri,
+    request_headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let route = s.authorize_records(&request_headers)?;
+    headers::require_json(&request_headers)?;
+    let bytes = headers::read_body(&request_headers, body, 4096).await?;
+    let target: RehomeBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(
+            "bad-body",
+            format!("expected {{\"region\": \"<id>\"}}: {e}"),
+        )
+    })?;
+    if !s.region.config.is_region(&target.region) {
+        return Err(ApiError::bad_request(
+            "unknown-region",
+            format!("{:?} is not a region of this deployment", target.region),
+        ));
+    }
+    match s
+        .region
+        .rehome(&collection, &key, &target.region, route)
+        .await?
+    {
+        WriteOutcome::Written(written) => {
+            let winner = crate::record::view::lww_winner(&written.state)
+                .expect("a stored record has a version");
+            let mut response = Json(record_body(
+                &collection,
+                &key,
+                &written.state.home.region,
+                winner,
+            ))
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::ETAG, etag_header(&written.state));
+            response.headers_mut().insert(
+                LOCUS_SESSION,
+                HeaderValue::from_str(&written.session.encode()).expect("base64 is header-safe"),
+            );
+            Ok(response)
+        }
+        // Forwarded like a write, but never a failover: only the home may move the home.
+        WriteOutcome::Forward { home, .. } => {
+            let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+            s.peers
+                .forward(&home, Method::POST, path, &request_headers, bytes)
+                .await
+                .map_err(|e| forward_error(e, s.region.config.forwarding.retry_after_secs))
+        }
+    }
+}
