@@ -566,3 +566,67 @@ async fn rehome_moves_the_leader_and_racing_writes_are_neither_lost_nor_bounced(
     expect_problem(absent, StatusCode::NOT_FOUND).await;
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn a_gap_in_a_stream_stops_that_consumer_loudly_and_applies_nothing_on_top() {
+    let mut c = cluster(&["eu", "us"]).await;
+    let us_config = c.region("us").region.config.clone();
+    c.stop("us").await;
+    for i in 0..10 {
+        assert_eq!(
+            c.put("eu", "lost", &format!("k{i}"), &json!(i))
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+    }
+    let eu = c.region("eu").region.clone();
+    eventually(20, "eu publishes its outbox", || async {
+        eu.store.outbox_backlog().await.unwrap() == 0
+    })
+    .await;
+    // Events us never applied disappear from eu's stream (an operator purged it).
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::NATS).await.unwrap());
+    let mut stream = js
+        .get_stream(locus::replication::stream_name(&c.deployment, "eu"))
+        .await
+        .unwrap();
+    stream.purge().await.unwrap();
+
+    c.restart("us", us_config).await;
+    eventually(20, "us reports the gap", || async {
+        let regions = c.get_json("us", "/v1/regions").await;
+        let eu = regions["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == "eu")
+            .unwrap()
+            .clone();
+        eu["replication"]["state"] == "stopped"
+            && eu["replication"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("bootstrap"))
+    })
+    .await;
+    let metrics = c
+        .request("us", Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("locus_replication_consumer_stopped{origin=\"eu\"} 1"),
+        "{metrics}"
+    );
+    // Later events are not applied on top of the gap.
+    assert_eq!(
+        c.put("eu", "lost", "after", &json!("x")).await.status(),
+        StatusCode::CREATED
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    expect_problem(c.get("us", "lost", "after").await, StatusCode::NOT_FOUND).await;
+    c.teardown().await;
+}

@@ -26,6 +26,8 @@ use crate::storage::StorageError;
 
 const BATCH: usize = 512;
 const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// How often a running consumer checks its origin's stream for a gap.
+const GAP_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 enum ConsumeError {
@@ -75,7 +77,8 @@ async fn consume(
         .get_consumer(&super::consumer_name(&config.region))
         .await
         .map_err(|e| ConsumeError::Nats(e.into()))?;
-    check_for_gap(region, &mut stream, &consumer, origin).await?;
+    check_for_gap(region, &mut stream, origin).await?;
+    let mut last_gap_check = std::time::Instant::now();
     region.replication.peer_running(origin);
 
     loop {
@@ -89,6 +92,10 @@ async fn consume(
         let mut messages = Vec::new();
         while let Some(message) = fetched.next().await {
             messages.push(message.map_err(|e| ConsumeError::Nats(e.into()))?);
+        }
+        if last_gap_check.elapsed() > GAP_CHECK_EVERY {
+            check_for_gap(region, &mut stream, origin).await?;
+            last_gap_check = std::time::Instant::now();
         }
         if messages.is_empty() {
             continue;
@@ -113,13 +120,14 @@ async fn consume(
     }
 }
 
-/// Stop if events this region has not applied are no longer in the stream: everything up to
-/// `max(consumer ack floor, applied position)` is applied here, so the stream must still hold the
-/// event after it.
+/// Stop if events this region has not applied are no longer in the stream. An event leaves an
+/// interest-retention stream only once every consumer acknowledged it, and this region
+/// acknowledges only after committing, so everything before the stream's first event must be at
+/// or below this region's applied position. The consumer's ack floor is no evidence: NATS moves
+/// it forward when a stream is purged.
 async fn check_for_gap(
     region: &Region,
     stream: &mut jetstream::stream::Stream,
-    consumer: &PullConsumer,
     origin: &str,
 ) -> Result<(), ConsumeError> {
     let applied = region.store.applied_position(origin).await? as u64;
@@ -129,24 +137,17 @@ async fn check_for_gap(
         .map_err(|e| ConsumeError::Nats(e.into()))?
         .state
         .clone();
-    let mut consumer = consumer.clone();
-    let acked = consumer
-        .info()
-        .await
-        .map_err(|e| ConsumeError::Nats(e.into()))?
-        .ack_floor
-        .stream_sequence;
     if state.last_sequence < applied {
         return Err(ConsumeError::Stopped(format!(
             "{origin}'s stream ends at {} but this region applied up to {applied}: the stream was recreated; bootstrap this region from a peer",
             state.last_sequence
         )));
     }
-    let covered = applied.max(acked);
-    if state.messages > 0 && state.first_sequence > covered + 1 {
+    // An empty stream reports the sequence its next event will get as its first.
+    if state.first_sequence > applied + 1 {
         return Err(ConsumeError::Stopped(format!(
             "events {}..{} of {origin}'s stream are gone but were never applied here: bootstrap this region from a peer",
-            covered + 1,
+            applied + 1,
             state.first_sequence - 1
         )));
     }
