@@ -587,7 +587,7 @@ async fn a_gap_in_a_stream_stops_that_consumer_loudly_and_applies_nothing_on_top
     .await;
     // Events us never applied disappear from eu's stream (an operator purged it).
     let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::NATS).await.unwrap());
-    let mut stream = js
+    let stream = js
         .get_stream(locus::replication::stream_name(&c.deployment, "eu"))
         .await
         .unwrap();
@@ -629,4 +629,138 @@ async fn a_gap_in_a_stream_stops_that_consumer_loudly_and_applies_nothing_on_top
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     expect_problem(c.get("us", "lost", "after").await, StatusCode::NOT_FOUND).await;
     c.teardown().await;
+}
+
+#[tokio::test]
+async fn failover_writes_made_while_the_home_is_down_converge_when_it_returns() {
+    let mut c = cluster(&REGIONS).await;
+    let policy =
+        json!({"on_home_unreachable": "accept_local", "conflicts": {"strategy": "siblings"}});
+    c.configure("eu", "carts", &policy).await;
+    eventually(20, "the policy reaches every region", || async {
+        for id in REGIONS {
+            if c.get_json(id, "/v1/collections/carts").await["policy"]["on_home_unreachable"]
+                != "accept_local"
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    for i in 0..30 {
+        assert_eq!(
+            c.put("eu", "carts", &format!("c{i:02}"), &json!({"items": []}))
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+    }
+    eventually(20, "the carts reach every region", || {
+        status_everywhere(&c, "carts", "c29", StatusCode::OK)
+    })
+    .await;
+
+    let eu_config = c.region("eu").region.config.clone();
+    c.stop("eu").await;
+    for id in ["us", "ap"] {
+        for i in 0..30 {
+            let r = c
+                .put(id, "carts", &format!("c{i:02}"), &json!({"items": [id]}))
+                .await;
+            assert_eq!(r.status(), StatusCode::OK, "{id} c{i}");
+            assert_eq!(crate::helpers::header(&r, "locus-failover"), Some("true"));
+        }
+    }
+    c.restart("eu", eu_config).await;
+
+    // Every region ends with the same sets; each failover write is in every key's history (us and
+    // ap each wrote every key once: their counters are in the join of what is kept), and the home
+    // stayed where it was.
+    let stored = converged(&c, &["carts"]).await;
+    assert_eq!(stored.len(), 30);
+    for (_, key, state) in &stored {
+        assert_eq!(
+            state["home"],
+            json!({"epoch": 0, "region": "eu"}),
+            "{key}: failover writes never move the home"
+        );
+        let mut context = std::collections::BTreeMap::<String, u64>::new();
+        for version in state["versions"].as_array().unwrap() {
+            for (actor, n) in version["version"].as_object().unwrap() {
+                let entry = context
+                    .entry(actor.split('.').next().unwrap().to_owned())
+                    .or_insert(0);
+                *entry = (*entry).max(n.as_u64().unwrap());
+            }
+        }
+        assert_eq!(context.get("us"), Some(&1), "{key}: {state}");
+        assert_eq!(context.get("ap"), Some(&1), "{key}: {state}");
+        let mut answers = Vec::new();
+        for id in REGIONS {
+            let r = c.get(id, "carts", key).await;
+            answers.push((r.status(), r.text().await.unwrap()));
+        }
+        assert!(
+            answers.iter().all(|a| *a == answers[0]),
+            "{key}: {answers:?}"
+        );
+    }
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn another_process_takes_over_publishing_when_the_publisher_dies() {
+    let mut c = cluster(&["eu", "us"]).await;
+    let first = c.region("eu").region.clone();
+    let second = c.second_process("eu").await;
+    let http = c.http.clone();
+    let via_second = |i: usize| {
+        let url = format!(
+            "{}{}",
+            second.url(),
+            record_path("handover", &format!("k{i:02}"))
+        );
+        let http = http.clone();
+        async move { http.put(url).json(&json!(i)).send().await.unwrap().status() }
+    };
+    for i in 0..5 {
+        assert_eq!(via_second(i).await, StatusCode::CREATED);
+    }
+    eventually(20, "the first five reach us", || {
+        status_everywhere_of(&c, &["us"], "handover", "k04")
+    })
+    .await;
+    assert!(
+        first.replication.events_published() >= 5,
+        "the first process holds the publisher lock"
+    );
+    assert_eq!(
+        second.region.replication.events_published(),
+        0,
+        "exactly one process publishes"
+    );
+
+    c.stop("eu").await;
+    for i in 5..25 {
+        assert_eq!(via_second(i).await, StatusCode::CREATED);
+    }
+    eventually(
+        20,
+        "the second process takes over and the rest reach us",
+        || status_everywhere_of(&c, &["us"], "handover", "k24"),
+    )
+    .await;
+    assert!(second.region.replication.events_published() >= 20);
+    second.stop().await.unwrap();
+    c.teardown().await;
+}
+
+async fn status_everywhere_of(c: &Cluster, ids: &[&str], collection: &str, key: &str) -> bool {
+    for id in ids {
+        if c.get(id, collection, key).await.status() != StatusCode::OK {
+            return false;
+        }
+    }
+    true
 }
