@@ -103,6 +103,9 @@ pub struct Replication {
     pub stream_max_bytes: i64,
     /// Copies of the stream inside the region's NATS cluster (1 for a single server).
     pub stream_replicas: usize,
+    /// How long a read with a session token waits for this region to apply the session's write
+    /// before reading at the home instead.
+    pub session_wait_ms: u64,
 }
 
 impl Default for Replication {
@@ -110,6 +113,7 @@ impl Default for Replication {
         Replication {
             stream_max_bytes: 1024 * 1024 * 1024,
             stream_replicas: 1,
+            session_wait_ms: 500,
         }
     }
 }

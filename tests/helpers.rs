@@ -124,6 +124,7 @@ impl Setup {
                 replication: Replication {
                     stream_max_bytes: 64 * 1024 * 1024,
                     stream_replicas: 1,
+                    session_wait_ms: 300,
                 },
             };
             (self.tweak)(&mut config);

@@ -51,10 +51,11 @@ async fn writes_are_forwarded_to_the_home_and_reads_can_go_there() {
         .unwrap();
     assert_eq!(ryw.status(), StatusCode::OK);
     assert_eq!(ryw.json::<Value>().await.unwrap()["value"], json!({"v": 1}));
-    // A token ahead of anything us holds is always served by the home.
+    // A token ahead of anything us holds is served by the home, after the bounded wait.
     let mut ahead = SessionToken::decode(&session).unwrap();
     let actor = ahead.version.entries().next().unwrap().0.to_owned();
     ahead.version = VersionVector::from([(actor.as_str(), 1_000)]);
+    let asked = std::time::Instant::now();
     let at_home = c
         .request("us", Method::GET, &path)
         .header("locus-session", ahead.encode())
@@ -63,6 +64,10 @@ async fn writes_are_forwarded_to_the_home_and_reads_can_go_there() {
         .unwrap();
     assert_eq!(at_home.status(), StatusCode::OK);
     assert_eq!(header(&at_home, "locus-region"), Some("eu"));
+    assert!(
+        asked.elapsed() >= std::time::Duration::from_millis(300),
+        "us waited for the write first"
+    );
 
     // consistency=home at the home itself is a local read.
     let at_home = c

@@ -5,6 +5,8 @@
 //! kept here and reconciled later by the conflict strategy. Conditional writes never fail over:
 //! their condition can only be judged by the home.
 
+use std::time::Duration;
+
 use axum::body::{Body, Bytes};
 use axum::extract::{OriginalUri, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -19,7 +21,7 @@ use super::forward::ForwardError;
 use super::headers::{self, LOCUS_FAILOVER, LOCUS_SESSION, LOCUS_SIBLINGS};
 use super::{cursor, ApiQuery, CollectionPath, RecordPath, SharedState};
 use crate::clock::hlc::Hlc;
-use crate::clock::version::{ETag, VersionVector};
+use crate::clock::version::{ETag, SessionToken, VersionVector};
 use crate::record::names::{self, prefix_upper_bound};
 use crate::record::policy::{OnHomeUnreachable, Strategy};
 use crate::record::view::{read_view, View};
@@ -88,6 +90,8 @@ pub struct ListParams {
 }
 
 const DEFAULT_PAGE: u32 = 100;
+/// How often a read waiting for its session's write looks again.
+const SESSION_POLL: Duration = Duration::from_millis(10);
 const MAX_PAGE: u32 = 1000;
 /// A page stops after examining this many rows (tombstones included) and returns what it has,
 /// with a cursor, so a prefix full of deletes cannot make one request scan without end.
@@ -200,13 +204,25 @@ pub async fn get(
     let route = s.authorize_records(&request_headers)?;
     let session =
         headers::session(&request_headers)?.filter(|t| t.collection == collection && t.key == key);
-    let (state, policy) = s.region.read(&collection, &key).await?;
+    let (mut state, policy) = s.region.read(&collection, &key).await?;
 
-    let lagging = session.as_ref().is_some_and(|token| {
-        !state
+    // Read your writes: wait (bounded) for this region to apply the session's write, and only
+    // then fall back to reading at the home.
+    let covers = |state: &Option<RecordState>, token: &SessionToken| {
+        state
             .as_ref()
             .is_some_and(|st| st.causal_context().covers(&token.version))
-    });
+    };
+    let mut lagging = session.as_ref().is_some_and(|token| !covers(&state, token));
+    if lagging && route == Route::Client && params.consistency != Some(Consistency::Home) {
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(s.region.config.replication.session_wait_ms);
+        while lagging && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(SESSION_POLL).await;
+            state = s.region.read(&collection, &key).await?.0;
+            lagging = session.as_ref().is_some_and(|token| !covers(&state, token));
+        }
+    }
     if route == Route::Client && (params.consistency == Some(Consistency::Home) || lagging) {
         let home = state
             .as_ref()
