@@ -31,17 +31,42 @@ pub struct WritesArgs {
     /// Distinct keys each client cycles through (so most writes are updates).
     #[arg(long, default_value_t = 200)]
     pub keys_per_client: usize,
+    /// NATS the region publishes its outbox to. Point it at a closed port to measure the write
+    /// path without the publisher's share of the machine.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplicationArgs {
+    /// PostgreSQL server URL (no database); scratch databases are created and dropped.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub postgres: String,
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Seconds of the maximum-rate and of the lag phase.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Events the late region has to catch up on.
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog: usize,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
     /// Home-region write throughput and latency vs a raw sqlx upsert.
     Writes(WritesArgs),
+    /// Replication lag at half the maximum write rate, and the catch-up rate of a late region.
+    Replication(ReplicationArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Writes(args) => writes(args).await,
+        BenchCommand::Replication(args) => replication(args).await,
     }
 }
 
@@ -142,6 +167,264 @@ where
     })
 }
 
+fn scratch_config(
+    postgres: &str,
+    nats: &str,
+    deployment: &str,
+    region: &str,
+    peers: Vec<crate::config::Peer>,
+    pool: u32,
+) -> Config {
+    Config {
+        deployment: deployment.into(),
+        region: region.into(),
+        listen: "127.0.0.1:0".into(),
+        database_url: format!(
+            "{}/locus_bench_{deployment}_{region}",
+            postgres.trim_end_matches('/')
+        ),
+        database_pool_size: pool,
+        nats_url: nats.into(),
+        admin_token: "bench-admin-token".into(),
+        peer_token: "bench-peer-token".into(),
+        api_token: None,
+        peers,
+        limits: Limits::default(),
+        forwarding: Default::default(),
+        clock: Default::default(),
+        replication: crate::config::Replication {
+            stream_max_bytes: 256 * 1024 * 1024,
+            ..Default::default()
+        },
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile_ms(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort_unstable();
+    if samples.is_empty() {
+        return 0.0;
+    }
+    millis(samples[((samples.len() as f64 - 1.0) * p).round() as usize])
+}
+
+async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
+    let deployment = format!("bench{:08x}", rand::random::<u32>());
+    let ids = ["eu", "us", "ap"];
+    let mut listeners = Vec::new();
+    for _ in ids {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+    }
+    let urls: Vec<String> = listeners
+        .iter()
+        .map(|l| format!("http://{}", l.local_addr().unwrap()))
+        .collect();
+    let configs: Vec<Config> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let peers = ids
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, p)| crate::config::Peer {
+                    id: (*p).into(),
+                    api_url: urls[j].clone(),
+                })
+                .collect();
+            scratch_config(
+                &args.postgres,
+                &args.nats,
+                &deployment,
+                id,
+                peers,
+                (args.clients as u32).max(8),
+            )
+        })
+        .collect();
+    println!("locus bench replication: deployment {deployment}; eu and us run, ap starts late");
+    let mut listeners = listeners.into_iter();
+    let eu = crate::app::start(configs[0].clone(), listeners.next()).await?;
+    let us = crate::app::start(configs[1].clone(), listeners.next()).await?;
+    let ap_listener = listeners.next();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients * 2)
+        .build()?;
+    let url = eu.url();
+
+    // 1. Maximum write rate at eu.
+    let max = {
+        let (http, url) = (http.clone(), url.clone());
+        drive("max rate", args.clients, args.seconds, move |client, n| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http
+                    .put(format!("{url}/v1/collections/max/records/c{client}-{n}"))
+                    .json(&sample_value(client, n))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let rate = max.throughput() / 2.0;
+    println!(
+        "  maximum write rate {:.0}/s; lag phase at {rate:.0}/s",
+        max.throughput()
+    );
+
+    // 2. Lag at half the maximum rate: a sample of writes is polled at us until visible there.
+    let lags = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
+    let interval = Duration::from_secs_f64(args.clients as f64 / rate);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut writers = Vec::new();
+    for client in 0..args.clients {
+        let (http, url, lags, us_region) =
+            (http.clone(), url.clone(), lags.clone(), us.region.clone());
+        writers.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            let mut n = 0usize;
+            let mut pollers = Vec::new();
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let key = format!("c{client}-{n}");
+                let r = http
+                    .put(format!("{url}/v1/collections/lag/records/{key}"))
+                    .json(&sample_value(client, n))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
+                let acknowledged = Instant::now();
+                if n % 10 == 0 {
+                    let (lags, us_region) = (lags.clone(), us_region.clone());
+                    pollers.push(tokio::spawn(async move {
+                        loop {
+                            if us_region
+                                .store
+                                .load("lag", &key)
+                                .await
+                                .map(|l| l.state.is_some())
+                                .unwrap_or(false)
+                            {
+                                lags.lock().unwrap().push(acknowledged.elapsed());
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_micros(500)).await;
+                        }
+                    }));
+                }
+                n += 1;
+            }
+            for p in pollers {
+                let _ = p.await;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut lag_writes = 0;
+    for w in writers {
+        lag_writes += w.await??;
+    }
+    let mut lag_samples = lags.lock().unwrap().clone();
+    let lag_p50 = percentile_ms(&mut lag_samples, 0.50);
+    let lag_p99 = percentile_ms(&mut lag_samples, 0.99);
+    println!(
+        "  lag phase: {lag_writes} writes, {} sampled",
+        lag_samples.len()
+    );
+
+    // 3. A backlog for ap, which has not started: eu's stream keeps every event for it.
+    let backlog_phase = {
+        let (http, url) = (http.clone(), url.clone());
+        let per_client = args.backlog.div_ceil(args.clients);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for client in 0..args.clients {
+            let (http, url) = (http.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0..per_client {
+                    let r = http
+                        .put(format!(
+                            "{url}/v1/collections/backlog/records/c{client}-{n}"
+                        ))
+                        .json(&sample_value(client, n))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
+                }
+                anyhow::Ok(per_client)
+            }));
+        }
+        let mut written = 0;
+        for t in tasks {
+            written += t.await??;
+        }
+        (written, started.elapsed())
+    };
+    let origin_rate = backlog_phase.0 as f64 / backlog_phase.1.as_secs_f64();
+    println!(
+        "  backlog written: {} events at {origin_rate:.0}/s",
+        backlog_phase.0
+    );
+    let eu_region = eu.region.clone();
+    while eu_region.store.outbox_backlog().await? > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published = eu_region.replication.events_published();
+    let started = Instant::now();
+    let ap = crate::app::start(configs[2].clone(), ap_listener).await?;
+    let mut last_report = Instant::now();
+    loop {
+        let applied = ap
+            .region
+            .replication
+            .peer("eu")
+            .map_or(0, |p| p.events_applied);
+        if applied >= published {
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            eprintln!("  ap catching up: {applied}/{published} events");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let catch_up = started.elapsed();
+    let apply_rate = published as f64 / catch_up.as_secs_f64();
+
+    println!("\nreplication (eu -> us, one PostgreSQL and one NATS on this machine):");
+    println!(
+        "  maximum write rate at eu           {:>8.0} writes/s ({} clients)",
+        max.throughput(),
+        args.clients
+    );
+    println!(
+        "  lag at {rate:>6.0} writes/s (half)     p50 {lag_p50:>6.2} ms   p99 {lag_p99:>6.2} ms   ({} samples, commit to visible at us)",
+        lag_samples.len()
+    );
+    println!(
+        "  catch-up of a late region          {published} events in {:.1} s = {apply_rate:.0} events/s (origin wrote {origin_rate:.0}/s; ratio {:.2})",
+        catch_up.as_secs_f64(),
+        apply_rate / origin_rate
+    );
+
+    for running in [eu, us, ap] {
+        running.stop().await?;
+    }
+    for config in &configs {
+        sqlx::Postgres::force_drop_database(&config.database_url).await?;
+    }
+    crate::replication::delete_streams(&args.nats, &deployment, &ids)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
 async fn writes(args: WritesArgs) -> anyhow::Result<()> {
     let database = format!("locus_bench_{:08x}", rand::random::<u32>());
     let database_url = format!("{}/{database}", args.postgres.trim_end_matches('/'));
@@ -152,7 +435,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".into(),
         database_url: database_url.clone(),
         database_pool_size: (max_clients as u32).max(8),
-        nats_url: "nats://127.0.0.1:4222".into(),
+        nats_url: args.nats.clone(),
         admin_token: "bench-admin-token".into(),
         peer_token: "bench-peer-token".into(),
         api_token: None,

@@ -17,6 +17,9 @@ use crate::storage::outbox::PublisherLease;
 
 const BATCH: i64 = 1024;
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// A pass shipping fewer rows than this waits [`COALESCE`] before the next one.
+const SMALL_PASS: usize = 64;
+const COALESCE: Duration = Duration::from_millis(2);
 
 pub async fn run(region: Arc<Region>, js: jetstream::Context) {
     loop {
@@ -88,6 +91,11 @@ async fn publish_while_leased(
         }
         if let Some(error) = failure {
             return Err(error.into());
+        }
+        if published.len() < SMALL_PASS {
+            // Under a steady trickle of writes every pass would ship a handful of rows at the
+            // fixed cost of three round trips; a moment's wait lets the next pass carry more.
+            tokio::time::sleep(COALESCE).await;
         }
     }
 }
