@@ -478,42 +478,35 @@ impl Region {
                 Some(Decision::Fail(error)) => return Err(error),
                 _ => {}
             }
-            let created = false;
             let session = |state: &RecordState| SessionToken {
                 collection: collection.to_owned(),
                 key: key.to_owned(),
                 version: state.causal_context(),
                 home: state.home.region.clone(),
             };
-            if state.home.region == target {
-                let session = session(&state);
-                return Ok(WriteOutcome::Written(Written {
-                    state,
-                    policy,
-                    created,
-                    session,
-                }));
-            }
-            state.home = Home {
-                epoch: state.home.epoch + 1,
-                region: target.to_owned(),
-            };
-            let carried = lww_winner(&state)
-                .expect("a stored record has a version")
-                .clone();
-            let event = Event::new(self.id(), collection, key, state.home.clone(), carried);
-            if locked.save(collection, key, &state, &event).await? {
+            if state.home.region != target {
+                state.home = Home {
+                    epoch: state.home.epoch + 1,
+                    region: target.to_owned(),
+                };
+                let carried = lww_winner(&state)
+                    .expect("a stored record has a version")
+                    .clone();
+                let event = Event::new(self.id(), collection, key, state.home.clone(), carried);
+                if !locked.save(collection, key, &state, &event).await? {
+                    continue;
+                }
                 self.cache.forget(collection, key);
                 self.outbox_signal.notify_one();
                 tracing::info!(%collection, %key, %target, epoch = state.home.epoch, "record rehomed");
-                let session = session(&state);
-                return Ok(WriteOutcome::Written(Written {
-                    state,
-                    policy,
-                    created,
-                    session,
-                }));
             }
+            let session = session(&state);
+            return Ok(WriteOutcome::Written(Written {
+                state,
+                policy,
+                created: false,
+                session,
+            }));
         }
         Err(ServiceError::Contention)
     }

@@ -311,41 +311,7 @@ async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
             60,
             &format!("all acknowledged writes at {base}"),
             || async {
-                let page: Value = http
-                    .get(format!("{base}/v1/collections/burst/records?limit=1000"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let mut keys: Vec<String> = page["records"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|r| r["key"].as_str().unwrap().to_owned())
-                    .collect();
-                let mut cursor = page["next"].as_str().map(str::to_owned);
-                while let Some(c) = cursor {
-                    let next: Value = http
-                        .get(format!(
-                            "{base}/v1/collections/burst/records?limit=1000&cursor={c}"
-                        ))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
-                    keys.extend(
-                        next["records"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|r| r["key"].as_str().unwrap().to_owned()),
-                    );
-                    cursor = next["next"].as_str().map(str::to_owned);
-                }
+                let keys = all_keys(&http, &base, "burst").await;
                 acknowledged.iter().all(|k| keys.contains(k))
             },
         )
@@ -357,4 +323,28 @@ async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
         let _ = sqlx::Postgres::force_drop_database(&url).await;
     }
     let _ = locus::replication::delete_streams(crate::helpers::NATS, &deployment, &regions).await;
+}
+
+/// Every key a region lists in `collection`, following the cursors.
+async fn all_keys(http: &reqwest::Client, base: &str, collection: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{base}/v1/collections/{collection}/records?limit=1000");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        keys.extend(
+            page["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["key"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return keys,
+        }
+    }
 }

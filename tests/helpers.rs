@@ -225,6 +225,17 @@ impl Cluster {
             .unwrap()
     }
 
+    /// The region's Prometheus text.
+    pub async fn metrics(&self, id: &str) -> String {
+        self.request(id, Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_status(&self, id: &str, path: &str) -> StatusCode {
         self.request(id, Method::GET, path)
             .send()

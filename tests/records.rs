@@ -449,14 +449,7 @@ async fn every_response_names_the_region_and_the_api_describes_itself() {
     assert!(paths["/v1/collections/{c}/records/{key}"]["put"]["responses"]["412"].is_object());
 
     c.put("eu", "m", "k", &json!(1)).await;
-    let metrics = c
-        .request("eu", Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics("eu").await;
     assert!(
         metrics.contains(r#"locus_http_requests_total{method="PUT",route="/v1/collections/{c}/records/{key}",status="201"} 1"#),
         "{metrics}"

@@ -99,14 +99,7 @@ async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resur
         },
     )
     .await;
-    let metrics = c
-        .request("us", Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics("us").await;
     assert!(
         metrics.contains("locus_replication_events_applied_total{origin=\"eu\"}"),
         "{metrics}"
@@ -299,14 +292,7 @@ async fn concurrent_writes_in_every_region_converge_under_lww_and_siblings() {
         }
     }
 
-    let metrics = c
-        .request("eu", Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics("eu").await;
     assert!(
         metrics.contains("locus_conflicts_total{strategy=\"siblings\"}"),
         "{metrics}"
@@ -609,14 +595,7 @@ async fn a_gap_in_a_stream_stops_that_consumer_loudly_and_applies_nothing_on_top
                 .is_some_and(|e| e.contains("bootstrap"))
     })
     .await;
-    let metrics = c
-        .request("us", Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics("us").await;
     assert!(
         metrics.contains("locus_replication_consumer_stopped{origin=\"eu\"} 1"),
         "{metrics}"
