@@ -76,7 +76,7 @@ async fn consume(
     let consumer: PullConsumer = stream
         .get_consumer(&super::consumer_name(&config.region))
         .await
-        .map_err(|e| ConsumeError::Nats(e))?;
+        .map_err(ConsumeError::Nats)?;
     check_for_gap(region, &mut stream, origin).await?;
     let mut last_gap_check = std::time::Instant::now();
     region.replication.peer_running(origin);
@@ -91,7 +91,7 @@ async fn consume(
             .map_err(|e| ConsumeError::Nats(e.into()))?;
         let mut messages = Vec::new();
         while let Some(message) = fetched.next().await {
-            messages.push(message.map_err(|e| ConsumeError::Nats(e))?);
+            messages.push(message.map_err(ConsumeError::Nats)?);
         }
         if last_gap_check.elapsed() > GAP_CHECK_EVERY {
             check_for_gap(region, &mut stream, origin).await?;
