@@ -348,3 +348,110 @@ async fn all_keys(http: &reqwest::Client, base: &str, collection: &str) -> Vec<S
         }
     }
 }
+
+#[tokio::test]
+async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
+    let run = format!("{:08x}", rand::random::<u32>());
+    let deployment = format!("testdev{run}");
+    let dir = std::env::temp_dir().join(format!("locus-dev-{run}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ids = ["eu", "us", "ap"];
+    let ports: Vec<u16> = ids
+        .iter()
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let peers: String = ids
+            .iter()
+            .zip(&ports)
+            .filter(|(p, _)| *p != id)
+            .map(|(p, port)| {
+                format!("\n[[peers]]\nid = \"{p}\"\napi_url = \"http://127.0.0.1:{port}\"\n")
+            })
+            .collect();
+        let text = format!(
+            "deployment = \"{deployment}\"\nregion = \"{id}\"\nlisten = \"127.0.0.1:{}\"\n\
+             database_url = \"{}/locus_test_dev_{run}_{id}\"\nnats_url = \"{}\"\n\
+             admin_token = \"dev-admin-token\"\npeer_token = \"dev-peer-token\"\n\
+             [replication]\nstream_max_bytes = 67108864\n{peers}",
+            ports[i],
+            postgres_base(),
+            crate::helpers::NATS
+        );
+        std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["dev", "--reset", "--regions"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("Ctrl-C stops every region") {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "locus dev ended early: {banner}"
+        );
+        banner.push_str(&line);
+    }
+    for port in &ports {
+        assert!(
+            banner.contains(&format!("http://127.0.0.1:{port}")),
+            "{banner}"
+        );
+    }
+    assert!(banner.contains("curl -X PUT"), "{banner}");
+
+    let http = reqwest::Client::new();
+    let put = http
+        .put(format!(
+            "http://127.0.0.1:{}/v1/collections/users/records/alice",
+            ports[0]
+        ))
+        .json(&json!({"name": "Alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let at_ap = format!(
+        "http://127.0.0.1:{}/v1/collections/users/records/alice",
+        ports[2]
+    );
+    crate::helpers::eventually(20, "alice reaches ap", || async {
+        http.get(&at_ap).send().await.unwrap().status() == StatusCode::OK
+    })
+    .await;
+
+    // Ctrl-C: every region stops and the command exits cleanly.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(exit.success(), "{exit:?}: {rest}");
+    for id in ids {
+        assert!(rest.contains(&format!("region {id} stopped")), "{rest}");
+    }
+    for id in ids {
+        let _ = sqlx::Postgres::force_drop_database(&format!(
+            "{}/locus_test_dev_{run}_{id}",
+            postgres_base()
+        ))
+        .await;
+    }
+    let _ = locus::replication::delete_streams(crate::helpers::NATS, &deployment, &ids).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

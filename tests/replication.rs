@@ -743,3 +743,74 @@ async fn status_everywhere_of(c: &Cluster, ids: &[&str], collection: &str, key: 
     }
     true
 }
+
+/// The outbox pitfall: ids are handed out at insert, not at commit, so rows commit out of id
+/// order. Here one write takes its outbox id and then stays uncommitted while 640 later writes
+/// commit and are published; a publisher keeping a watermark ("id > last published") would never
+/// send it. Every write must arrive.
+#[tokio::test]
+async fn rows_committing_out_of_id_order_are_all_published() {
+    let c = cluster(&["eu", "us"]).await;
+    let eu = c.region("eu").region.clone();
+    let mut slow = eu.store.pool().begin().await.unwrap();
+    let late = Version {
+        value: json!("late"),
+        deleted: false,
+        region: "eu".into(),
+        hlc: locus::clock::hlc::Hlc::from_parts(locus::clock::hlc::wall_clock_ms(), 0),
+        vector: locus::clock::version::VersionVector::from([(eu.actor.as_str(), 1)]),
+    };
+    let state = locus::record::RecordState {
+        home: Home::new("eu"),
+        versions: vec![late.clone()],
+    };
+    sqlx::query(
+        "INSERT INTO records (collection, key, rev, state) VALUES ('order', 'late', 1, $1)",
+    )
+    .bind(sqlx::types::Json(&state))
+    .execute(&mut *slow)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO outbox (event) VALUES ($1)")
+        .bind(Event::new("eu", "order", "late", Home::new("eu"), late).encode())
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+
+    let writers = 16;
+    let each = 40;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (http, url) = (c.http.clone(), c.url("eu").to_owned());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                let r = http
+                    .put(format!(
+                        "{url}{}",
+                        record_path("order", &format!("w{w:02}-{i:02}"))
+                    ))
+                    .json(&json!(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::CREATED);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eventually(30, "the later writes reach us", || async {
+        c.stored_states("us", &["order"]).await.len() == writers * each
+    })
+    .await;
+
+    slow.commit().await.unwrap();
+    let stored = converged(&c, &["order"]).await;
+    assert_eq!(
+        stored.len(),
+        writers * each + 1,
+        "the write that committed late arrived too"
+    );
+    c.teardown().await;
+}
