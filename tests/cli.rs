@@ -235,13 +235,7 @@ async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
     let regions = ["eu", "us", "ap"];
     let ports: Vec<u16> = regions
         .iter()
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
+        .map(|_| crate::helpers::free_port())
         .collect();
     let overrides = |index: usize| -> Vec<(&'static str, String)> {
         let peers: Vec<String> = regions
@@ -356,16 +350,7 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
     let dir = std::env::temp_dir().join(format!("locus-dev-{run}"));
     std::fs::create_dir_all(&dir).unwrap();
     let ids = ["eu", "us", "ap"];
-    let ports: Vec<u16> = ids
-        .iter()
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports: Vec<u16> = ids.iter().map(|_| crate::helpers::free_port()).collect();
     for (i, id) in ids.iter().enumerate() {
         let peers: String = ids
             .iter()

@@ -429,6 +429,15 @@ pub async fn black_hole() -> (String, JoinHandle<()>) {
     (url, task)
 }
 
+/// A port nothing listens on right now (for processes that need their address before they start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A NATS server of the test's own, on a free port with its own JetStream directory, that the test
 /// can kill and restart (same port, same store) to cut replication off.
 pub struct TestNats {
@@ -439,11 +448,7 @@ pub struct TestNats {
 
 impl TestNats {
     pub async fn start() -> TestNats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("locus-nats-{port}-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
