@@ -506,3 +506,18 @@ impl Drop for TestNats {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A peer that takes the request and hangs up without answering: the outcome is unknown.
+pub async fn hang_up() -> (String, JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buffer = [0u8; 4096];
+            let _ = socket.read(&mut buffer).await;
+            drop(socket);
+        }
+    });
+    (url, task)
+}

@@ -300,3 +300,28 @@ async fn forwarded_requests_take_one_hop_and_need_the_peer_token() {
     expect_problem(stranger, StatusCode::BAD_REQUEST).await;
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn a_home_that_hangs_up_is_a_502_and_never_a_failover_write() {
+    let (peer, _task) = crate::helpers::hang_up().await;
+    let mut setup = Setup::regions(&["eu", "us"]);
+    setup.peer_override.insert("eu", peer);
+    let c = setup.start().await;
+    c.configure(
+        "us",
+        "carts",
+        &json!({"on_home_unreachable": "accept_local"}),
+    )
+    .await;
+    let r = c
+        .request("us", Method::PUT, &record_path("carts", "k"))
+        .header("locus-home", "eu")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    let detail = expect_problem(r, StatusCode::BAD_GATEWAY).await;
+    assert!(detail.contains("eu"), "{detail}");
+    expect_problem(c.get("us", "carts", "k").await, StatusCode::NOT_FOUND).await;
+    c.teardown().await;
+}
