@@ -155,17 +155,49 @@ async fn write_from_everywhere(
 /// Wait until every region holds exactly the same stored state for `collections`, and return it.
 async fn converged(c: &Cluster, collections: &[&str]) -> Vec<(String, String, Value)> {
     let (first, others) = c.ids().split_first().unwrap();
-    eventually(60, "all regions hold the same records", || async {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
         let reference = c.stored_states(first, collections).await;
+        let mut differing = Vec::new();
         for id in others {
-            if c.stored_states(id, collections).await != reference {
-                return false;
+            let theirs = c.stored_states(id, collections).await;
+            if theirs != reference {
+                differing.push((*id, theirs));
             }
         }
-        true
-    })
-    .await;
-    c.stored_states(first, collections).await
+        if differing.is_empty() {
+            return reference;
+        }
+        if std::time::Instant::now() > deadline {
+            // Say exactly which records differ, for whoever reads the failure.
+            for (id, theirs) in &differing {
+                let ours: std::collections::BTreeMap<_, _> =
+                    reference.iter().map(|(c, k, s)| ((c, k), s)).collect();
+                let mine: std::collections::BTreeMap<_, _> =
+                    theirs.iter().map(|(c, k, s)| ((c, k), s)).collect();
+                let keys: std::collections::BTreeSet<_> = ours.keys().chain(mine.keys()).collect();
+                for key in keys
+                    .into_iter()
+                    .filter(|k| ours.get(*k) != mine.get(*k))
+                    .take(5)
+                {
+                    eprintln!(
+                        "{key:?}: {first} has {:?}\n  {id} has {:?}",
+                        ours.get(key),
+                        mine.get(key)
+                    );
+                }
+                for region in c.ids() {
+                    eprintln!(
+                        "{region} regions: {}",
+                        c.get_json(region, "/v1/regions").await
+                    );
+                }
+            }
+            panic!("regions did not converge within 60s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -112,7 +112,7 @@ async fn consume(
             last_sequence = last_sequence.max(sequence);
             events.push(event);
         }
-        let applied = apply_batch(region, origin, &events, last_sequence).await?;
+        let applied = apply_with_retries(region, origin, &events, last_sequence).await?;
         for message in &messages {
             message.ack().await.map_err(ConsumeError::Nats)?;
         }
@@ -152,6 +152,26 @@ async fn check_for_gap(
         )));
     }
     Ok(())
+}
+
+/// Apply a batch, running it again if PostgreSQL aborted it as a deadlock or serialization
+/// victim, rather than leaving the batch to JetStream's redelivery after the ack wait.
+async fn apply_with_retries(
+    region: &Region,
+    origin: &str,
+    events: &[Event],
+    sequence: u64,
+) -> Result<Applied, StorageError> {
+    let mut attempt = 0;
+    loop {
+        match apply_batch(region, origin, events, sequence).await {
+            Err(error) if error.is_retryable() && attempt < 5 => {
+                attempt += 1;
+                tracing::info!(%origin, attempt, %error, "apply aborted by PostgreSQL; running it again");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What one applied batch did.

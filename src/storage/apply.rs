@@ -12,6 +12,9 @@ use super::{StorageError, Store};
 use crate::record::policy::POLICY_COLLECTION;
 use crate::record::RecordState;
 
+/// The advisory lock key that serializes a region's apply transactions.
+const APPLY_LOCK: i64 = 0x6c6f_6375_7361_7070; // "locusapp"
+
 /// A record's key.
 pub type RecordKey = (String, String);
 
@@ -32,10 +35,17 @@ pub struct ApplyTx {
 }
 
 impl Store {
+    /// Begin an apply transaction. Applies of one region run one at a time (an advisory lock held
+    /// until commit, so across processes too): two batches that both create records could
+    /// otherwise deadlock, each holding a row the other needs. Local writes never hold more than
+    /// one record, so they cannot close such a cycle and are not serialized.
     pub async fn begin_apply(&self) -> Result<ApplyTx, StorageError> {
-        Ok(ApplyTx {
-            tx: self.pool().begin().await?,
-        })
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPLY_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(ApplyTx { tx })
     }
 
     /// The last stream sequence applied from `origin` (0 when none).

@@ -39,6 +39,17 @@ pub enum StorageError {
     WrongRegion { expected: String, found: String },
 }
 
+impl StorageError {
+    /// A deadlock or serialization failure: PostgreSQL aborted the transaction, and running it
+    /// again is the remedy.
+    pub fn is_retryable(&self) -> bool {
+        let StorageError::Database(sqlx::Error::Database(error)) = self else {
+            return false;
+        };
+        matches!(error.code().as_deref(), Some("40P01" | "40001"))
+    }
+}
+
 impl From<sqlx::Error> for StorageError {
     fn from(error: sqlx::Error) -> StorageError {
         match error {
