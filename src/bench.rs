@@ -426,11 +426,13 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
 }
 
 async fn writes(args: WritesArgs) -> anyhow::Result<()> {
-    let database = format!("locus_bench_{:08x}", rand::random::<u32>());
+    let run = format!("{:08x}", rand::random::<u32>());
+    let database = format!("locus_bench_{run}");
+    let deployment = format!("bench{run}");
     let database_url = format!("{}/{database}", args.postgres.trim_end_matches('/'));
     let max_clients = args.clients.iter().copied().max().unwrap_or(8);
     let config = Config {
-        deployment: "bench".into(),
+        deployment: deployment.clone(),
         region: "eu".into(),
         listen: "127.0.0.1:0".into(),
         database_url: database_url.clone(),
@@ -558,5 +560,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
     sqlx::Postgres::force_drop_database(&database_url)
         .await
         .context("dropping the scratch database")?;
+    // Deleting the stream of a NATS that is not there (`--nats` at a closed port) has nothing to do.
+    let _ = crate::replication::delete_streams(&args.nats, &deployment, &["eu"]).await;
     Ok(())
 }

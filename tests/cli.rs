@@ -170,7 +170,9 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
     let status = second.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let _ = sqlx::Postgres::force_drop_database(&database_url).await;
-    let _ = locus::replication::delete_streams(crate::helpers::NATS, &deployment, &["eu"]).await;
+    let _ =
+        locus::replication::delete_streams(crate::helpers::NATS, &deployment, &["eu", "us", "ap"])
+            .await;
 }
 
 impl Drop for Serve {
