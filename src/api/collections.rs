@@ -50,8 +50,7 @@ pub async fn configure(
     body: Body,
 ) -> Result<(StatusCode, Json<CollectionBody>), ApiError> {
     s.require_admin(&request_headers)?;
-    headers::require_json(&request_headers)?;
-    let bytes = headers::read_body(
+    let bytes = headers::json_body(
         &request_headers,
         body,
         s.region.config.limits.record_body_bytes,

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
 use super::{ApiQuery, SharedState};
+use crate::storage::apply::LoggedConflict;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -23,28 +24,8 @@ pub struct ConflictParams {
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ConflictBody {
-    pub id: i64,
-    pub collection: String,
-    pub key: String,
-    /// The region that detected it.
-    pub region: String,
-    pub detected_at: String,
-    pub strategy: String,
-    #[schema(value_type = Option<Object>)]
-    pub resolver: Option<serde_json::Value>,
-    /// The concurrent versions kept.
-    #[schema(value_type = Vec<Object>)]
-    pub versions: serde_json::Value,
-    /// What a reader saw: `{"value":…}`, `{"deleted":true}` or `{"siblings":n}`.
-    #[schema(value_type = Object)]
-    pub outcome: serde_json::Value,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConflictPage {
-    pub conflicts: Vec<ConflictBody>,
+    pub conflicts: Vec<LoggedConflict>,
     /// Pass as `after` for the next page; `null` on the last page.
     pub next: Option<i64>,
 }
@@ -80,22 +61,7 @@ pub async fn list(
         )
         .await?;
     let more = rows.len() > limit as usize;
-    let conflicts: Vec<ConflictBody> = rows
-        .into_iter()
-        .take(limit as usize)
-        .map(|c| ConflictBody {
-            id: c.id,
-            collection: c.collection,
-            key: c.key,
-            region: c.region,
-            detected_at: c.detected_at,
-            strategy: c.strategy,
-            resolver: c.resolver,
-            versions: c.versions,
-            outcome: c.outcome,
-            error: c.error,
-        })
-        .collect();
+    let conflicts: Vec<LoggedConflict> = rows.into_iter().take(limit as usize).collect();
     let next = if more {
         conflicts.last().map(|c| c.id)
     } else {

@@ -115,6 +115,12 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     })
 }
 
+/// A JSON request body: the content type must say JSON, and the body fit in `limit` bytes.
+pub async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    require_json(headers)?;
+    read_body(headers, body, limit).await
+}
+
 /// Parse a JSON body; the error says where it broke.
 pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {

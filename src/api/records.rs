@@ -267,8 +267,7 @@ pub async fn put(
     body: Body,
 ) -> Result<Response, ApiError> {
     let route = s.authorize_records(&request_headers)?;
-    headers::require_json(&request_headers)?;
-    let bytes = headers::read_body(
+    let bytes = headers::json_body(
         &request_headers,
         body,
         s.region.config.limits.record_body_bytes,
@@ -501,8 +500,7 @@ pub async fn rehome(
     body: Body,
 ) -> Result<Response, ApiError> {
     let route = s.authorize_records(&request_headers)?;
-    headers::require_json(&request_headers)?;
-    let bytes = headers::read_body(&request_headers, body, 4096).await?;
+    let bytes = headers::json_body(&request_headers, body, 4096).await?;
     let target: RehomeBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             "bad-body",

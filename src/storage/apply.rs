@@ -185,17 +185,23 @@ impl ApplyTx {
     }
 }
 
-/// A conflict-log entry as listed.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A conflict-log entry as listed (and as the API shows it).
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct LoggedConflict {
     pub id: i64,
     pub collection: String,
     pub key: String,
+    /// The region that detected it.
     pub region: String,
     pub detected_at: String,
     pub strategy: String,
+    #[schema(value_type = Option<Object>)]
     pub resolver: Option<serde_json::Value>,
+    /// The concurrent versions kept.
+    #[schema(value_type = Vec<Object>)]
     pub versions: serde_json::Value,
+    /// What a reader saw: `{"value":…}`, `{"deleted":true}` or `{"siblings":n}`.
+    #[schema(value_type = Object)]
     pub outcome: serde_json::Value,
     pub error: Option<String>,
 }
