@@ -70,8 +70,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
     )
     .await
     .with_context(|| format!("region {}: cannot open its database", config.region))?;
-    let region = Arc::new(Region::new(config, store, identity));
-    let workers = start_replication(&region).await?;
+    let region = Arc::new(Region::new(config, store, identity)?);
+    let mut workers = start_replication(&region).await?;
+    workers.push(tokio::spawn(crate::resolve::worker::run(region.clone())));
     let api = Arc::new(ApiState::new(region.clone()));
     let router = api::router(api.clone());
     let (tx, rx) = oneshot::channel::<()>();

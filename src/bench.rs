@@ -192,6 +192,7 @@ fn scratch_config(
         limits: Limits::default(),
         forwarding: Default::default(),
         clock: Default::default(),
+        resolvers: Default::default(),
         replication: crate::config::Replication {
             stream_max_bytes: 256 * 1024 * 1024,
             ..Default::default()
@@ -445,6 +446,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         limits: Limits::default(),
         forwarding: Default::default(),
         clock: Default::default(),
+        resolvers: Default::default(),
         replication: Default::default(),
     };
     println!(

@@ -118,6 +118,39 @@ impl Default for Replication {
     }
 }
 
+/// Limits on each resolver call. Fuel, memory, table and output limits decide outcomes, so they
+/// belong to the deployment: every region must use the same values (the engine fingerprint in
+/// `/v1/regions` covers them). Wall time does not decide outcomes; it only bounds a stuck call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResolverLimits {
+    /// Instructions (roughly) a call may run.
+    pub fuel: u64,
+    /// Largest linear memory of a call, in bytes.
+    pub memory_bytes: usize,
+    /// Largest table of a call, in elements.
+    pub table_elements: usize,
+    /// Largest output document, in bytes.
+    pub output_bytes: usize,
+    /// A call still running after this is interrupted and retried later.
+    pub wall_time_ms: u64,
+    /// Calls that may run at once (sandbox slots reserved at start).
+    pub concurrent_calls: u32,
+}
+
+impl Default for ResolverLimits {
+    fn default() -> ResolverLimits {
+        ResolverLimits {
+            fuel: 50_000_000,
+            memory_bytes: 32 * 1024 * 1024,
+            table_elements: 10_000,
+            output_bytes: 1024 * 1024,
+            wall_time_ms: 5_000,
+            concurrent_calls: 16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -147,6 +180,8 @@ pub struct Config {
     pub clock: ClockConfig,
     #[serde(default)]
     pub replication: Replication,
+    #[serde(default)]
+    pub resolvers: ResolverLimits,
 }
 
 fn default_pool_size() -> u32 {
@@ -168,6 +203,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "forwarding",
     "clock",
     "replication",
+    "resolvers",
 ];
 
 impl Config {
@@ -261,6 +297,27 @@ impl Config {
                 "replication.stream_max_bytes",
                 "must be at least 1 MiB",
             ));
+        }
+        if self.resolvers.fuel == 0 || self.resolvers.output_bytes == 0 {
+            return Err(invalid(
+                "resolvers",
+                "fuel and output_bytes must be positive",
+            ));
+        }
+        if self.resolvers.memory_bytes < 65_536 {
+            return Err(invalid(
+                "resolvers.memory_bytes",
+                "must be at least one page (65536)",
+            ));
+        }
+        if self.resolvers.concurrent_calls == 0 || self.resolvers.wall_time_ms < 10 {
+            return Err(invalid(
+                "resolvers",
+                "concurrent_calls must be positive and wall_time_ms at least 10",
+            ));
+        }
+        if self.limits.module_body_bytes == 0 {
+            return Err(invalid("limits.module_body_bytes", "must be positive"));
         }
         if self.replication.stream_replicas == 0 {
             return Err(invalid("replication.stream_replicas", "must be at least 1"));

@@ -8,10 +8,12 @@
 //! - [`clock`]: hybrid logical clock, version vectors, ETags, session tokens. Pure.
 //! - [`record`]: versions, the antichain merge, collection policies, read views, name rules. Pure.
 //! - [`config`]: region and deployment settings (`regions/*.toml` + `LOCUS_*` overrides).
-//! - [`storage`]: the only place with SQL: records, outbox, policies, region metadata.
-//! - [`replication`]: the versioned wire format of the events the outbox holds.
+//! - [`storage`]: the only place with SQL: records, outbox, conflicts, resolver modules, metadata.
+//! - [`replication`]: the outbox's wire format, its publisher and the consumers of peers' streams.
+//! - [`resolve`]: user resolvers: the wasmtime sandbox, the ABI, uploads, materialised views.
 //! - [`service`]: the read and write paths of a region: homing, preconditions, versioning.
-//! - [`api`]: the REST API (axum): records, collections, health, metrics, OpenAPI, forwarding.
+//! - [`api`]: the REST API (axum): records, collections, resolvers, conflicts, regions, health,
+//!   metrics, OpenAPI, forwarding.
 //! - [`app`]: builds a region from its config and runs it until shutdown; `locus dev`.
 //! - [`bench`]: the benchmark programs behind `locus bench`.
 
@@ -22,5 +24,6 @@ pub mod clock;
 pub mod config;
 pub mod record;
 pub mod replication;
+pub mod resolve;
 pub mod service;
 pub mod storage;

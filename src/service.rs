@@ -18,11 +18,13 @@ use tokio::sync::Notify;
 use crate::clock::hlc::{wall_clock_ms, Hlc, HybridClock, Observation};
 use crate::clock::version::{Actor, SessionToken, VersionVector};
 use crate::config::Config;
-use crate::record::policy::{Homing, Policy, POLICY_COLLECTION};
+use crate::record::policy::{Homing, Policy, POLICY_COLLECTION, SYSTEM_PREFIX};
+use crate::record::resolution::Resolution;
 use crate::record::view::lww_winner;
 use crate::record::{Home, RecordState, Summary};
 use crate::replication::event::Event;
 use crate::replication::status::ReplicationStatus;
+use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
 use crate::storage::{RegionIdentity, StorageError, Store};
 
 /// Optimistic attempts before a write takes the record's row lock.
@@ -208,16 +210,18 @@ pub struct Region {
     /// Woken after each committed write, so the publisher ships it at once.
     pub outbox_signal: Notify,
     pub replication: ReplicationStatus,
+    pub resolvers: Resolvers,
     /// Every metric of this region (HTTP and replication), rendered at `/metrics`.
     pub registry: prometheus::Registry,
 }
 
 impl Region {
-    pub fn new(config: Config, store: Store, identity: RegionIdentity) -> Region {
+    pub fn new(config: Config, store: Store, identity: RegionIdentity) -> anyhow::Result<Region> {
         let actor = Actor::new(&identity.region, &identity.incarnation);
         let clock = Mutex::new(HybridClock::new(config.clock.max_drift_ms));
         let registry = prometheus::Registry::new();
-        Region {
+        let resolvers = Resolvers::new(&config.resolvers, &registry)?;
+        Ok(Region {
             config,
             store,
             identity,
@@ -226,8 +230,9 @@ impl Region {
             cache: WriteCache::new(),
             outbox_signal: Notify::new(),
             replication: ReplicationStatus::new(&registry),
+            resolvers,
             registry,
-        }
+        })
     }
 
     /// Fold a remote event's HLC into this region's clock (unless it is too far ahead).
@@ -254,7 +259,7 @@ impl Region {
 
     /// The policy of `collection`, from its policy record (or the defaults).
     pub fn policy_of(&self, collection: &str, record: Option<&RecordState>) -> Policy {
-        if collection == POLICY_COLLECTION {
+        if collection.starts_with(SYSTEM_PREFIX) {
             return Policy::system();
         }
         let Some(winner) = record.and_then(lww_winner).filter(|v| !v.deleted) else {
@@ -266,14 +271,15 @@ impl Region {
         })
     }
 
+    /// A record's stored state, its resolution and its collection's policy.
     pub async fn read(
         &self,
         collection: &str,
         key: &str,
-    ) -> Result<(Option<RecordState>, Policy), ServiceError> {
+    ) -> Result<(Option<RecordState>, Option<Resolution>, Policy), ServiceError> {
         let loaded = self.store.load(collection, key).await?;
         let policy = self.policy_of(collection, loaded.policy.as_ref());
-        Ok((loaded.state, policy))
+        Ok((loaded.state, loaded.resolution, policy))
     }
 
     pub async fn policy(&self, collection: &str) -> Result<Option<Policy>, ServiceError> {
@@ -284,6 +290,27 @@ impl Region {
             .and_then(lww_winner)
             .is_some_and(|v| !v.deleted);
         Ok(live.then(|| self.policy_of(collection, loaded.state.as_ref())))
+    }
+
+    /// Every configured collection's policy, in name order.
+    pub async fn policies(&self) -> Result<Vec<(String, Policy)>, StorageError> {
+        let mut found = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list(POLICY_COLLECTION, after.as_deref(), "", None, 500)
+                .await?;
+            let Some((last, _, _)) = page.last() else {
+                return Ok(found);
+            };
+            after = Some(last.clone());
+            for (collection, state, _) in &page {
+                if lww_winner(state).is_some_and(|v| !v.deleted) {
+                    found.push((collection.clone(), self.policy_of(collection, Some(state))));
+                }
+            }
+        }
     }
 
     pub async fn write(&self, request: &WriteRequest) -> Result<WriteOutcome, ServiceError> {
@@ -377,6 +404,9 @@ impl Region {
             );
             if collection == POLICY_COLLECTION {
                 self.cache.forget_policy(key);
+            }
+            if collection == POLICY_COLLECTION || collection == RESOLVER_COLLECTION {
+                self.resolvers.changed.notify_one();
             }
             self.outbox_signal.notify_one();
             let session = SessionToken {

@@ -121,6 +121,7 @@ impl Setup {
                     retry_after_secs: 2,
                 },
                 clock: Default::default(),
+                resolvers: Default::default(),
                 replication: Replication {
                     stream_max_bytes: 64 * 1024 * 1024,
                     stream_replicas: 1,
@@ -520,4 +521,54 @@ pub async fn hang_up() -> (String, JoinHandle<()>) {
         }
     });
     (url, task)
+}
+
+/// The example resolvers, built for wasm32-unknown-unknown once per test run (in their own target
+/// directory, so the build does not wait on the lock of the `cargo test` that runs this).
+pub fn example_resolver(name: &str) -> Vec<u8> {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let root = env!("CARGO_MANIFEST_DIR");
+    BUILT.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .current_dir(root)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--target",
+                "wasm32-unknown-unknown",
+                "--target-dir",
+                "target/resolvers",
+                "-p",
+                "locus-resolver-cart",
+                "-p",
+                "locus-resolver-counter",
+                "-p",
+                "locus-resolver-merge-fields",
+            ])
+            .status()
+            .expect("run cargo");
+        assert!(
+            status.success(),
+            "building the example resolvers failed (is the wasm32-unknown-unknown target installed?)"
+        );
+    });
+    let file = format!(
+        "{root}/target/resolvers/wasm32-unknown-unknown/release/locus_resolver_{}.wasm",
+        name.replace('-', "_")
+    );
+    std::fs::read(&file).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+impl Cluster {
+    /// Upload a resolver module (or WAT text) at `id`.
+    pub async fn upload_resolver(&self, id: &str, name: &str, module: Vec<u8>) -> Response {
+        self.request(id, Method::PUT, &format!("/v1/resolvers/{name}"))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/wasm")
+            .body(module)
+            .send()
+            .await
+            .unwrap()
+    }
 }

@@ -9,3 +9,4 @@ mod helpers;
 mod homing;
 mod records;
 mod replication;
+mod resolvers;

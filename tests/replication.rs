@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{cluster, eventually, expect_problem, record_path, Cluster};
 use locus::record::{Home, Version};
-use locus::replication::event::Event;
+use locus::replication::event::{Change, Event};
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
 
@@ -107,10 +107,14 @@ async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resur
     assert!(metrics.contains("locus_replication_lag_seconds_bucket{origin=\"eu\""));
 
     let replay = Event::new("eu", "users", "alice", Home::new("eu"), old);
-    let applied =
-        locus::replication::consumer::apply_batch(&c.region("ap").region, "eu", &[replay], 1)
-            .await
-            .unwrap();
+    let applied = locus::replication::consumer::apply_batch(
+        &c.region("ap").region,
+        "eu",
+        &[Change::Record(replay)],
+        1,
+    )
+    .await
+    .unwrap();
     assert_eq!(applied.conflicts, 0);
     expect_problem(c.get("ap", "users", "alice").await, StatusCode::NOT_FOUND).await;
     c.teardown().await;

@@ -15,6 +15,7 @@ use super::error::{ApiError, Problem};
 use super::headers;
 use super::{CollectionPath, SharedState};
 use crate::record::policy::{Policy, POLICY_COLLECTION, SYSTEM_PREFIX};
+use crate::resolve;
 use crate::service::{Precondition, Route, WriteOp, WriteOutcome, WriteRequest};
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -56,8 +57,17 @@ pub async fn configure(
         s.region.config.limits.record_body_bytes,
     )
     .await?;
-    let policy = Policy::parse(&bytes, |r| s.region.config.is_region(r), |_| false)
-        .map_err(|e| ApiError::bad_request("bad-policy", e.to_string()))?;
+    let bound: Vec<String> = resolve::bindings(&s.region)
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let policy = Policy::parse(
+        &bytes,
+        |r| s.region.config.is_region(r),
+        |name| bound.iter().any(|b| b == name),
+    )
+    .map_err(|e| ApiError::bad_request("bad-policy", e.to_string()))?;
     let request = WriteRequest {
         collection: POLICY_COLLECTION.to_owned(),
         key: name.clone(),
@@ -149,7 +159,7 @@ pub async fn list(
             .list(POLICY_COLLECTION, after.as_deref(), "", None, 500)
             .await?;
         let exhausted = rows.len() < 500;
-        for (name, state) in rows {
+        for (name, state, _) in rows {
             if state.versions.iter().any(|v| !v.deleted) {
                 let policy = s.region.policy_of(&name, Some(&state));
                 by_name.insert(

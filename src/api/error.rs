@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::headers::{LOCUS_HOME, RETRY_AFTER};
+use crate::resolve::ResolverError;
 use crate::service::ServiceError;
 use crate::storage::StorageError;
 
@@ -24,6 +25,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     PreconditionFailed(String),
+    /// The request conflicts with the current state (a resolver still in use).
+    #[error("{0}")]
+    Conflict(String),
     #[error("the body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -64,6 +68,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HomeUnavailable { .. } | ApiError::Contention => {
@@ -85,6 +90,7 @@ impl ApiError {
             ApiError::NotFound(_) => ("not-found", "Not found"),
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             ApiError::PreconditionFailed(_) => ("precondition-failed", "Precondition failed"),
+            ApiError::Conflict(_) => ("conflict", "Conflict"),
             ApiError::PayloadTooLarge { .. } => ("payload-too-large", "Payload too large"),
             ApiError::UnsupportedMediaType(_) => {
                 ("unsupported-media-type", "Unsupported media type")
@@ -113,6 +119,19 @@ impl From<ServiceError> for ApiError {
             },
             ServiceError::Contention => ApiError::Contention,
             ServiceError::Storage(e) => ApiError::Storage(e),
+        }
+    }
+}
+
+impl From<ResolverError> for ApiError {
+    fn from(error: ResolverError) -> ApiError {
+        match error {
+            ResolverError::BadName => ApiError::bad_request("bad-name", error.to_string()),
+            ResolverError::Module(e) => ApiError::bad_request("bad-module", e.to_string()),
+            ResolverError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            ResolverError::InUse { .. } => ApiError::Conflict(error.to_string()),
+            ResolverError::Service(e) => e.into(),
+            ResolverError::Storage(e) => ApiError::Storage(e),
         }
     }
 }

@@ -120,15 +120,18 @@ impl Peers {
     }
 
     /// Whether `region`'s API answers its health check within a moment.
-    pub async fn probe(&self, region: &str) -> bool {
-        let Some(base) = self.urls.get(region) else {
-            return false;
-        };
+    /// The peer's `/healthz` document, or `None` when it does not answer.
+    pub async fn probe(&self, region: &str) -> Option<serde_json::Value> {
+        let base = self.urls.get(region)?;
         let probe = self
             .client
             .get(format!("{base}/healthz"))
             .timeout(std::time::Duration::from_millis(800));
-        matches!(probe.send().await, Ok(r) if r.status().is_success())
+        let response = probe.send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        Some(response.json().await.unwrap_or_default())
     }
 
     fn classify(&self, region: &str, error: reqwest::Error) -> ForwardError {

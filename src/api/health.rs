@@ -13,9 +13,13 @@ use super::error::{ApiError, Problem};
 use super::SharedState;
 use crate::storage::StorageError;
 
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "the process is up")))]
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "the process is up; names its region and resolver engine fingerprint")))]
 pub async fn healthz(State(s): State<SharedState>) -> Json<Value> {
-    Json(json!({ "status": "ok", "region": s.region.id() }))
+    Json(json!({
+        "status": "ok",
+        "region": s.region.id(),
+        "engine": s.region.resolvers.fingerprint(),
+    }))
 }
 
 #[utoipa::path(

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod records;
 pub mod regions;
+pub mod resolvers;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -196,6 +197,17 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/v1/collections/{c}/records/{key}/rehome",
             axum::routing::post(records::rehome),
+        )
+        .route("/v1/resolvers", get(resolvers::list))
+        .route(
+            "/v1/resolvers/{name}",
+            get(resolvers::show)
+                .put(resolvers::upload)
+                .delete(resolvers::remove),
+        )
+        .route(
+            "/v1/resolvers/{name}/dry-run",
+            axum::routing::post(resolvers::dry_run),
         )
         .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/regions", get(regions::list))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{collections, conflicts, health, records, regions};
+use super::{collections, conflicts, health, records, regions, resolvers};
 
 struct BearerSchemes;
 
@@ -24,6 +24,7 @@ impl Modify for BearerSchemes {
     paths(
         records::get, records::put, records::delete, records::list, records::rehome,
         collections::configure, collections::show, collections::list,
+        resolvers::upload, resolvers::list, resolvers::show, resolvers::remove, resolvers::dry_run,
         conflicts::list, regions::list,
         health::healthz, health::readyz, health::metrics,
     ),

@@ -24,7 +24,8 @@ use crate::clock::hlc::Hlc;
 use crate::clock::version::{ETag, SessionToken, VersionVector};
 use crate::record::names::{self, prefix_upper_bound};
 use crate::record::policy::{OnHomeUnreachable, Strategy};
-use crate::record::view::{read_view, View};
+use crate::record::resolution::Resolution;
+use crate::record::view::{materialized_view, View};
 use crate::record::{RecordState, Version};
 use crate::service::{Route, WriteOp, WriteOutcome, WriteRequest, Written};
 
@@ -109,6 +110,20 @@ fn record_body(collection: &str, key: &str, home: &str, version: &Version) -> Re
     }
 }
 
+/// A resolver's view as a record: its value, with the causal context and greatest HLC of the
+/// versions it resolved, so a write made with its ETag supersedes all of them.
+fn resolved_body(collection: &str, key: &str, state: &RecordState, value: &Value) -> RecordBody {
+    RecordBody {
+        collection: collection.to_owned(),
+        key: key.to_owned(),
+        value: value.clone(),
+        home: state.home.region.clone(),
+        version: state.causal_context(),
+        hlc: state.max_hlc().unwrap_or_default(),
+        deleted: false,
+    }
+}
+
 fn etag_header(state: &RecordState) -> HeaderValue {
     HeaderValue::from_str(&ETag(state.causal_context()).encode()).expect("base64 is header-safe")
 }
@@ -118,11 +133,13 @@ fn view_json(
     collection: &str,
     key: &str,
     state: &RecordState,
+    resolution: Option<&Resolution>,
     strategy: &Strategy,
 ) -> Option<Value> {
-    let json = match read_view(state, strategy) {
+    let json = match materialized_view(state, strategy, resolution) {
         View::Absent | View::Deleted => return None,
         View::Value(v) => serde_json::to_value(record_body(collection, key, &state.home.region, v)),
+        View::Resolved(value) => serde_json::to_value(resolved_body(collection, key, state, value)),
         View::Siblings(vs) => serde_json::to_value(SiblingsBody {
             collection: collection.to_owned(),
             key: key.to_owned(),
@@ -137,14 +154,22 @@ fn render(
     collection: &str,
     key: &str,
     state: Option<&RecordState>,
+    resolution: Option<&Resolution>,
     strategy: &Strategy,
 ) -> Result<Response, ApiError> {
     let Some(state) = state else {
         return Err(ApiError::NotFound("no such record".into()));
     };
-    let mut response = match read_view(state, strategy) {
+    let mut response = match materialized_view(state, strategy, resolution) {
         View::Absent | View::Deleted => return Err(ApiError::NotFound("no such record".into())),
         View::Value(v) => Json(record_body(collection, key, &state.home.region, v)).into_response(),
+        View::Resolved(value) => {
+            let mut response = Json(resolved_body(collection, key, state, value)).into_response();
+            response
+                .headers_mut()
+                .insert(LOCUS_SIBLINGS, HeaderValue::from(state.versions.len()));
+            response
+        }
         View::Siblings(vs) => {
             let count = vs.len();
             let body = SiblingsBody {
@@ -204,7 +229,7 @@ pub async fn get(
     let route = s.authorize_records(&request_headers)?;
     let session =
         headers::session(&request_headers)?.filter(|t| t.collection == collection && t.key == key);
-    let (mut state, policy) = s.region.read(&collection, &key).await?;
+    let (mut state, mut resolution, policy) = s.region.read(&collection, &key).await?;
 
     // Read your writes: wait (bounded) for this region to apply the session's write, and only
     // then fall back to reading at the home.
@@ -219,7 +244,7 @@ pub async fn get(
             + Duration::from_millis(s.region.config.replication.session_wait_ms);
         while lagging && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(SESSION_POLL).await;
-            state = s.region.read(&collection, &key).await?.0;
+            (state, resolution, _) = s.region.read(&collection, &key).await?;
             lagging = session.as_ref().is_some_and(|token| !covers(&state, token));
         }
     }
@@ -238,7 +263,13 @@ pub async fn get(
                 .map_err(|e| forward_error(e, s.region.config.forwarding.retry_after_secs));
         }
     }
-    render(&collection, &key, state.as_ref(), &policy.strategy())
+    render(
+        &collection,
+        &key,
+        state.as_ref(),
+        resolution.as_ref(),
+        &policy.strategy(),
+    )
 }
 
 #[utoipa::path(
@@ -449,8 +480,9 @@ pub async fn list(
             )
             .await?;
         let exhausted = (rows.len() as i64) < batch;
-        for (key, state) in rows {
-            if let Some(json) = view_json(&collection, &key, &state, &strategy) {
+        for (key, state, resolution) in rows {
+            if let Some(json) = view_json(&collection, &key, &state, resolution.as_ref(), &strategy)
+            {
                 if records.len() == limit {
                     // Another live record follows: this page ends at the last key examined.
                     break 'scan after

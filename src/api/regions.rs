@@ -1,5 +1,5 @@
 //! `GET /v1/regions`: this region and every peer as this region sees them: whether the peer's API
-//! answers, when its last event was applied here, its stream position, the replication lag, and
+//! answers, its resolver engine fingerprint, when its last event was applied here, its stream position, the replication lag, and
 //! this region's own outbox backlog. What an operator looks at first when regions disagree.
 
 use axum::extract::State;
@@ -21,6 +21,9 @@ pub struct RegionEntry {
     pub api_url: Option<String>,
     /// The peer's API answered a health probe just now (always true for this region).
     pub reachable: bool,
+    /// The region's resolver engine fingerprint (wasmtime build and the limits that decide
+    /// outcomes). Regions whose fingerprints differ may resolve one conflict differently.
+    pub engine: Option<String>,
     /// When this region last applied an event from the peer.
     pub last_heard: Option<String>,
     /// Replication from the peer into this region.
@@ -55,6 +58,7 @@ pub async fn list(
         this_region: true,
         api_url: None,
         reachable: true,
+        engine: Some(region.resolvers.fingerprint().to_owned()),
         last_heard: None,
         replication: None,
         outbox_backlog: Some(backlog),
@@ -67,13 +71,18 @@ pub async fn list(
         .peers
         .iter()
         .map(|peer| async move { (peer, peers.probe(&peer.id).await) });
-    for (peer, reachable) in futures_util::future::join_all(probes).await {
+    for (peer, health) in futures_util::future::join_all(probes).await {
         let replication = region.replication.peer(&peer.id);
         regions.push(RegionEntry {
             id: peer.id.clone(),
             this_region: false,
             api_url: Some(peer.api_url.clone()),
-            reachable,
+            reachable: health.is_some(),
+            engine: health
+                .as_ref()
+                .and_then(|h| h.get("engine"))
+                .and_then(|e| e.as_str())
+                .map(str::to_owned),
             last_heard: replication.as_ref().and_then(|r| r.last_applied_at.clone()),
             replication,
             outbox_backlog: None,

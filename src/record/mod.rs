@@ -13,6 +13,7 @@
 
 pub mod names;
 pub mod policy;
+pub mod resolution;
 pub mod view;
 
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,10 @@
 //! collection's strategy. Because it depends on nothing else (not arrival order, not which region
 //! computes it), every region that holds the same set shows the same view.
 
+use serde_json::Value;
+
 use super::policy::Strategy;
+use super::resolution::{Outcome, Resolution};
 use super::{RecordState, Version};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -15,12 +18,14 @@ pub enum View<'a> {
     Value(&'a Version),
     /// Several concurrent versions, sorted by `(hlc, region)`; the client resolves them.
     Siblings(Vec<&'a Version>),
+    /// Several concurrent versions, and the value the collection's resolver made of them.
+    Resolved(&'a Value),
 }
 
 impl View<'_> {
     /// Whether a reader would find the record (for `If-None-Match: *` and listings).
     pub fn is_live(&self) -> bool {
-        matches!(self, View::Value(_) | View::Siblings(_))
+        matches!(self, View::Value(_) | View::Siblings(_) | View::Resolved(_))
     }
 }
 
@@ -50,6 +55,26 @@ pub fn read_view<'a>(state: &'a RecordState, strategy: &Strategy) -> View<'a> {
             Some(v) => View::Value(v),
         },
     }
+}
+
+/// The view a reader gets: under the `resolver` strategy, the resolution materialised for this
+/// set by the collection's current resolver when there is one; otherwise (and for every other
+/// strategy) [`read_view`], whose last-writer-wins choice is also a failed resolver's fallback.
+pub fn materialized_view<'a>(
+    state: &'a RecordState,
+    strategy: &Strategy,
+    resolution: Option<&'a Resolution>,
+) -> View<'a> {
+    if let (Strategy::Resolver(name), Some(resolution)) = (strategy, resolution) {
+        if state.versions.len() > 1 && resolution.resolver == *name {
+            match &resolution.outcome {
+                Some(Outcome::Value { value }) => return View::Resolved(value),
+                Some(Outcome::Deleted { .. }) => return View::Deleted,
+                None => {}
+            }
+        }
+    }
+    read_view(state, strategy)
 }
 
 #[cfg(test)]
@@ -113,6 +138,70 @@ mod tests {
         assert_eq!(
             read_view(&RecordState::new(Home::new("eu")), &Strategy::Siblings),
             View::Absent
+        );
+    }
+
+    fn resolution(resolver: &str, outcome: Option<Outcome>) -> Resolution {
+        Resolution {
+            resolver: resolver.into(),
+            sha256: "ab".into(),
+            outcome,
+            error: None,
+            retry: false,
+        }
+    }
+
+    #[test]
+    fn a_resolution_shows_only_for_siblings_of_the_resolver_it_names() {
+        let siblings = state(vec![
+            version("eu.a", 9, "eu", Some(1)),
+            version("us.b", 5, "us", Some(2)),
+        ]);
+        let merged = json!(3);
+        let cart = Strategy::Resolver("cart".into());
+        let resolved = resolution("cart", Some(Outcome::value(merged.clone())));
+        assert_eq!(
+            materialized_view(&siblings, &cart, Some(&resolved)),
+            View::Resolved(&merged)
+        );
+        let deleted = resolution("cart", Some(Outcome::deleted()));
+        assert_eq!(
+            materialized_view(&siblings, &cart, Some(&deleted)),
+            View::Deleted
+        );
+        // Another resolver's output, a failure, or no resolution: last-writer-wins.
+        let lww = View::Value(&siblings.versions[1]);
+        let other = resolution("other", Some(Outcome::value(merged.clone())));
+        assert_eq!(materialized_view(&siblings, &cart, Some(&other)), lww);
+        let failed = resolution("cart", None);
+        assert_eq!(materialized_view(&siblings, &cart, Some(&failed)), lww);
+        assert_eq!(materialized_view(&siblings, &cart, None), lww);
+        assert_eq!(
+            materialized_view(&siblings, &Strategy::Lww, Some(&resolved)),
+            lww
+        );
+        // One version: nothing to resolve, whatever is stored.
+        let single = state(vec![version("eu.a", 9, "eu", Some(1))]);
+        assert_eq!(
+            materialized_view(&single, &cart, Some(&resolved)),
+            View::Value(&single.versions[0])
+        );
+    }
+
+    #[test]
+    fn outcomes_have_the_abi_shape() {
+        assert_eq!(
+            serde_json::from_str::<Outcome>(r#"{"value":{"a":1}}"#).unwrap(),
+            Outcome::value(json!({"a":1}))
+        );
+        assert_eq!(
+            serde_json::from_str::<Outcome>(r#"{"deleted":true}"#).unwrap(),
+            Outcome::deleted()
+        );
+        assert!(serde_json::from_str::<Outcome>(r#"{"deleted":false}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Outcome::deleted()).unwrap(),
+            r#"{"deleted":true}"#
         );
     }
 }

@@ -15,13 +15,16 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::event::Event;
+use super::event::{Change, Event, ModuleChunk};
 use crate::clock::hlc::{wall_clock_ms, Observation};
 use crate::record::policy::{Strategy, POLICY_COLLECTION};
-use crate::record::view::{read_view, View};
+use crate::record::resolution::{Outcome, Resolution};
+use crate::record::view::{materialized_view, View};
 use crate::record::{MergeOutcome, RecordState};
+use crate::resolve::{self, RESOLVER_COLLECTION};
 use crate::service::Region;
 use crate::storage::apply::{ConflictEntry, RecordKey};
+use crate::storage::resolvers::ChunkProgress;
 use crate::storage::StorageError;
 
 const BATCH: usize = 512;
@@ -104,7 +107,7 @@ async fn consume(
         let mut last_sequence = 0;
         for message in &messages {
             let sequence = message.info().map_err(ConsumeError::Nats)?.stream_sequence;
-            let event = Event::decode(&message.payload).map_err(|e| {
+            let event = Change::decode(&message.payload).map_err(|e| {
                 ConsumeError::Stopped(format!(
                     "event {sequence} of {origin}'s stream cannot be read: {e}"
                 ))
@@ -159,7 +162,7 @@ async fn check_for_gap(
 async fn apply_with_retries(
     region: &Region,
     origin: &str,
-    events: &[Event],
+    events: &[Change],
     sequence: u64,
 ) -> Result<Applied, StorageError> {
     let mut attempt = 0;
@@ -189,22 +192,27 @@ pub struct Applied {
 pub async fn apply_batch(
     region: &Region,
     origin: &str,
-    events: &[Event],
+    changes: &[Change],
     stream_sequence: u64,
 ) -> Result<Applied, StorageError> {
     let mut by_key: BTreeMap<RecordKey, Vec<&Event>> = BTreeMap::new();
-    for event in events {
-        by_key
-            .entry((event.collection.clone(), event.key.clone()))
-            .or_default()
-            .push(event);
+    let mut chunks: Vec<&ModuleChunk> = Vec::new();
+    for change in changes {
+        match change {
+            Change::Record(event) => by_key
+                .entry((event.collection.clone(), event.key.clone()))
+                .or_default()
+                .push(event),
+            Change::ModuleChunk(chunk) => chunks.push(chunk),
+        }
     }
+    let events: Vec<&Event> = by_key.values().flatten().copied().collect();
     let newest = events
         .iter()
         .map(|e| e.version.hlc)
         .max()
         .unwrap_or_default();
-    for event in events {
+    for event in &events {
         if let Observation::TooFarAhead { skew_ms } = region.observe_remote(event.version.hlc) {
             tracing::warn!(%origin, skew_ms, "event from further in the future than the allowed drift; applied, clock not advanced");
             region.replication.skewed(origin);
@@ -213,6 +221,19 @@ pub async fn apply_batch(
 
     let keys: Vec<RecordKey> = by_key.keys().cloned().collect();
     let mut tx = region.store.begin_apply().await?;
+    let mut modules_arrived = false;
+    for chunk in chunks {
+        match tx.store_chunk(chunk).await? {
+            ChunkProgress::Assembled { sha256 } => {
+                tracing::info!(%origin, %sha256, "resolver module arrived in full");
+                modules_arrived = true;
+            }
+            ChunkProgress::Corrupt { sha256 } => {
+                tracing::error!(%origin, %sha256, "resolver module chunks do not hash to the module's sha256; discarded");
+            }
+            ChunkProgress::Waiting | ChunkProgress::AlreadyHave => {}
+        }
+    }
     let mut loaded = tx.lock(&keys).await?;
     let mut conflicts = 0;
     let mut conflicts_by_strategy = BTreeMap::new();
@@ -235,7 +256,26 @@ pub async fn apply_batch(
             if current.state.as_ref() == Some(&state) {
                 break; // replays: nothing new
             }
-            if !tx.store(key, current.rev, &state).await? {
+            let strategy = region.policy_of(&key.0, current.policy.as_ref()).strategy();
+            // Materialise the resolver's view now that the set changed, so reads never run it.
+            let resolution = match &strategy {
+                Strategy::Resolver(name) if state.versions.len() > 1 => Some(
+                    resolve::resolve(
+                        region,
+                        &key.0,
+                        &key.1,
+                        &state,
+                        name,
+                        current.resolution.as_ref(),
+                    )
+                    .await,
+                ),
+                _ => None,
+            };
+            if !tx
+                .store(key, current.rev, &state, resolution.as_ref())
+                .await?
+            {
                 // A local write created the record after the lock: merge into what it wrote.
                 let again = tx.lock(std::slice::from_ref(key)).await?;
                 loaded.extend(again);
@@ -243,10 +283,23 @@ pub async fn apply_batch(
             }
             region.forget_cached(&key.0, &key.1);
             if !detected.is_empty() {
-                let strategy = region.policy_of(&key.0, current.policy.as_ref()).strategy();
                 for found in &detected {
-                    tx.log_conflict(&conflict_entry(region.id(), key, found, &strategy))
-                        .await?;
+                    // Each detected set is logged with the outcome a reader saw for it.
+                    let found_resolution = match &strategy {
+                        Strategy::Resolver(name) if *found == state => resolution.clone(),
+                        Strategy::Resolver(name) => {
+                            Some(resolve::resolve(region, &key.0, &key.1, found, name, None).await)
+                        }
+                        _ => None,
+                    };
+                    tx.log_conflict(&conflict_entry(
+                        region.id(),
+                        key,
+                        found,
+                        &strategy,
+                        found_resolution.as_ref(),
+                    ))
+                    .await?;
                 }
                 *conflicts_by_strategy
                     .entry(strategy_label(&strategy))
@@ -258,13 +311,19 @@ pub async fn apply_batch(
     }
     tx.commit(origin, stream_sequence as i64, newest.as_u64())
         .await?;
+    let mut resolution_inputs_changed = modules_arrived;
     for (collection, key) in &keys {
         if collection == POLICY_COLLECTION {
             region.forget_cached_policy(key);
         }
+        resolution_inputs_changed |=
+            collection == POLICY_COLLECTION || collection == RESOLVER_COLLECTION;
+    }
+    if resolution_inputs_changed {
+        region.resolvers.changed.notify_one();
     }
     Ok(Applied {
-        events: events.len(),
+        events: changes.len(),
         conflicts,
         conflicts_by_strategy,
         stream_sequence,
@@ -277,22 +336,23 @@ fn conflict_entry(
     key: &RecordKey,
     state: &RecordState,
     strategy: &Strategy,
+    resolution: Option<&Resolution>,
 ) -> ConflictEntry {
-    let (strategy_name, outcome) = match (strategy, read_view(state, strategy)) {
-        (Strategy::Siblings, View::Siblings(siblings)) => {
-            ("siblings", json!({ "siblings": siblings.len() }))
-        }
-        (strategy, View::Value(v)) => (strategy_label(strategy), json!({ "value": v.value })),
-        (strategy, _) => (strategy_label(strategy), json!({ "deleted": true })),
+    let outcome = match materialized_view(state, strategy, resolution) {
+        View::Siblings(siblings) => json!({ "siblings": siblings.len() }),
+        View::Value(v) => json!(Outcome::value(v.value.clone())),
+        View::Resolved(value) => json!(Outcome::value(value.clone())),
+        View::Deleted | View::Absent => json!(Outcome::deleted()),
     };
     ConflictEntry {
         collection: key.0.clone(),
         key: key.1.clone(),
         region: region.to_owned(),
-        strategy: strategy_name.to_owned(),
+        strategy: strategy_label(strategy).to_owned(),
         versions: serde_json::to_value(&state.versions).expect("versions serialize"),
         outcome,
-        error: None,
+        resolver: resolution.map(|r| json!({ "name": r.resolver, "sha256": r.sha256 })),
+        error: resolution.and_then(|r| r.error.clone()),
     }
 }
 

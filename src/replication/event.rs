@@ -4,6 +4,10 @@
 //!
 //! An event carries the whole new version and the record's home: applying it is a merge into the
 //! receiver's state (see [`crate::record::RecordState`]), so duplicates and reordering are harmless.
+//!
+//! A resolver module travels as [`ModuleChunk`]s (`"kind": "module_chunk"`), because a module may be
+//! larger than a NATS message. Chunks are content-addressed, so replays are harmless too; a region
+//! assembles a module only once it holds every chunk and the whole hashes to the sha256 named.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +32,104 @@ pub enum DecodeError {
     Shape(#[from] serde_json::Error),
     #[error("event has wire version {0}, this build reads version {WIRE_VERSION}")]
     UnknownVersion(u8),
+    #[error("event is of kind {0:?}, which this build does not know")]
+    UnknownKind(String),
+    #[error("bad module chunk: {0}")]
+    Chunk(String),
+}
+
+/// One piece of a resolver module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleChunk {
+    pub v: u8,
+    /// Always `"module_chunk"`: what tells a chunk from a record event.
+    pub kind: String,
+    pub origin: String,
+    /// The sha256 (hex) of the whole module.
+    pub sha256: String,
+    pub index: u32,
+    pub count: u32,
+    /// This chunk's bytes, base64 (standard alphabet, padded).
+    pub data: String,
+}
+
+pub const MODULE_CHUNK_KIND: &str = "module_chunk";
+
+/// Raw bytes per chunk: base64 makes an event of about 4/3 of this, well inside NATS's default
+/// 1 MiB `max_payload`.
+pub const MODULE_CHUNK_BYTES: usize = 256 * 1024;
+
+impl ModuleChunk {
+    /// Cut a module into chunks.
+    pub fn split(origin: &str, sha256: &str, module: &[u8]) -> Vec<ModuleChunk> {
+        use base64::Engine as _;
+        let pieces: Vec<&[u8]> = if module.is_empty() {
+            vec![&[]]
+        } else {
+            module.chunks(MODULE_CHUNK_BYTES).collect()
+        };
+        let count = pieces.len() as u32;
+        pieces
+            .into_iter()
+            .enumerate()
+            .map(|(index, piece)| ModuleChunk {
+                v: WIRE_VERSION,
+                kind: MODULE_CHUNK_KIND.to_owned(),
+                origin: origin.to_owned(),
+                sha256: sha256.to_owned(),
+                index: index as u32,
+                count,
+                data: base64::engine::general_purpose::STANDARD.encode(piece),
+            })
+            .collect()
+    }
+
+    pub fn bytes(&self) -> Result<Vec<u8>, DecodeError> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|e| DecodeError::Chunk(e.to_string()))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("chunks serialize")
+    }
+}
+
+/// Anything a region's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Record(Event),
+    ModuleChunk(ModuleChunk),
+}
+
+impl Change {
+    pub fn decode(bytes: &[u8]) -> Result<Change, DecodeError> {
+        #[derive(Deserialize)]
+        struct Probe {
+            v: u8,
+            kind: Option<String>,
+        }
+        let probe: Probe = serde_json::from_slice(bytes)?;
+        if probe.v != WIRE_VERSION {
+            return Err(DecodeError::UnknownVersion(probe.v));
+        }
+        match probe.kind.as_deref() {
+            None => Ok(Change::Record(serde_json::from_slice(bytes)?)),
+            Some(MODULE_CHUNK_KIND) => {
+                let chunk: ModuleChunk = serde_json::from_slice(bytes)?;
+                if chunk.count == 0 || chunk.index >= chunk.count {
+                    return Err(DecodeError::Chunk(format!(
+                        "chunk {} of {}",
+                        chunk.index, chunk.count
+                    )));
+                }
+                chunk.bytes()?;
+                Ok(Change::ModuleChunk(chunk))
+            }
+            Some(other) => Err(DecodeError::UnknownKind(other.to_owned())),
+        }
+    }
 }
 
 impl Event {
@@ -125,5 +227,44 @@ mod tests {
             Event::decode(text.as_bytes()).is_err(),
             "an HLC must be a decimal string"
         );
+    }
+
+    #[test]
+    fn modules_split_into_chunks_that_reassemble() {
+        let module: Vec<u8> = (0..(MODULE_CHUNK_BYTES * 2 + 17))
+            .map(|i| i as u8)
+            .collect();
+        let chunks = ModuleChunk::split("eu", "abc", &module);
+        assert_eq!(chunks.len(), 3);
+        let mut whole = Vec::new();
+        for chunk in &chunks {
+            assert!(
+                chunk.encode().len() < 1024 * 1024 - 4096,
+                "fits a default NATS message"
+            );
+            match Change::decode(&chunk.encode()).unwrap() {
+                Change::ModuleChunk(decoded) => {
+                    assert_eq!(&decoded, chunk);
+                    assert_eq!(decoded.count, 3);
+                    whole.extend(decoded.bytes().unwrap());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(whole, module);
+        assert!(matches!(
+            Change::decode(&sample().encode()).unwrap(),
+            Change::Record(e) if e == sample()
+        ));
+        let mut bad = chunks[0].clone();
+        bad.index = 3;
+        assert!(matches!(
+            Change::decode(&bad.encode()),
+            Err(DecodeError::Chunk(_))
+        ));
+        assert!(matches!(
+            Change::decode(br#"{"v":1,"kind":"snapshot"}"#),
+            Err(DecodeError::UnknownKind(_))
+        ));
     }
 }

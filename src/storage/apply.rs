@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 
-use super::records::Loaded;
+use super::records::{decode_resolution, Loaded};
 use super::{StorageError, Store};
 use crate::record::policy::POLICY_COLLECTION;
+use crate::record::resolution::Resolution;
 use crate::record::RecordState;
 
 /// The advisory lock key that serializes a region's apply transactions.
@@ -27,6 +28,8 @@ pub struct ConflictEntry {
     pub strategy: String,
     pub versions: serde_json::Value,
     pub outcome: serde_json::Value,
+    /// `{"name","sha256"}` under the `resolver` strategy.
+    pub resolver: Option<serde_json::Value>,
     pub error: Option<String>,
 }
 
@@ -60,6 +63,10 @@ impl Store {
 }
 
 impl ApplyTx {
+    pub(super) fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
+        &mut self.tx
+    }
+
     /// Lock and load `keys` (sorted, so every batch locks in the same order), with each
     /// collection's policy record. Absent records have no row to lock: their creation serializes
     /// on the primary key in [`ApplyTx::store`].
@@ -70,7 +77,7 @@ impl ApplyTx {
         let collections: Vec<&str> = keys.iter().map(|(c, _)| c.as_str()).collect();
         let names: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
         let rows = sqlx::query(
-            "SELECT r.collection, r.key, r.rev, r.state FROM records r
+            "SELECT r.collection, r.key, r.rev, r.state, r.resolution FROM records r
                JOIN unnest($1::text[], $2::text[]) AS k(collection, key)
                  ON r.collection = k.collection AND r.key = k.key
               ORDER BY r.collection, r.key
@@ -84,7 +91,8 @@ impl ApplyTx {
         for row in rows {
             let key: RecordKey = (row.try_get("collection")?, row.try_get("key")?);
             let Json(state): Json<RecordState> = row.try_get("state")?;
-            found.insert(key, (row.try_get::<i64, _>("rev")?, state));
+            let resolution = decode_resolution(row.try_get("resolution")?);
+            found.insert(key, (row.try_get::<i64, _>("rev")?, state, resolution));
         }
         let mut distinct: Vec<&str> = collections.clone();
         distinct.sort_unstable();
@@ -103,43 +111,48 @@ impl ApplyTx {
         Ok(keys
             .iter()
             .map(|key| {
-                let (rev, state) = match found.remove(key) {
-                    Some((rev, state)) => (rev, Some(state)),
-                    None => (0, None),
+                let (rev, state, resolution) = match found.remove(key) {
+                    Some((rev, state, resolution)) => (rev, Some(state), resolution),
+                    None => (0, None, None),
                 };
                 let loaded = Loaded {
                     state,
                     rev,
                     policy: policies.get(&key.0).cloned(),
+                    resolution,
                 };
                 (key.clone(), loaded)
             })
             .collect())
     }
 
-    /// Write a merged state. Returns false when the record did not exist at lock time and a local
-    /// write created it since: the caller reloads it with [`ApplyTx::lock`] and merges again.
+    /// Write a merged state and its resolution. Returns false when the record did not exist at
+    /// lock time and a local write created it since: the caller reloads it with
+    /// [`ApplyTx::lock`] and merges again.
     pub async fn store(
         &mut self,
         key: &RecordKey,
         rev: i64,
         state: &RecordState,
+        resolution: Option<&Resolution>,
     ) -> Result<bool, StorageError> {
         let written = if rev == 0 {
             sqlx::query(
-                "INSERT INTO records (collection, key, rev, state) VALUES ($1, $2, 1, $3)
+                "INSERT INTO records (collection, key, rev, state, resolution) VALUES ($1, $2, 1, $3, $4)
                  ON CONFLICT (collection, key) DO NOTHING",
             )
             .bind(&key.0)
             .bind(&key.1)
             .bind(Json(state))
+            .bind(resolution.map(Json))
             .execute(&mut *self.tx)
             .await?
         } else {
-            sqlx::query("UPDATE records SET rev = rev + 1, state = $3, updated_at = now() WHERE collection = $1 AND key = $2")
+            sqlx::query("UPDATE records SET rev = rev + 1, state = $3, resolution = $4, updated_at = now() WHERE collection = $1 AND key = $2")
                 .bind(&key.0)
                 .bind(&key.1)
                 .bind(Json(state))
+                .bind(resolution.map(Json))
                 .execute(&mut *self.tx)
                 .await?
         };
@@ -148,8 +161,8 @@ impl ApplyTx {
 
     pub async fn log_conflict(&mut self, entry: &ConflictEntry) -> Result<(), StorageError> {
         sqlx::query(
-            "INSERT INTO conflicts (collection, key, region, strategy, versions, outcome, error)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO conflicts (collection, key, region, strategy, versions, outcome, error, resolver)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&entry.collection)
         .bind(&entry.key)
@@ -158,6 +171,7 @@ impl ApplyTx {
         .bind(&entry.versions)
         .bind(&entry.outcome)
         .bind(&entry.error)
+        .bind(&entry.resolver)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -226,6 +240,25 @@ impl Store {
         .bind(after)
         .bind(collection)
         .bind(key)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The newest `limit` conflict-log entries of a collection, newest first.
+    pub async fn recent_conflicts(
+        &self,
+        collection: &str,
+        limit: i64,
+    ) -> Result<Vec<LoggedConflict>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT id, collection, key, region,
+                    to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at,
+                    strategy, resolver, versions, outcome, error
+               FROM conflicts WHERE collection = $1
+              ORDER BY id DESC LIMIT $2",
+        )
+        .bind(collection)
         .bind(limit)
         .fetch_all(self.pool())
         .await?)

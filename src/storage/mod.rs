@@ -1,6 +1,6 @@
 //! The only place with SQL. A region's PostgreSQL holds its records (one row per record: the home
 //! and the antichain of maximal versions), the outbox of changes to replicate, the conflict log and
-//! the region's identity.
+//! the region's identity, resolver modules and the resolutions they made.
 //!
 //! Why compare-and-swap instead of `BEGIN; lock; read; write; COMMIT`: on this kind of hardware a
 //! commit's fsync costs about as much as two network round trips, so round trips dominate a write.
@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod outbox;
 pub mod records;
+pub mod resolvers;
 
 use std::time::Duration;
 

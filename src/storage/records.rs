@@ -6,6 +6,7 @@ use sqlx::{PgExecutor, PgPool, Row};
 
 use super::StorageError;
 use crate::record::policy::POLICY_COLLECTION;
+use crate::record::resolution::Resolution;
 use crate::record::RecordState;
 use crate::replication::event::Event;
 
@@ -16,6 +17,8 @@ pub struct Loaded {
     /// 0 when the record has no row yet.
     pub rev: i64,
     pub policy: Option<RecordState>,
+    /// The resolver's materialised view of the record's concurrent versions, if any.
+    pub resolution: Option<Resolution>,
 }
 
 #[derive(Debug, Clone)]
@@ -25,6 +28,15 @@ pub struct Store {
 
 fn decode_state(value: Option<Json<RecordState>>) -> Option<RecordState> {
     value.map(|Json(state)| state)
+}
+
+/// A stored resolution that no longer decodes is only a stale view: it is recomputed, so it is
+/// dropped with a warning rather than failing the read.
+pub(super) fn decode_resolution(value: Option<serde_json::Value>) -> Option<Resolution> {
+    let value = value?;
+    serde_json::from_value(value)
+        .map_err(|error| tracing::warn!(%error, "stored resolution does not decode; ignored"))
+        .ok()
 }
 
 impl Store {
@@ -81,9 +93,9 @@ impl Store {
         from: &str,
         until: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<(String, RecordState)>, StorageError> {
+    ) -> Result<Vec<(String, RecordState, Option<Resolution>)>, StorageError> {
         let rows = sqlx::query(
-            "SELECT key, state FROM records
+            "SELECT key, state, resolution FROM records
               WHERE collection = $1 AND key > $2 AND key >= $3 AND ($4::text IS NULL OR key < $4)
               ORDER BY key LIMIT $5",
         )
@@ -98,7 +110,7 @@ impl Store {
             .map(|row| {
                 let key: String = row.try_get("key")?;
                 let Json(state): Json<RecordState> = row.try_get("state").map_err(corrupt)?;
-                Ok((key, state))
+                Ok((key, state, decode_resolution(row.try_get("resolution")?)))
             })
             .collect()
     }
@@ -174,7 +186,7 @@ async fn load<'e>(
     key: &str,
 ) -> Result<Loaded, StorageError> {
     let row = sqlx::query(
-        "SELECT r.rev, r.state, p.state AS policy
+        "SELECT r.rev, r.state, r.resolution, p.state AS policy
            FROM (SELECT 1) AS one
            LEFT JOIN records r ON r.collection = $1 AND r.key = $2
            LEFT JOIN records p ON p.collection = $3 AND p.key = $1",
@@ -188,6 +200,7 @@ async fn load<'e>(
         rev: row.try_get::<Option<i64>, _>("rev")?.unwrap_or(0),
         state: decode_state(row.try_get("state").map_err(corrupt)?),
         policy: decode_state(row.try_get("policy").map_err(corrupt)?),
+        resolution: decode_resolution(row.try_get("resolution")?),
     })
 }
 
@@ -208,7 +221,8 @@ async fn save<'e>(
          SELECT count(*) FROM written WHERE $5::bigint = 0"
     } else {
         "WITH written AS (
-             UPDATE records SET rev = rev + 1, state = $3, updated_at = now()
+             UPDATE records SET rev = rev + 1, state = $3, updated_at = now(),
+                    resolution = CASE WHEN jsonb_array_length($3::jsonb -> 'versions') > 1 THEN resolution END
               WHERE collection = $1 AND key = $2 AND rev = $5
              RETURNING 1),
          queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
@@ -225,7 +239,7 @@ async fn save<'e>(
     Ok(written == 1)
 }
 
-fn corrupt(error: sqlx::Error) -> StorageError {
+pub(super) fn corrupt(error: sqlx::Error) -> StorageError {
     match error {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StorageError::Corrupt(error.to_string())

@@ -1,0 +1,145 @@
+//! Write a locus conflict resolver in Rust.
+//!
+//! ```
+//! use locus_resolver::{resolver, Conflict, Resolution};
+//!
+//! fn resolve(conflict: Conflict) -> Resolution {
+//!     // `conflict.versions` holds every concurrent version, oldest (by HLC, region) first.
+//!     Resolution::Value(conflict.versions.last().unwrap().value.clone())
+//! }
+//!
+//! resolver!(resolve);
+//! ```
+//!
+//! Build for `wasm32-unknown-unknown` as a `cdylib`. The macro exports what ABI v1 asks for
+//! (`memory`, `locus_alloc`, `locus_resolve`): it reads the input document, calls your function and
+//! writes its answer. A resolver has no clock, no randomness and no I/O: locus runs it in every
+//! region and needs the same answer everywhere. A panic traps, and locus then falls back to
+//! last-writer-wins and logs the error.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+pub use serde_json::{self, json, Value};
+
+/// One concurrent version of the record.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Version {
+    /// The JSON value; `null` for a tombstone.
+    pub value: Value,
+    /// A delete.
+    pub deleted: bool,
+    /// The region that wrote it.
+    pub region: String,
+    /// Its hybrid logical clock (milliseconds << 16 | counter), as a decimal string.
+    pub hlc: String,
+    /// Its version vector.
+    pub version: BTreeMap<String, u64>,
+}
+
+impl Version {
+    /// The HLC as a number.
+    pub fn hlc(&self) -> u64 {
+        self.hlc.parse().unwrap_or(0)
+    }
+}
+
+/// What the resolver is asked to resolve.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Conflict {
+    pub abi: u32,
+    pub collection: String,
+    pub key: String,
+    /// Two or more versions, sorted by (HLC, region): the last is the last-writer-wins winner.
+    pub versions: Vec<Version>,
+}
+
+impl Conflict {
+    /// The values of the versions that are not deletes, oldest first.
+    pub fn live_values(&self) -> impl Iterator<Item = &Value> {
+        self.versions
+            .iter()
+            .filter(|v| !v.deleted)
+            .map(|v| &v.value)
+    }
+}
+
+/// The value readers will see.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    Value(Value),
+    Deleted,
+}
+
+impl Resolution {
+    /// The ABI's output document.
+    pub fn to_json(&self) -> Vec<u8> {
+        let document = match self {
+            Resolution::Value(value) => json!({ "value": value }),
+            Resolution::Deleted => json!({ "deleted": true }),
+        };
+        serde_json::to_vec(&document).expect("JSON values serialize")
+    }
+}
+
+/// Exports the ABI v1 entry points for a `fn(Conflict) -> Resolution`.
+#[macro_export]
+macro_rules! resolver {
+    ($resolve:path) => {
+        #[no_mangle]
+        pub extern "C" fn locus_alloc(len: i32) -> i32 {
+            $crate::__private::alloc(len)
+        }
+
+        #[no_mangle]
+        pub extern "C" fn locus_resolve(ptr: i32, len: i32) -> i64 {
+            $crate::__private::resolve(ptr, len, $resolve)
+        }
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    use super::{Conflict, Resolution};
+
+    /// Memory for the input. Each call gets a fresh instance, so nothing is ever freed.
+    pub fn alloc(len: i32) -> i32 {
+        let buffer = vec![0u8; len.max(0) as usize].into_boxed_slice();
+        Box::leak(buffer).as_mut_ptr() as usize as i32
+    }
+
+    pub fn resolve(ptr: i32, len: i32, resolve: fn(Conflict) -> Resolution) -> i64 {
+        // SAFETY: locus wrote `len` bytes at `ptr`, which `alloc` handed out.
+        let input = unsafe { core::slice::from_raw_parts(ptr as usize as *const u8, len as usize) };
+        let conflict: Conflict =
+            serde_json::from_slice(input).expect("locus sends an ABI v1 input document");
+        let output = Box::leak(resolve(conflict).to_json().into_boxed_slice());
+        ((output.as_ptr() as usize as i64) << 32) | output.len() as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_have_the_abi_shape() {
+        assert_eq!(
+            Resolution::Value(json!({"a": 1})).to_json(),
+            br#"{"value":{"a":1}}"#
+        );
+        assert_eq!(Resolution::Deleted.to_json(), br#"{"deleted":true}"#);
+    }
+
+    #[test]
+    fn reads_the_input_document() {
+        let conflict: Conflict = serde_json::from_str(
+            r#"{"abi":1,"collection":"c","key":"k","versions":[
+                {"value":1,"deleted":false,"region":"eu","hlc":"5","version":{"eu.1":1}},
+                {"value":null,"deleted":true,"region":"us","hlc":"7","version":{"us.1":1}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(conflict.versions[1].hlc(), 7);
+        assert_eq!(conflict.live_values().collect::<Vec<_>>(), [&json!(1)]);
+    }
+}

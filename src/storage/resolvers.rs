@@ -1,0 +1,197 @@
+//! Resolver modules (content-addressed), their chunks in transit, and the materialised
+//! resolutions of records with concurrent versions.
+
+use sqlx::types::Json;
+use sqlx::Row;
+
+use super::apply::ApplyTx;
+use super::records::{corrupt, decode_resolution};
+use super::{StorageError, Store};
+use crate::record::resolution::Resolution;
+use crate::record::RecordState;
+use crate::replication::event::ModuleChunk;
+use crate::resolve::module_sha256;
+
+/// A record with concurrent versions whose resolution is missing or stale.
+#[derive(Debug, Clone)]
+pub struct Unresolved {
+    pub key: String,
+    pub rev: i64,
+    pub state: RecordState,
+    pub resolution: Option<Resolution>,
+}
+
+/// What storing one chunk did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkProgress {
+    /// More chunks are still to come.
+    Waiting,
+    /// The chunk completed its module, which hashed right and is now stored.
+    Assembled { sha256: String },
+    /// The module was here already.
+    AlreadyHave,
+    /// Every chunk is here but the whole does not hash to the sha256 named: discarded.
+    Corrupt { sha256: String },
+}
+
+impl Store {
+    pub async fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(
+            sqlx::query_scalar("SELECT module FROM resolver_modules WHERE sha256 = $1")
+                .bind(sha256)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// Store an uploaded module and queue its chunk events, in one transaction. Returns false
+    /// when the module was here already (then its chunks went out, or came in, before).
+    pub async fn insert_module(
+        &self,
+        sha256: &str,
+        module: &[u8],
+        chunk_events: &[Vec<u8>],
+    ) -> Result<bool, StorageError> {
+        let mut tx = self.pool().begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO resolver_modules (sha256, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(sha256)
+        .bind(module)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            sqlx::query("INSERT INTO outbox (event) SELECT unnest($1::bytea[])")
+                .bind(chunk_events)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Store a record's resolution, if the record is still at `rev` (a newer state gets its own).
+    pub async fn set_resolution(
+        &self,
+        collection: &str,
+        key: &str,
+        rev: i64,
+        resolution: &Resolution,
+    ) -> Result<bool, StorageError> {
+        let done = sqlx::query(
+            "UPDATE records SET resolution = $4 WHERE collection = $1 AND key = $2 AND rev = $3",
+        )
+        .bind(collection)
+        .bind(key)
+        .bind(rev)
+        .bind(Json(resolution))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records of `collection` with concurrent versions whose resolution was not made by
+    /// `resolver` bound to `sha256`, or is marked for a retry; in key order after `after`.
+    pub async fn unresolved(
+        &self,
+        collection: &str,
+        resolver: &str,
+        sha256: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Unresolved>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT key, rev, state, resolution FROM records
+              WHERE collection = $1 AND key > $4
+                AND jsonb_array_length(state -> 'versions') > 1
+                AND (resolution IS NULL
+                     OR resolution ->> 'resolver' IS DISTINCT FROM $2
+                     OR resolution ->> 'sha256' IS DISTINCT FROM $3
+                     OR resolution ->> 'retry' = 'true')
+              ORDER BY key LIMIT $5",
+        )
+        .bind(collection)
+        .bind(resolver)
+        .bind(sha256)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let Json(state): Json<RecordState> = row.try_get("state").map_err(corrupt)?;
+                Ok(Unresolved {
+                    key: row.try_get("key")?,
+                    rev: row.try_get("rev")?,
+                    state,
+                    resolution: decode_resolution(row.try_get("resolution")?),
+                })
+            })
+            .collect()
+    }
+}
+
+impl ApplyTx {
+    /// Keep one chunk of a module; when it is the last one missing, assemble the module and
+    /// check its hash.
+    pub async fn store_chunk(
+        &mut self,
+        chunk: &ModuleChunk,
+    ) -> Result<ChunkProgress, StorageError> {
+        let tx = self.transaction();
+        let have: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM resolver_modules WHERE sha256 = $1)")
+                .bind(&chunk.sha256)
+                .fetch_one(&mut **tx)
+                .await?;
+        if have {
+            return Ok(ChunkProgress::AlreadyHave);
+        }
+        let data = chunk
+            .bytes()
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO resolver_module_chunks (sha256, chunk_index, chunk_count, data)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(&chunk.sha256)
+        .bind(chunk.index as i32)
+        .bind(chunk.count as i32)
+        .bind(&data)
+        .execute(&mut **tx)
+        .await?;
+        let pieces: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT data FROM resolver_module_chunks
+              WHERE sha256 = $1 AND chunk_count = $2 ORDER BY chunk_index",
+        )
+        .bind(&chunk.sha256)
+        .bind(chunk.count as i32)
+        .fetch_all(&mut **tx)
+        .await?;
+        if pieces.len() < chunk.count as usize {
+            return Ok(ChunkProgress::Waiting);
+        }
+        let module = pieces.concat();
+        sqlx::query("DELETE FROM resolver_module_chunks WHERE sha256 = $1")
+            .bind(&chunk.sha256)
+            .execute(&mut **tx)
+            .await?;
+        if module_sha256(&module) != chunk.sha256 {
+            return Ok(ChunkProgress::Corrupt {
+                sha256: chunk.sha256.clone(),
+            });
+        }
+        sqlx::query(
+            "INSERT INTO resolver_modules (sha256, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(&chunk.sha256)
+        .bind(&module)
+        .execute(&mut **tx)
+        .await?;
+        Ok(ChunkProgress::Assembled {
+            sha256: chunk.sha256.clone(),
+        })
+    }
+}

@@ -1,0 +1,572 @@
+//! WebAssembly resolvers: uploads and their validation, hostile modules, the materialised view in
+//! three regions, dry runs.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    cluster, eventually, example_resolver, expect_problem, record_path, Cluster, Setup, TestNats,
+    ADMIN,
+};
+use locus::clock::hlc::Hlc;
+use locus::clock::version::VersionVector;
+use locus::record::{Home, Version};
+use locus::replication::event::{Change, Event};
+use locus::resolve::module_sha256;
+
+const REGIONS: [&str; 3] = ["eu", "us", "ap"];
+
+#[tokio::test]
+async fn examples_upload_and_bad_uploads_are_refused() {
+    let c = Setup::regions(&["eu"])
+        .tweak(|config| config.limits.module_body_bytes = 1024 * 1024)
+        .start()
+        .await;
+    for example in ["cart", "counter", "merge-fields"] {
+        let module = example_resolver(example);
+        let response = c.upload_resolver("eu", example, module.clone()).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "{example}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["name"], example);
+        assert_eq!(body["sha256"], module_sha256(&module));
+        assert_eq!(body["size"], module.len());
+        assert_eq!(body["abi"], 1);
+        assert_eq!(body["version"], 1);
+        // The same module again changes nothing.
+        let again = c.upload_resolver("eu", example, module).await;
+        assert_eq!(again.status(), StatusCode::OK);
+    }
+    // WAT text is accepted; a new module under a name is a new version.
+    let wat = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/resolvers/wat/hide-conflicts.wat"
+    ))
+    .unwrap();
+    let replaced = c.upload_resolver("eu", "cart", wat).await;
+    assert_eq!(replaced.status(), StatusCode::CREATED);
+    let replaced: Value = replaced.json().await.unwrap();
+    assert_eq!(replaced["version"], 2);
+    let shown = c.get_json("eu", "/v1/resolvers/cart").await;
+    assert_eq!(shown["sha256"], replaced["sha256"]);
+    assert_eq!(shown["available"], true);
+    let list = c.get_json("eu", "/v1/resolvers").await;
+    let names: Vec<&str> = list["resolvers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cart", "counter", "merge-fields"]);
+
+    // Bad uploads: each a clear 4xx, nothing bound.
+    let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
+        ("not-wasm", b"hello, world".to_vec(), StatusCode::BAD_REQUEST, "not a WebAssembly module"),
+        (
+            "wasi",
+            br#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (func (export "locus_alloc") (param i32) (result i32) (i32.const 0))
+                (func (export "locus_resolve") (param i32 i32) (result i64) (i64.const 0)))"#
+                .to_vec(),
+            StatusCode::BAD_REQUEST,
+            "wasi_snapshot_preview1",
+        ),
+        (
+            "no-alloc",
+            br#"(module (memory (export "memory") 1)
+                (func (export "locus_resolve") (param i32 i32) (result i64) (i64.const 0)))"#
+                .to_vec(),
+            StatusCode::BAD_REQUEST,
+            "locus_alloc",
+        ),
+        (
+            "traps",
+            br#"(module (memory (export "memory") 1)
+                (func (export "locus_alloc") (param i32) (result i32) (i32.const 0))
+                (func (export "locus_resolve") (param i32 i32) (result i64) (unreachable)))"#
+                .to_vec(),
+            StatusCode::BAD_REQUEST,
+            "trial call",
+        ),
+        (
+            "too-big",
+            vec![0u8; 1024 * 1024 + 1],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+    ];
+    for (name, module, status, says) in cases {
+        let detail = expect_problem(c.upload_resolver("eu", name, module).await, status).await;
+        assert!(detail.contains(says), "{name}: {detail}");
+        expect_problem(
+            c.request("eu", Method::GET, &format!("/v1/resolvers/{name}"))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+        )
+        .await;
+    }
+    let module = example_resolver("counter");
+    let anonymous = c
+        .request("eu", Method::PUT, "/v1/resolvers/sneaky")
+        .body(module.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_problem(anonymous, StatusCode::UNAUTHORIZED).await;
+    let wrong = c
+        .request("eu", Method::PUT, "/v1/resolvers/sneaky")
+        .bearer_auth("not-the-admin-token")
+        .body(module.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_problem(wrong, StatusCode::FORBIDDEN).await;
+    expect_problem(
+        c.upload_resolver("eu", "bad name!", module).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+
+    // A policy may name only a bound resolver; a resolver in use cannot be removed.
+    let unknown = json!({"conflicts": {"strategy": "resolver", "resolver": "nope"}});
+    expect_problem(
+        c.configure("eu", "carts", &unknown).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let policy = json!({"conflicts": {"strategy": "resolver", "resolver": "counter"}});
+    assert_eq!(
+        c.configure("eu", "counters", &policy).await.status(),
+        StatusCode::CREATED
+    );
+    let delete = |name: &'static str| {
+        c.request("eu", Method::DELETE, &format!("/v1/resolvers/{name}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let detail = expect_problem(delete("counter").await.unwrap(), StatusCode::CONFLICT).await;
+    assert!(detail.contains("counters"), "{detail}");
+    assert_eq!(
+        c.configure("eu", "counters", &json!({})).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        delete("counter").await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    expect_problem(delete("counter").await.unwrap(), StatusCode::NOT_FOUND).await;
+    c.teardown().await;
+}
+
+/// A module that resolves the upload's trial call (collection `trial`: its first letter sits at
+/// byte 23 of the input) and runs `hostile` on every real conflict.
+fn two_faced(hostile: &str, data: &str) -> Vec<u8> {
+    format!(
+        r#"(module
+             (memory (export "memory") 1)
+             (data (i32.const 16) "{{\"value\":0}}")
+             (data (i32.const 32) "{data}")
+             (func (export "locus_alloc") (param i32) (result i32) (i32.const 1024))
+             (func $recurse (param i32) (result i32)
+               (i32.add (call $recurse (i32.add (local.get 0) (i32.const 1))) (i32.const 1)))
+             (func (export "locus_resolve") (param $ptr i32) (param $len i32) (result i64)
+               (if (i32.eq (i32.load8_u offset=23 (local.get $ptr)) (i32.const 116))
+                 (then (return (i64.const {trial_output}))))
+               {hostile}))"#,
+        trial_output = (16u64 << 32) | 11,
+    )
+    .into_bytes()
+}
+
+/// A version of `key` from `region`, concurrent with everything held, newer by HLC.
+fn concurrent_version(region: &str, value: Value) -> Version {
+    Version {
+        value,
+        deleted: false,
+        region: region.into(),
+        hlc: Hlc::from_parts(locus::clock::hlc::wall_clock_ms() + 1_000, 0),
+        vector: VersionVector::from([(format!("{region}.00000000").as_str(), 1)]),
+    }
+}
+
+#[tokio::test]
+async fn hostile_resolvers_fall_back_to_lww_and_the_server_keeps_serving() {
+    let c = Setup::regions(&["eu", "us"])
+        .tweak(|config| {
+            config.resolvers.fuel = 20_000_000;
+            config.resolvers.memory_bytes = 16 * 1024 * 1024;
+        })
+        .start()
+        .await;
+    let output_at_32 = |len: u64| format!("(i64.const {})", (32u64 << 32) | len);
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "loop",
+            "(loop $l (br $l)) (unreachable)".into(),
+            "",
+            "ran out of fuel",
+        ),
+        (
+            "grow",
+            "(loop $l (drop (memory.grow (i32.const 16))) (br $l)) (unreachable)".into(),
+            "",
+            "ran out of fuel",
+        ),
+        (
+            "recursion",
+            "(drop (call $recurse (i32.const 0))) (i64.const 0)".into(),
+            "",
+            "call stack exhausted",
+        ),
+        (
+            "huge-output",
+            output_at_32(100 * 1024 * 1024),
+            "",
+            "over the limit",
+        ),
+        ("not-utf8", output_at_32(4), r"\ff\fe\fd\fc", "not UTF-8"),
+        ("not-abi", output_at_32(11), r#"{\"val\":123}"#, "neither"),
+        ("trap", "(unreachable)".into(), "", "unreachable"),
+    ];
+    let region = c.region("eu").region.clone();
+    for (sequence, (name, hostile, data, error)) in cases.into_iter().enumerate() {
+        let upload = c
+            .upload_resolver("eu", name, two_faced(&hostile, data))
+            .await;
+        assert_eq!(upload.status(), StatusCode::CREATED, "{name}");
+        let sha256 = upload.json::<Value>().await.unwrap()["sha256"].clone();
+        let collection = format!("hostile-{name}");
+        let policy =
+            json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": name}});
+        assert!(c
+            .configure("eu", &collection, &policy)
+            .await
+            .status()
+            .is_success());
+        assert!(c
+            .put("eu", &collection, "k", &json!({"from": "eu"}))
+            .await
+            .status()
+            .is_success());
+
+        // A concurrent version arrives from us: the resolver runs on apply, in the background of
+        // the HTTP server, which keeps answering meanwhile.
+        let remote = concurrent_version("us", json!({"from": "us"}));
+        let event = Event::new("us", &collection, "k", Home::new("eu"), remote);
+        let apply = {
+            let region = region.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                locus::replication::consumer::apply_batch(
+                    &region,
+                    "us",
+                    &[Change::Record(event)],
+                    sequence as u64 + 1,
+                )
+                .await
+                .unwrap();
+                started.elapsed()
+            })
+        };
+        let mut slowest = Duration::ZERO;
+        while !apply.is_finished() {
+            let started = Instant::now();
+            assert_eq!(c.get_status("eu", "/healthz").await, StatusCode::OK);
+            slowest = slowest.max(started.elapsed());
+        }
+        let took = apply.await.unwrap();
+        assert!(
+            took < Duration::from_secs(10),
+            "{name}: the call ran {took:?}"
+        );
+        assert!(
+            slowest < Duration::from_millis(500),
+            "{name}: a health check took {slowest:?}"
+        );
+
+        // The view falls back to last-writer-wins (us wrote last) and the log says why.
+        let read: Value = c.get("eu", &collection, "k").await.json().await.unwrap();
+        assert_eq!(read["value"], json!({"from": "us"}), "{name}");
+        let log = c
+            .get_json("eu", &format!("/v1/conflicts?collection={collection}"))
+            .await;
+        let entry = &log["conflicts"][0];
+        assert_eq!(entry["strategy"], "resolver");
+        assert_eq!(entry["resolver"], json!({"name": name, "sha256": sha256}));
+        assert_eq!(entry["outcome"], json!({"value": {"from": "us"}}));
+        let logged_error = entry["error"].as_str().unwrap_or_default();
+        assert!(logged_error.contains(error), "{name}: {logged_error}");
+    }
+    let metrics = c.metrics("eu").await;
+    for kind in ["fuel", "trap", "output_size", "bad_output"] {
+        assert!(
+            metrics.contains(&format!("locus_resolver_calls_total{{result=\"{kind}\"}}")),
+            "{kind}: {metrics}"
+        );
+    }
+    assert_eq!(c.get_status("eu", "/readyz").await, StatusCode::OK);
+    c.teardown().await;
+}
+
+/// `module` with a custom section of `padding` bytes appended: still the same resolver, but
+/// several replication chunks long.
+fn padded(mut module: Vec<u8>, padding: usize) -> Vec<u8> {
+    let name = b"padding";
+    let mut payload = vec![name.len() as u8];
+    payload.extend_from_slice(name);
+    payload.extend(std::iter::repeat_n(0x5a, padding));
+    module.push(0);
+    let mut size = payload.len();
+    loop {
+        let byte = (size & 0x7f) as u8;
+        size >>= 7;
+        if size == 0 {
+            module.push(byte);
+            break;
+        }
+        module.push(byte | 0x80);
+    }
+    module.extend(payload);
+    module
+}
+
+async fn read_value(c: &Cluster, id: &str, key: &str) -> (StatusCode, Value) {
+    let response = c.get(id, "carts", key).await;
+    (response.status(), response.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn three_regions_show_the_same_resolved_value_for_every_key() {
+    let mut nats = TestNats::start().await;
+    let url = nats.url();
+    let c = Setup::regions(&REGIONS)
+        .tweak(move |config| config.nats_url = url.clone())
+        .start()
+        .await;
+    // Several chunks long, so the module crosses as pieces and is assembled in each region.
+    let module = padded(example_resolver("cart"), 700 * 1024);
+    let sha256 = module_sha256(&module);
+    let upload = c.upload_resolver("eu", "cart", module).await;
+    assert_eq!(upload.status(), StatusCode::CREATED);
+    let policy =
+        json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "cart"}});
+    assert_eq!(
+        c.configure("eu", "carts", &policy).await.status(),
+        StatusCode::CREATED
+    );
+    eventually(
+        30,
+        "the module, binding and policy reach every region",
+        || async {
+            for id in REGIONS {
+                let shown = c.get_json(id, "/v1/resolvers/cart").await;
+                if shown["sha256"] != sha256
+                    || shown["available"] != true
+                    || shown["collections"] != json!(["carts"])
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let regions = c.get_json("us", "/v1/regions").await;
+    let engines: Vec<&Value> = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["engine"])
+        .collect();
+    assert!(engines[0].as_str().unwrap().starts_with("wasmtime-48-"));
+    assert!(engines.iter().all(|e| *e == engines[0]), "{regions}");
+
+    // Every region adds its own item to every cart, blind to the others: replication is cut.
+    nats.kill();
+    let keys = 12;
+    let mut writers = Vec::new();
+    for id in REGIONS {
+        let (http, base) = (c.http.clone(), c.url(id).to_owned());
+        writers.push(tokio::spawn(async move {
+            for i in 0..keys {
+                let cart = json!({"items": {format!("{id}-item"): i + 1}});
+                let r = http
+                    .put(format!(
+                        "{base}{}",
+                        record_path("carts", &format!("cart{i:02}"))
+                    ))
+                    .json(&cart)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{id}: {}", r.status());
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    nats.restart().await;
+
+    let expected =
+        |i: usize| json!({"items": {"ap-item": i + 1, "eu-item": i + 1, "us-item": i + 1}});
+    eventually(60, "every region shows the union of every cart", || async {
+        for id in REGIONS {
+            for i in 0..keys {
+                let (status, body) = read_value(&c, id, &format!("cart{i:02}")).await;
+                if status != StatusCode::OK || body["value"] != expected(i) {
+                    return false;
+                }
+            }
+        }
+        true
+    })
+    .await;
+    // Identical everywhere, ETag included (the causal context of the resolved versions).
+    for i in 0..keys {
+        let key = format!("cart{i:02}");
+        let mut seen = Vec::new();
+        for id in REGIONS {
+            let response = c.get(id, "carts", &key).await;
+            let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+            assert_eq!(response.headers()["locus-siblings"], "3");
+            seen.push((etag, response.json::<Value>().await.unwrap()));
+        }
+        assert!(seen.iter().all(|s| *s == seen[0]), "{key}: {seen:?}");
+    }
+    let listed = c
+        .get_json("ap", "/v1/collections/carts/records?limit=3")
+        .await;
+    assert_eq!(listed["records"][0]["value"], expected(0));
+
+    // The conflict log names the resolver and its module.
+    let log = c.get_json("us", "/v1/conflicts?collection=carts").await;
+    let entry = &log["conflicts"][0];
+    assert_eq!(entry["resolver"], json!({"name": "cart", "sha256": sha256}));
+    assert!(entry["error"].is_null(), "{entry}");
+
+    // A dry run of the merge-fields resolver over the logged conflicts changes nothing.
+    let upload = c
+        .upload_resolver("eu", "fields", example_resolver("merge-fields"))
+        .await;
+    assert_eq!(upload.status(), StatusCode::CREATED);
+    let before = c.stored_states("eu", &["carts"]).await;
+    let dry = c
+        .request("eu", Method::POST, "/v1/resolvers/fields/dry-run")
+        .bearer_auth(ADMIN)
+        .json(&json!({"collection": "carts", "last": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dry.status(), StatusCode::OK);
+    let dry: Value = dry.json().await.unwrap();
+    let results = dry["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    for result in results {
+        assert!(result["conflict"].is_i64());
+        assert!(result["before"]["value"]["items"].is_object(), "{result}");
+        // Field merge keeps one `items` object: the newest version's, a single item.
+        let after = result["after"]["value"]["items"].as_object().unwrap();
+        assert_eq!(after.len(), 1, "{result}");
+    }
+    assert_eq!(c.stored_states("eu", &["carts"]).await, before);
+    let given = c
+        .request("eu", Method::POST, "/v1/resolvers/cart/dry-run")
+        .bearer_auth(ADMIN)
+        .json(&json!({"versions": [
+            {"value": {"items": {"a": 1}}, "deleted": false, "region": "eu", "hlc": "10", "version": {"eu.1": 1}},
+            {"value": {"items": {"b": 2}}, "deleted": false, "region": "us", "hlc": "11", "version": {"us.1": 1}},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    let given: Value = given.json().await.unwrap();
+    assert_eq!(
+        given["results"][0]["before"],
+        json!({"value": {"items": {"b": 2}}})
+    );
+    assert_eq!(
+        given["results"][0]["after"],
+        json!({"value": {"items": {"a": 1, "b": 2}}})
+    );
+    assert_eq!(given["resolver"]["sha256"], sha256);
+
+    // A client write with the resolved ETag supersedes the siblings everywhere.
+    let response = c.get("eu", "carts", "cart00").await;
+    let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+    let written = c
+        .request("eu", Method::PUT, &record_path("carts", "cart00"))
+        .header("if-match", etag)
+        .json(&json!({"items": {"checked-out": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), StatusCode::OK);
+    eventually(
+        20,
+        "the write supersedes the siblings everywhere",
+        || async {
+            for id in REGIONS {
+                let response = c.get(id, "carts", "cart00").await;
+                if response.headers().get("locus-siblings").is_some() {
+                    return false;
+                }
+                let body: Value = response.json().await.unwrap();
+                if body["value"] != json!({"items": {"checked-out": 1}}) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_policy_switched_to_a_resolver_recomputes_existing_conflicts() {
+    let c = cluster(&["eu"]).await;
+    let region = c.region("eu").region.clone();
+    assert!(c
+        .configure("eu", "tally", &json!({"homing": "anywhere"}))
+        .await
+        .status()
+        .is_success());
+    assert!(c
+        .put("eu", "tally", "t", &json!({"counts": {"eu": 4}}))
+        .await
+        .status()
+        .is_success());
+    let remote = concurrent_version("us", json!({"counts": {"us": 3}}));
+    let event = Event::new("us", "tally", "t", Home::new("eu"), remote);
+    locus::replication::consumer::apply_batch(&region, "us", &[Change::Record(event)], 1)
+        .await
+        .unwrap();
+    let lww: Value = c.get("eu", "tally", "t").await.json().await.unwrap();
+    assert_eq!(lww["value"], json!({"counts": {"us": 3}}));
+
+    // The conflict exists before the resolver does: binding it recomputes the view.
+    assert_eq!(
+        c.upload_resolver("eu", "counter", example_resolver("counter"))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let policy =
+        json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "counter"}});
+    assert!(c
+        .configure("eu", "tally", &policy)
+        .await
+        .status()
+        .is_success());
+    eventually(10, "the worker resolves the existing conflict", || async {
+        let body: Value = c.get("eu", "tally", "t").await.json().await.unwrap();
+        body["value"] == json!({"counts": {"eu": 4, "us": 3}, "total": 7})
+    })
+    .await;
+    c.teardown().await;
+}
