@@ -55,18 +55,43 @@ pub struct ReplicationArgs {
     pub clients: usize,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ResolversArgs {
+    /// PostgreSQL server URL (no database); a scratch database is created and dropped.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub postgres: String,
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// The resolver module measured (build it with `cargo build --release --target
+    /// wasm32-unknown-unknown --target-dir target/resolvers -p locus-resolver-cart`).
+    #[arg(
+        long,
+        default_value = "target/resolvers/wasm32-unknown-unknown/release/locus_resolver_cart.wasm"
+    )]
+    pub module: std::path::PathBuf,
+    /// Calls timed one by one.
+    #[arg(long, default_value_t = 20_000)]
+    pub calls: usize,
+    /// Conflicting records resolved in the region phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub conflicts: usize,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
     /// Home-region write throughput and latency vs a raw sqlx upsert.
     Writes(WritesArgs),
     /// Replication lag at half the maximum write rate, and the catch-up rate of a late region.
     Replication(ReplicationArgs),
+    /// Per-call overhead of a resolver, and conflicts resolved per second in one region.
+    Resolvers(ResolversArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Writes(args) => writes(args).await,
         BenchCommand::Replication(args) => replication(args).await,
+        BenchCommand::Resolvers(args) => resolvers(args).await,
     }
 }
 
@@ -563,6 +588,171 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         .await
         .context("dropping the scratch database")?;
     // Deleting the stream of a NATS that is not there (`--nats` at a closed port) has nothing to do.
+    let _ = crate::replication::delete_streams(&args.nats, &deployment, &["eu"]).await;
+    Ok(())
+}
+
+/// A cart conflict of two versions with a few items each: the input of the per-call phase.
+fn cart_versions(key: usize) -> Vec<crate::record::Version> {
+    use crate::clock::hlc::Hlc;
+    use crate::clock::version::VersionVector;
+    ["eu", "us"]
+        .iter()
+        .enumerate()
+        .map(|(i, region)| crate::record::Version {
+            value: json!({"items": {format!("{region}-a"): 1, format!("{region}-b"): 2, "shared": key % 5 + i}}),
+            deleted: false,
+            region: (*region).into(),
+            hlc: Hlc::from_parts(1_700_000_000_000 + i as u64, 0),
+            vector: VersionVector::from([(format!("{region}.00000000").as_str(), 1)]),
+        })
+        .collect()
+}
+
+fn micros_at(samples: &mut [Duration], p: f64) -> f64 {
+    percentile_ms(samples, p) * 1000.0
+}
+
+async fn resolvers(args: ResolversArgs) -> anyhow::Result<()> {
+    use crate::replication::event::{Change, Event};
+    use crate::resolve::{abi, wasm::Sandbox};
+
+    let module = std::fs::read(&args.module).with_context(|| {
+        format!(
+            "reading {} (build the example resolvers first)",
+            args.module.display()
+        )
+    })?;
+    println!(
+        "locus bench resolvers: module {} ({} bytes), default limits",
+        args.module.display(),
+        module.len()
+    );
+
+    // Phase 1: the sandbox alone, one call at a time: fresh store, instantiate from the pool,
+    // write the input, call, read and parse the output.
+    let limits = crate::config::ResolverLimits::default();
+    let sandbox = Sandbox::new(&limits)?;
+    let started = Instant::now();
+    let (_, compiled) = sandbox
+        .compile(&module)
+        .map_err(|e| anyhow::anyhow!("the module does not compile: {e}"))?;
+    println!("compile: {:.1} ms", millis(started.elapsed()));
+    let input = abi::encode_input("carts", "k1", &cart_versions(1));
+    for _ in 0..1_000 {
+        sandbox
+            .call(&compiled, &input)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let mut samples = Vec::with_capacity(args.calls);
+    let phase = Instant::now();
+    for i in 0..args.calls {
+        let started = Instant::now();
+        sandbox
+            .call(&compiled, &input)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        samples.push(started.elapsed());
+        if i > 0 && i % 5_000 == 0 {
+            println!("  … {i} calls");
+        }
+    }
+    let total = phase.elapsed();
+    println!(
+        "per call (instantiate + call + parse), {} calls of a {}-byte input: p50 {:.1} µs, p99 {:.1} µs, {:.0} calls/s on one thread",
+        args.calls,
+        input.len(),
+        micros_at(&mut samples, 0.50),
+        micros_at(&mut samples, 0.99),
+        args.calls as f64 / total.as_secs_f64()
+    );
+
+    // Phase 2: one region resolving conflicts as they arrive: each remote event conflicts with a
+    // local version, so every apply runs the resolver and stores its view.
+    let run = format!("{:08x}", rand::random::<u32>());
+    let deployment = format!("bench{run}");
+    let config = scratch_config(&args.postgres, &args.nats, &deployment, "eu", vec![], 16);
+    let database_url = config.database_url.clone();
+    let region = crate::app::start(config, Some(TcpListener::bind("127.0.0.1:0").await?)).await?;
+    let url = region.url();
+    println!("region eu listening on {url}; scratch database {database_url}");
+    let shared = region.region.clone();
+    crate::resolve::upload(&shared, "cart", module.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("upload: {e}"))?;
+    let http = reqwest::Client::new();
+    let policy = http
+        .put(format!("{url}/v1/collections/carts"))
+        .bearer_auth("bench-admin-token")
+        .json(&json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "cart"}}))
+        .send()
+        .await?;
+    anyhow::ensure!(policy.status().is_success(), "policy: {}", policy.status());
+    println!("writing {} local carts…", args.conflicts);
+    for key in 0..args.conflicts {
+        let request = WriteRequest {
+            collection: "carts".into(),
+            key: format!("cart{key:06}"),
+            op: WriteOp::Put(cart_versions(key)[0].value.clone()),
+            precondition: Precondition::None,
+            home_hint: None,
+            route: Route::Client,
+        };
+        anyhow::ensure!(matches!(
+            shared.write(&request).await?,
+            WriteOutcome::Written(_)
+        ));
+    }
+    let batch = 512;
+    let phase = Instant::now();
+    let mut sequence = 0;
+    for first in (0..args.conflicts).step_by(batch) {
+        let changes: Vec<Change> = (first..(first + batch).min(args.conflicts))
+            .map(|key| {
+                let mut version = cart_versions(key)[1].clone();
+                version.hlc =
+                    crate::clock::hlc::Hlc::from_parts(crate::clock::hlc::wall_clock_ms(), 0);
+                Change::Record(Event::new(
+                    "us",
+                    "carts",
+                    &format!("cart{key:06}"),
+                    crate::record::Home::new("eu"),
+                    version,
+                ))
+            })
+            .collect();
+        sequence += 1;
+        let applied =
+            crate::replication::consumer::apply_batch(&shared, "us", &changes, sequence).await?;
+        anyhow::ensure!(
+            applied.conflicts == changes.len(),
+            "every event is a conflict"
+        );
+        if first % 5_120 == 0 {
+            println!("  … {first} conflicts applied");
+        }
+    }
+    let elapsed = phase.elapsed();
+    let sample: serde_json::Value = http
+        .get(format!("{url}/v1/collections/carts/records/cart000007"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    anyhow::ensure!(
+        sample["value"]["items"]["us-a"] == 1 && sample["value"]["items"]["eu-a"] == 1,
+        "the resolver's union is what a reader sees: {sample}"
+    );
+    println!(
+        "conflicts resolved in one region (apply + resolver + stored view + conflict log): {} in {:.2} s = {:.0} conflicts/s",
+        args.conflicts,
+        elapsed.as_secs_f64(),
+        args.conflicts as f64 / elapsed.as_secs_f64()
+    );
+
+    region.stop().await?;
+    sqlx::Postgres::force_drop_database(&database_url)
+        .await
+        .context("dropping the scratch database")?;
     let _ = crate::replication::delete_streams(&args.nats, &deployment, &["eu"]).await;
     Ok(())
 }

@@ -405,6 +405,9 @@ impl Region {
             if collection == POLICY_COLLECTION {
                 self.cache.forget_policy(key);
             }
+            if collection == RESOLVER_COLLECTION {
+                self.resolvers.forget_binding(key);
+            }
             if collection == POLICY_COLLECTION || collection == RESOLVER_COLLECTION {
                 self.resolvers.changed.notify_one();
             }

@@ -316,6 +316,9 @@ pub async fn apply_batch(
         if collection == POLICY_COLLECTION {
             region.forget_cached_policy(key);
         }
+        if collection == RESOLVER_COLLECTION {
+            region.resolvers.forget_binding(key);
+        }
         resolution_inputs_changed |=
             collection == POLICY_COLLECTION || collection == RESOLVER_COLLECTION;
     }

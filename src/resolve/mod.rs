@@ -12,8 +12,9 @@ pub mod abi;
 pub mod wasm;
 pub mod worker;
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use serde::{Deserialize, Serialize};
@@ -118,6 +119,10 @@ pub struct Resolvers {
     sandbox: Arc<Sandbox>,
     slots: Semaphore,
     metrics: Metrics,
+    /// Bindings as resolutions last read them, for [`BINDING_TTL`]: an apply batch full of
+    /// conflicts then reads each binding once. A stale entry costs nothing lasting: the worker
+    /// redoes every resolution whose sha256 is not the current binding's.
+    bindings: Mutex<HashMap<String, (Instant, Option<Binding>)>>,
     /// Wakes the worker: a policy, binding or module changed.
     pub changed: Notify,
 }
@@ -146,12 +151,21 @@ impl Resolvers {
             sandbox: Arc::new(Sandbox::new(limits)?),
             slots: Semaphore::new(limits.concurrent_calls as usize),
             metrics: Metrics { calls, seconds },
+            bindings: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         })
     }
 
     pub fn fingerprint(&self) -> &str {
         self.sandbox.fingerprint()
+    }
+
+    /// A binding changed here (a local write or an applied event).
+    pub fn forget_binding(&self, name: &str) {
+        self.bindings
+            .lock()
+            .expect("binding cache lock")
+            .remove(name);
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -203,6 +217,24 @@ impl Resolvers {
 pub async fn binding_of(region: &Region, name: &str) -> Result<Option<Binding>, StorageError> {
     let loaded = region.store.load(RESOLVER_COLLECTION, name).await?;
     Ok(loaded.state.as_ref().and_then(binding_in))
+}
+
+const BINDING_TTL: Duration = Duration::from_secs(1);
+
+/// The binding of `name`, from the short-lived cache of resolutions.
+async fn current_binding(region: &Region, name: &str) -> Result<Option<Binding>, StorageError> {
+    let cache = &region.resolvers.bindings;
+    if let Some((at, binding)) = cache.lock().expect("binding cache lock").get(name) {
+        if at.elapsed() < BINDING_TTL {
+            return Ok(binding.clone());
+        }
+    }
+    let binding = binding_of(region, name).await?;
+    cache
+        .lock()
+        .expect("binding cache lock")
+        .insert(name.to_owned(), (Instant::now(), binding.clone()));
+    Ok(binding)
 }
 
 /// The binding a `_resolvers` record holds, unless deleted.
@@ -276,7 +308,7 @@ pub async fn resolve(
         error: Some(error),
         retry: true,
     };
-    let binding = match binding_of(region, name).await {
+    let binding = match current_binding(region, name).await {
         Ok(Some(binding)) => binding,
         Ok(None) => {
             return Resolution {
