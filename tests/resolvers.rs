@@ -570,3 +570,56 @@ async fn a_policy_switched_to_a_resolver_recomputes_existing_conflicts() {
     .await;
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn a_wall_time_interruption_is_retried_never_final() {
+    // Fuel far beyond the wall time: only the (non-deterministic) clock can stop this call.
+    let c = Setup::regions(&["eu"])
+        .tweak(|config| {
+            config.resolvers.fuel = u64::MAX / 4;
+            config.resolvers.wall_time_ms = 20;
+        })
+        .start()
+        .await;
+    let module = two_faced("(loop $l (br $l)) (unreachable)", "");
+    assert_eq!(
+        c.upload_resolver("eu", "slow", module).await.status(),
+        StatusCode::CREATED
+    );
+    let policy = json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "slow"}});
+    assert!(c.configure("eu", "slow", &policy).await.status().is_success());
+    assert!(c.put("eu", "slow", "k", &json!(1)).await.status().is_success());
+    let event = Event::new(
+        "us",
+        "slow",
+        "k",
+        Home::new("eu"),
+        concurrent_version("us", json!(2)),
+    );
+    let region = c.region("eu").region.clone();
+    locus::replication::consumer::apply_batch(&region, "us", &[Change::Record(event)], 1)
+        .await
+        .unwrap();
+    let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
+    let error = log["conflicts"][0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("wall-time"), "{error}");
+    // Not final: the worker keeps trying (each try interrupted again), and meanwhile readers
+    // see last-writer-wins.
+    let interruptions = || async {
+        let metrics = c.metrics("eu").await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("locus_resolver_calls_total{result=\"wall_time\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let first = interruptions().await;
+    eventually(10, "the worker retries the interrupted resolution", || async {
+        interruptions().await > first + 1
+    })
+    .await;
+    let read: Value = c.get("eu", "slow", "k").await.json().await.unwrap();
+    assert_eq!(read["value"], json!(2));
+    c.teardown().await;
+}
