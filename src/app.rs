@@ -93,6 +93,32 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
     })
 }
 
+/// `locus health`: whether the region at `url` answers its liveness check within 3 s.
+pub async fn health(url: &str) -> anyhow::Result<()> {
+    let response = reqwest::Client::new()
+        .get(url)
+        .timeout(std::time::Duration::from_secs(3))
+        .send()
+        .await
+        .with_context(|| format!("{url} does not answer"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}",
+        response.status()
+    );
+    Ok(())
+}
+
+/// `nats_url` may list several servers of the region's NATS cluster, comma-separated: the client
+/// connects to any of them and fails over between them.
+pub fn nats_servers(nats_url: &str) -> Vec<&str> {
+    nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 /// Room a record's event needs beyond its value: names, version, home.
 const EVENT_OVERHEAD_BYTES: usize = 4 * 1024;
 
@@ -106,7 +132,7 @@ async fn start_replication(region: &Arc<Region>) -> anyhow::Result<Vec<JoinHandl
         .name(format!("locus-{}-{}", config.deployment, config.region))
         .retry_on_initial_connect()
         .connection_timeout(std::time::Duration::from_secs(2))
-        .connect(&config.nats_url)
+        .connect(nats_servers(&config.nats_url))
         .await
         .with_context(|| {
             format!(

@@ -103,6 +103,9 @@ pub struct Replication {
     pub stream_max_bytes: i64,
     /// Copies of the stream inside the region's NATS cluster (1 for a single server).
     pub stream_replicas: usize,
+    /// The NATS cluster that holds this region's stream, in a supercluster of one NATS cluster per
+    /// region (e.g. "eu"); unset on a single server or cluster.
+    pub stream_placement_cluster: Option<String>,
     /// How long a read with a session token waits for this region to apply the session's write
     /// before reading at the home instead.
     pub session_wait_ms: u64,
@@ -113,6 +116,7 @@ impl Default for Replication {
         Replication {
             stream_max_bytes: 1024 * 1024 * 1024,
             stream_replicas: 1,
+            stream_placement_cluster: None,
             session_wait_ms: 500,
         }
     }
@@ -162,6 +166,7 @@ pub struct Config {
     pub database_url: String,
     #[serde(default = "default_pool_size")]
     pub database_pool_size: u32,
+    /// The region's NATS: one URL, or several servers of its cluster, comma-separated.
     pub nats_url: String,
     /// Bearer token for policy and resolver changes.
     pub admin_token: String,
@@ -433,6 +438,28 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_shipped_region_files_load_and_agree() {
+        for folder in ["regions", "regions/compose"] {
+            let mut fingerprints = Vec::new();
+            for region in ["eu", "us", "ap"] {
+                let path = format!("{}/{folder}/{region}.toml", env!("CARGO_MANIFEST_DIR"));
+                let config =
+                    Config::load(Path::new(&path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+                assert_eq!(config.region, region);
+                let mut peers: Vec<&str> = config.regions().collect();
+                peers.sort_unstable();
+                assert_eq!(peers, ["ap", "eu", "us"], "{path}");
+                // What decides resolver outcomes and the deployment's name must agree everywhere.
+                fingerprints.push((config.deployment.clone(), config.resolvers.clone()));
+            }
+            assert!(
+                fingerprints.iter().all(|f| *f == fingerprints[0]),
+                "{folder}"
+            );
+        }
     }
 
     #[test]

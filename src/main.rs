@@ -32,6 +32,15 @@ enum Command {
         #[arg(long, default_value = "regions")]
         regions: PathBuf,
     },
+    /// Exit 0 when a region answers its liveness check (the container health check).
+    Health {
+        #[arg(
+            long,
+            env = "LOCUS_HEALTH_URL",
+            default_value = "http://127.0.0.1:7101/healthz"
+        )]
+        url: String,
+    },
     /// Benchmarks that print measured figures.
     #[command(subcommand)]
     Bench(locus::bench::BenchCommand),
@@ -49,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { config } => locus::app::serve(&config).await,
         Command::Dev { reset, regions } => locus::app::dev(&regions, reset).await,
+        Command::Health { url } => locus::app::health(&url).await,
         Command::Bench(command) => locus::bench::run(command).await,
     }
 }

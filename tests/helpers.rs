@@ -125,6 +125,7 @@ impl Setup {
                 replication: Replication {
                     stream_max_bytes: 64 * 1024 * 1024,
                     stream_replicas: 1,
+                    stream_placement_cluster: None,
                     session_wait_ms: 300,
                 },
             };

@@ -10,3 +10,4 @@ mod homing;
 mod records;
 mod replication;
 mod resolvers;
+mod supercluster;

@@ -586,9 +586,18 @@ async fn a_wall_time_interruption_is_retried_never_final() {
         c.upload_resolver("eu", "slow", module).await.status(),
         StatusCode::CREATED
     );
-    let policy = json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "slow"}});
-    assert!(c.configure("eu", "slow", &policy).await.status().is_success());
-    assert!(c.put("eu", "slow", "k", &json!(1)).await.status().is_success());
+    let policy =
+        json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "slow"}});
+    assert!(c
+        .configure("eu", "slow", &policy)
+        .await
+        .status()
+        .is_success());
+    assert!(c
+        .put("eu", "slow", "k", &json!(1))
+        .await
+        .status()
+        .is_success());
     let event = Event::new(
         "us",
         "slow",
@@ -601,7 +610,10 @@ async fn a_wall_time_interruption_is_retried_never_final() {
         .await
         .unwrap();
     let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
-    let error = log["conflicts"][0]["error"].as_str().unwrap_or_default().to_owned();
+    let error = log["conflicts"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     assert!(error.contains("wall-time"), "{error}");
     // Not final: the worker keeps trying (each try interrupted again), and meanwhile readers
     // see last-writer-wins.
@@ -615,9 +627,11 @@ async fn a_wall_time_interruption_is_retried_never_final() {
             .unwrap_or(0)
     };
     let first = interruptions().await;
-    eventually(10, "the worker retries the interrupted resolution", || async {
-        interruptions().await > first + 1
-    })
+    eventually(
+        10,
+        "the worker retries the interrupted resolution",
+        || async { interruptions().await > first + 1 },
+    )
     .await;
     let read: Value = c.get("eu", "slow", "k").await.json().await.unwrap();
     assert_eq!(read["value"], json!(2));

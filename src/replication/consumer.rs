@@ -67,19 +67,19 @@ async fn consume(
     origin: &str,
 ) -> Result<(), ConsumeError> {
     let config = &region.config;
-    let mut stream = super::ensure_stream(
-        js,
-        &config.replication,
-        &config.deployment,
-        origin,
-        &[config.region.as_str()],
-    )
-    .await
-    .map_err(ConsumeError::Nats)?;
-    let consumer: PullConsumer = stream
-        .get_consumer(&super::consumer_name(&config.region))
+    // The origin creates its stream (where its settings place it) with this region's consumer in
+    // it; until it has, there is nothing to read.
+    let mut stream = js
+        .get_stream(super::stream_name(&config.deployment, origin))
         .await
-        .map_err(ConsumeError::Nats)?;
+        .map_err(|e| ConsumeError::Nats(e.into()))?;
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(
+            &super::consumer_name(&config.region),
+            super::consumer_config(&config.region),
+        )
+        .await
+        .map_err(|e| ConsumeError::Nats(e.into()))?;
     check_for_gap(region, &mut stream, origin).await?;
     let mut last_gap_check = std::time::Instant::now();
     region.replication.peer_running(origin);

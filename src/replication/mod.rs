@@ -49,6 +49,13 @@ pub fn stream_config(settings: &Replication, deployment: &str, origin: &str) -> 
         max_bytes: settings.stream_max_bytes,
         num_replicas: settings.stream_replicas,
         duplicate_window: DEDUPE_WINDOW,
+        placement: settings
+            .stream_placement_cluster
+            .as_ref()
+            .map(|cluster| stream::Placement {
+                cluster: Some(cluster.clone()),
+                tags: Vec::new(),
+            }),
         ..Default::default()
     }
 }
@@ -90,7 +97,7 @@ pub async fn delete_streams(
     deployment: &str,
     regions: &[&str],
 ) -> Result<(), async_nats::Error> {
-    let js = jetstream::new(async_nats::connect(nats_url).await?);
+    let js = jetstream::new(async_nats::connect(crate::app::nats_servers(nats_url)).await?);
     for region in regions {
         match js.delete_stream(stream_name(deployment, region)).await {
             Ok(_) => {}
