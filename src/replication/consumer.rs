@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -115,7 +115,25 @@ async fn consume(
             last_sequence = last_sequence.max(sequence);
             events.push(event);
         }
-        let applied = apply_with_retries(region, origin, &events, last_sequence).await?;
+        // A batch whose conflicts run resolvers can take longer than the ack wait: tell JetStream
+        // the batch is in progress, so it is not delivered again while it is being applied.
+        let apply = apply_with_retries(region, origin, &events, last_sequence);
+        tokio::pin!(apply);
+        let mut progress = tokio::time::interval(super::ACK_WAIT / 3);
+        progress.tick().await;
+        let applied = loop {
+            tokio::select! {
+                applied = &mut apply => break applied?,
+                _ = progress.tick() => {
+                    for message in &messages {
+                        message
+                            .ack_with(AckKind::Progress)
+                            .await
+                            .map_err(ConsumeError::Nats)?;
+                    }
+                }
+            }
+        };
         for message in &messages {
             message.ack().await.map_err(ConsumeError::Nats)?;
         }
