@@ -637,3 +637,47 @@ async fn a_wall_time_interruption_is_retried_never_final() {
     assert_eq!(read["value"], json!(2));
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn a_module_is_used_only_once_every_chunk_is_here_and_it_hashes_right() {
+    use locus::replication::event::ModuleChunk;
+    let c = cluster(&["eu"]).await;
+    let region = c.region("eu").region.clone();
+    let module = padded(example_resolver("cart"), 600 * 1024);
+    let sha256 = module_sha256(&module);
+    let chunks = ModuleChunk::split("us", &sha256, &module);
+    assert_eq!(chunks.len(), 4);
+    // Out of order, one of them twice, each batch its own transaction; the last one missing.
+    for (sequence, index) in [2usize, 0, 2, 3].into_iter().enumerate() {
+        let change = Change::ModuleChunk(chunks[index].clone());
+        locus::replication::consumer::apply_batch(&region, "us", &[change], sequence as u64 + 1)
+            .await
+            .unwrap();
+        assert_eq!(region.store.module(&sha256).await.unwrap(), None);
+    }
+    let last = Change::ModuleChunk(chunks[1].clone());
+    locus::replication::consumer::apply_batch(&region, "us", &[last], 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        region.store.module(&sha256).await.unwrap(),
+        Some(module.clone())
+    );
+
+    // Chunks that do not hash to the sha256 they name are discarded, never used.
+    let forged_sha = module_sha256(b"another module");
+    let forged: Vec<Change> = ModuleChunk::split("us", &forged_sha, &module)
+        .into_iter()
+        .map(Change::ModuleChunk)
+        .collect();
+    locus::replication::consumer::apply_batch(&region, "us", &forged, 6)
+        .await
+        .unwrap();
+    assert_eq!(region.store.module(&forged_sha).await.unwrap(), None);
+    let leftover: i64 = sqlx::query_scalar("SELECT count(*) FROM resolver_module_chunks")
+        .fetch_one(region.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(leftover, 0, "the forged chunks are gone too");
+    c.teardown().await;
+}
