@@ -103,9 +103,10 @@ pub struct Replication {
     pub stream_max_bytes: i64,
     /// Copies of the stream inside the region's NATS cluster (1 for a single server).
     pub stream_replicas: usize,
-    /// The NATS cluster that holds this region's stream, in a supercluster of one NATS cluster per
-    /// region (e.g. "eu"); unset on a single server or cluster.
-    pub stream_placement_cluster: Option<String>,
+    /// Place each region's stream in the NATS cluster named after that region (a supercluster of
+    /// one NATS cluster per region). Any region may create a peer's stream (a reader attaches as
+    /// early as it can), so this must be the same in every region.
+    pub streams_in_region_clusters: bool,
     /// How long a read with a session token waits for this region to apply the session's write
     /// before reading at the home instead.
     pub session_wait_ms: u64,
@@ -116,7 +117,7 @@ impl Default for Replication {
         Replication {
             stream_max_bytes: 1024 * 1024 * 1024,
             stream_replicas: 1,
-            stream_placement_cluster: None,
+            streams_in_region_clusters: false,
             session_wait_ms: 500,
         }
     }
@@ -453,7 +454,12 @@ mod tests {
                 peers.sort_unstable();
                 assert_eq!(peers, ["ap", "eu", "us"], "{path}");
                 // What decides resolver outcomes and the deployment's name must agree everywhere.
-                fingerprints.push((config.deployment.clone(), config.resolvers.clone()));
+                // Any region may create any region's stream, so stream settings agree too.
+                let streams = (
+                    config.replication.stream_replicas,
+                    config.replication.streams_in_region_clusters,
+                );
+                fingerprints.push((config.deployment.clone(), config.resolvers.clone(), streams));
             }
             assert!(
                 fingerprints.iter().all(|f| *f == fingerprints[0]),

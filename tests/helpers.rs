@@ -125,7 +125,7 @@ impl Setup {
                 replication: Replication {
                     stream_max_bytes: 64 * 1024 * 1024,
                     stream_replicas: 1,
-                    stream_placement_cluster: None,
+                    streams_in_region_clusters: false,
                     session_wait_ms: 300,
                 },
             };

@@ -219,7 +219,7 @@ async fn three_regions_on_a_nats_supercluster_survive_losing_a_server_and_a_whol
         .tweak(move |config| {
             config.nats_url = setup_urls[&config.region].clone();
             config.replication.stream_replicas = 3;
-            config.replication.stream_placement_cluster = Some(config.region.clone());
+            config.replication.streams_in_region_clusters = true;
         })
         .start()
         .await;

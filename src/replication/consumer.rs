@@ -67,19 +67,22 @@ async fn consume(
     origin: &str,
 ) -> Result<(), ConsumeError> {
     let config = &region.config;
-    // The origin creates its stream (where its settings place it) with this region's consumer in
-    // it; until it has, there is nothing to read.
-    let mut stream = js
-        .get_stream(super::stream_name(&config.deployment, origin))
-        .await
-        .map_err(|e| ConsumeError::Nats(e.into()))?;
+    // Create the origin's stream if it does not exist yet (its configuration, placement included,
+    // depends only on the origin and the deployment's shared settings): this region's consumer
+    // then holds interest from the first event on.
+    let mut stream = super::ensure_stream(
+        js,
+        &config.replication,
+        &config.deployment,
+        origin,
+        &[config.region.as_str()],
+    )
+    .await
+    .map_err(ConsumeError::Nats)?;
     let consumer: PullConsumer = stream
-        .get_or_create_consumer(
-            &super::consumer_name(&config.region),
-            super::consumer_config(&config.region),
-        )
+        .get_consumer(&super::consumer_name(&config.region))
         .await
-        .map_err(|e| ConsumeError::Nats(e.into()))?;
+        .map_err(ConsumeError::Nats)?;
     check_for_gap(region, &mut stream, origin).await?;
     let mut last_gap_check = std::time::Instant::now();
     region.replication.peer_running(origin);

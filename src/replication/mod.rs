@@ -50,10 +50,9 @@ pub fn stream_config(settings: &Replication, deployment: &str, origin: &str) -> 
         num_replicas: settings.stream_replicas,
         duplicate_window: DEDUPE_WINDOW,
         placement: settings
-            .stream_placement_cluster
-            .as_ref()
-            .map(|cluster| stream::Placement {
-                cluster: Some(cluster.clone()),
+            .streams_in_region_clusters
+            .then(|| stream::Placement {
+                cluster: Some(origin.to_owned()),
                 tags: Vec::new(),
             }),
         ..Default::default()
