@@ -294,23 +294,17 @@ impl Region {
 
     /// Every configured collection's policy, in name order.
     pub async fn policies(&self) -> Result<Vec<(String, Policy)>, StorageError> {
-        let mut found = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list(POLICY_COLLECTION, after.as_deref(), "", None, 500)
-                .await?;
-            let Some((last, _, _)) = page.last() else {
-                return Ok(found);
-            };
-            after = Some(last.clone());
-            for (collection, state, _) in &page {
-                if lww_winner(state).is_some_and(|v| !v.deleted) {
-                    found.push((collection.clone(), self.policy_of(collection, Some(state))));
-                }
-            }
-        }
+        Ok(self
+            .store
+            .list_all(POLICY_COLLECTION)
+            .await?
+            .into_iter()
+            .filter(|(_, state)| lww_winner(state).is_some_and(|v| !v.deleted))
+            .map(|(collection, state)| {
+                let policy = self.policy_of(&collection, Some(&state));
+                (collection, policy)
+            })
+            .collect())
     }
 
     pub async fn write(&self, request: &WriteRequest) -> Result<WriteOutcome, ServiceError> {

@@ -151,31 +151,15 @@ pub async fn list(
             );
         }
     }
-    let mut after: Option<String> = None;
-    loop {
-        let rows = s
-            .region
-            .store
-            .list(POLICY_COLLECTION, after.as_deref(), "", None, 500)
-            .await?;
-        let exhausted = rows.len() < 500;
-        for (name, state, _) in rows {
-            if state.versions.iter().any(|v| !v.deleted) {
-                let policy = s.region.policy_of(&name, Some(&state));
-                by_name.insert(
-                    name.clone(),
-                    CollectionBody {
-                        name: name.clone(),
-                        configured: true,
-                        policy,
-                    },
-                );
-            }
-            after = Some(name);
-        }
-        if exhausted {
-            break;
-        }
+    for (name, policy) in s.region.policies().await? {
+        by_name.insert(
+            name.clone(),
+            CollectionBody {
+                name,
+                configured: true,
+                policy,
+            },
+        );
     }
     Ok(Json(CollectionList {
         collections: by_name.into_values().collect(),

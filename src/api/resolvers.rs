@@ -12,7 +12,6 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Problem};
 use super::headers;
 use super::SharedState;
-use crate::record::policy::Strategy;
 use crate::record::resolution::Outcome;
 use crate::record::view::lww_winner;
 use crate::record::{Home, RecordState, Version};
@@ -158,14 +157,7 @@ pub async fn show(
         .await?
         .ok_or_else(|| ResolverError::NotFound(name.clone()))?;
     let available = s.region.store.module(&binding.sha256).await?.is_some();
-    let collections = s
-        .region
-        .policies()
-        .await?
-        .into_iter()
-        .filter(|(_, p)| p.strategy() == Strategy::Resolver(name.clone()))
-        .map(|(c, _)| c)
-        .collect();
+    let collections = resolve::collections_using(&s.region, &name).await?;
     Ok(Json(ResolverDetail {
         resolver: ResolverBody::new(name, binding),
         available,

@@ -277,7 +277,13 @@ pub async fn apply_batch(
             if current.state.as_ref() == Some(&state) {
                 break; // replays: nothing new
             }
-            let strategy = region.policy_of(&key.0, current.policy.as_ref()).strategy();
+            // Only a record that has (or had, within this batch) concurrent versions needs its
+            // collection's strategy; the common single-version apply skips decoding the policy.
+            let strategy = if state.versions.len() > 1 || !detected.is_empty() {
+                region.policy_of(&key.0, current.policy.as_ref()).strategy()
+            } else {
+                Strategy::Lww
+            };
             // Materialise the resolver's view now that the set changed, so reads never run it.
             let resolution = match &strategy {
                 Strategy::Resolver(name) if state.versions.len() > 1 => Some(

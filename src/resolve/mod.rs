@@ -247,22 +247,25 @@ pub fn binding_in(state: &RecordState) -> Option<Binding> {
 
 /// Every bound resolver of this region, by name.
 pub async fn bindings(region: &Region) -> Result<Vec<(String, Binding)>, StorageError> {
-    let mut found = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = region
-            .store
-            .list(RESOLVER_COLLECTION, after.as_deref(), "", None, 500)
-            .await?;
-        let Some((last, _, _)) = page.last() else {
-            return Ok(found);
-        };
-        after = Some(last.clone());
-        found.extend(
-            page.iter()
-                .filter_map(|(name, state, _)| binding_in(state).map(|b| (name.clone(), b))),
-        );
-    }
+    Ok(region
+        .store
+        .list_all(RESOLVER_COLLECTION)
+        .await?
+        .into_iter()
+        .filter_map(|(name, state)| binding_in(&state).map(|b| (name, b)))
+        .collect())
+}
+
+/// The collections whose policy in this region names resolver `name`.
+pub async fn collections_using(region: &Region, name: &str) -> Result<Vec<String>, StorageError> {
+    let strategy = Strategy::Resolver(name.to_owned());
+    Ok(region
+        .policies()
+        .await?
+        .into_iter()
+        .filter(|(_, policy)| policy.strategy() == strategy)
+        .map(|(collection, _)| collection)
+        .collect())
 }
 
 /// The compiled module with this sha256: from the process's cache, else compiled from storage.
@@ -414,13 +417,7 @@ pub async fn remove(region: &Region, name: &str) -> Result<Binding, ResolverErro
     let Some(binding) = binding_of(region, name).await? else {
         return Err(ResolverError::NotFound(name.to_owned()));
     };
-    let collections: Vec<String> = region
-        .policies()
-        .await?
-        .into_iter()
-        .filter(|(_, policy)| policy.strategy() == Strategy::Resolver(name.to_owned()))
-        .map(|(collection, _)| collection)
-        .collect();
+    let collections = collections_using(region, name).await?;
     if !collections.is_empty() {
         return Err(ResolverError::InUse {
             name: name.to_owned(),

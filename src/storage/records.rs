@@ -115,6 +115,29 @@ impl Store {
             .collect()
     }
 
+    /// Every row of `collection`, in key order: for the small system collections (policies,
+    /// resolver bindings), read page by page.
+    pub async fn list_all(
+        &self,
+        collection: &str,
+    ) -> Result<Vec<(String, RecordState)>, StorageError> {
+        const PAGE: i64 = 500;
+        let mut all = Vec::new();
+        loop {
+            let after = all
+                .last()
+                .map(|(key, _): &(String, RecordState)| key.clone());
+            let page = self
+                .list(collection, after.as_deref(), "", None, PAGE)
+                .await?;
+            let done = page.len() < PAGE as usize;
+            all.extend(page.into_iter().map(|(key, state, _)| (key, state)));
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
     /// Every collection that holds at least one row, system collections included, in name order.
     /// A loose index scan: one index probe per collection, not a scan of every record.
     pub async fn collections_with_records(&self) -> Result<Vec<String>, StorageError> {

@@ -38,6 +38,18 @@ pub struct Version {
 }
 
 impl Version {
+    /// A version written at `region` at HLC `hlc`: `Some(value)`, or `None` for a delete. For
+    /// testing a resolver natively.
+    pub fn new(region: &str, hlc: u64, value: Option<Value>) -> Version {
+        Version {
+            deleted: value.is_none(),
+            value: value.unwrap_or(Value::Null),
+            region: region.to_owned(),
+            hlc: hlc.to_string(),
+            version: [(format!("{region}.1"), 1)].into(),
+        }
+    }
+
     /// The HLC as a number.
     pub fn hlc(&self) -> u64 {
         self.hlc.parse().unwrap_or(0)
@@ -55,6 +67,18 @@ pub struct Conflict {
 }
 
 impl Conflict {
+    /// The conflict locus would hand a resolver for these versions: sorted by (HLC, region). For
+    /// testing a resolver natively.
+    pub fn new(collection: &str, key: &str, mut versions: Vec<Version>) -> Conflict {
+        versions.sort_by(|a, b| (a.hlc(), &a.region).cmp(&(b.hlc(), &b.region)));
+        Conflict {
+            abi: 1,
+            collection: collection.to_owned(),
+            key: key.to_owned(),
+            versions,
+        }
+    }
+
     /// The values of the versions that are not deletes, oldest first.
     pub fn live_values(&self) -> impl Iterator<Item = &Value> {
         self.versions

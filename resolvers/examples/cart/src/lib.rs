@@ -32,30 +32,15 @@ mod tests {
     use super::*;
     use locus_resolver::Version;
 
-    fn version(region: &str, hlc: u64, value: Option<Value>) -> Version {
-        Version {
-            deleted: value.is_none(),
-            value: value.unwrap_or(Value::Null),
-            region: region.into(),
-            hlc: hlc.to_string(),
-            version: [(format!("{region}.1"), 1)].into(),
-        }
-    }
-
     fn conflict(versions: Vec<Version>) -> Conflict {
-        Conflict {
-            abi: 1,
-            collection: "carts".into(),
-            key: "k".into(),
-            versions,
-        }
+        Conflict::new("carts", "k", versions)
     }
 
     #[test]
     fn unions_items_keeping_the_larger_quantity() {
         let resolved = resolve(conflict(vec![
-            version("eu", 1, Some(json!({"items": {"apple": 1, "pear": 2}}))),
-            version("us", 2, Some(json!({"items": {"apple": 3, "fig": 1}}))),
+            Version::new("eu", 1, Some(json!({"items": {"apple": 1, "pear": 2}}))),
+            Version::new("us", 2, Some(json!({"items": {"apple": 3, "fig": 1}}))),
         ]));
         assert_eq!(
             resolved,
@@ -66,13 +51,13 @@ mod tests {
     #[test]
     fn a_delete_loses_to_a_cart_with_items_but_all_deletes_stay_deleted() {
         let resolved = resolve(conflict(vec![
-            version("eu", 1, Some(json!({"items": {"apple": 1}}))),
-            version("us", 2, None),
+            Version::new("eu", 1, Some(json!({"items": {"apple": 1}}))),
+            Version::new("us", 2, None),
         ]));
         assert_eq!(resolved, Resolution::Value(json!({"items": {"apple": 1}})));
         let resolved = resolve(conflict(vec![
-            version("eu", 1, None),
-            version("us", 2, None),
+            Version::new("eu", 1, None),
+            Version::new("us", 2, None),
         ]));
         assert_eq!(resolved, Resolution::Deleted);
     }
@@ -80,8 +65,8 @@ mod tests {
     #[test]
     fn values_of_another_shape_add_nothing() {
         let resolved = resolve(conflict(vec![
-            version("eu", 1, Some(json!({}))),
-            version("us", 2, Some(json!("not a cart"))),
+            Version::new("eu", 1, Some(json!({}))),
+            Version::new("us", 2, Some(json!("not a cart"))),
         ]));
         assert_eq!(resolved, Resolution::Value(json!({"items": {}})));
     }

@@ -29,27 +29,20 @@ mod tests {
     use locus_resolver::Version;
 
     fn version(region: &str, hlc: u64, value: Value) -> Version {
-        Version {
-            deleted: false,
-            value,
-            region: region.into(),
-            hlc: hlc.to_string(),
-            version: [(format!("{region}.1"), 1)].into(),
-        }
+        Version::new(region, hlc, Some(value))
     }
 
     #[test]
     fn takes_each_regions_largest_count_and_sums_them() {
-        let resolved = resolve(Conflict {
-            abi: 1,
-            collection: "counters".into(),
-            key: "k".into(),
-            versions: vec![
+        let resolved = resolve(Conflict::new(
+            "counters",
+            "k",
+            vec![
                 version("eu", 1, json!({"counts": {"eu": 5, "us": 1}})),
                 version("us", 2, json!({"counts": {"eu": 3, "us": 4}})),
                 version("ap", 3, json!({"counts": {"ap": 2}})),
             ],
-        });
+        ));
         assert_eq!(
             resolved,
             Resolution::Value(json!({"counts": {"ap": 2, "eu": 5, "us": 4}, "total": 11}))
@@ -60,6 +53,7 @@ mod tests {
     fn the_merge_does_not_depend_on_order() {
         let a = version("eu", 1, json!({"counts": {"eu": 5}}));
         let b = version("us", 2, json!({"counts": {"us": 7, "eu": 1}}));
+        // Built by hand, not with Conflict::new (which sorts), so the order really differs.
         let run = |versions| {
             resolve(Conflict {
                 abi: 1,

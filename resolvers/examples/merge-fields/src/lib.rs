@@ -30,30 +30,15 @@ mod tests {
     use super::*;
     use locus_resolver::{json, Version};
 
-    fn version(region: &str, hlc: u64, value: Option<Value>) -> Version {
-        Version {
-            deleted: value.is_none(),
-            value: value.unwrap_or(Value::Null),
-            region: region.into(),
-            hlc: hlc.to_string(),
-            version: [(format!("{region}.1"), 1)].into(),
-        }
-    }
-
     fn run(versions: Vec<Version>) -> Resolution {
-        resolve(Conflict {
-            abi: 1,
-            collection: "profiles".into(),
-            key: "k".into(),
-            versions,
-        })
+        resolve(Conflict::new("profiles", "k", versions))
     }
 
     #[test]
     fn keeps_the_newest_value_of_each_field() {
         let resolved = run(vec![
-            version("eu", 1, Some(json!({"name": "Ada", "city": "Paris"}))),
-            version("us", 2, Some(json!({"city": "Boston", "email": "a@x"}))),
+            Version::new("eu", 1, Some(json!({"name": "Ada", "city": "Paris"}))),
+            Version::new("us", 2, Some(json!({"city": "Boston", "email": "a@x"}))),
         ]);
         assert_eq!(
             resolved,
@@ -64,20 +49,23 @@ mod tests {
     #[test]
     fn deletes_and_non_objects() {
         assert_eq!(
-            run(vec![version("eu", 1, None), version("us", 2, None)]),
+            run(vec![
+                Version::new("eu", 1, None),
+                Version::new("us", 2, None)
+            ]),
             Resolution::Deleted
         );
         assert_eq!(
             run(vec![
-                version("eu", 1, Some(json!({"a": 1}))),
-                version("us", 2, None)
+                Version::new("eu", 1, Some(json!({"a": 1}))),
+                Version::new("us", 2, None)
             ]),
             Resolution::Value(json!({"a": 1}))
         );
         assert_eq!(
             run(vec![
-                version("eu", 1, Some(json!({"a": 1}))),
-                version("us", 2, Some(json!(7)))
+                Version::new("eu", 1, Some(json!({"a": 1}))),
+                Version::new("us", 2, Some(json!(7)))
             ]),
             Resolution::Value(json!(7))
         );
