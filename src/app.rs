@@ -70,9 +70,17 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
     )
     .await
     .with_context(|| format!("region {}: cannot open its database", config.region))?;
+    let hashed = store
+        .backfill_state_hashes()
+        .await
+        .with_context(|| format!("region {}: hashing records for anti-entropy", config.region))?;
+    if hashed > 0 {
+        tracing::info!(region = %config.region, records = hashed, "hashed records written before anti-entropy");
+    }
     let region = Arc::new(Region::new(config, store, identity)?);
     let mut workers = start_replication(&region).await?;
     workers.push(tokio::spawn(crate::resolve::worker::run(region.clone())));
+    workers.push(tokio::spawn(replication::repair::run(region.clone())));
     let api = Arc::new(ApiState::new(region.clone()));
     let router = api::router(api.clone());
     let (tx, rx) = oneshot::channel::<()>();
@@ -147,7 +155,15 @@ async fn start_replication(region: &Arc<Region>) -> anyhow::Result<Vec<JoinHandl
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     if client.connection_state() == async_nats::connection::State::Connected {
-        let max_payload = client.server_info().max_payload;
+        let info = client.server_info();
+        let max_payload = info.max_payload;
+        region.set_max_event_bytes(max_payload);
+        region.replication.set_nats_version(&info.version);
+        if replication::has_interest_purge_bug(&info.version) {
+            tracing::warn!(region = %config.region, version = %info.version,
+                "this nats-server purges interest-stream events at restart while a consumer has never acknowledged (fixed in 2.9.16); \
+                 repair brings lost events back, but use a current server");
+        }
         let needed = config.limits.record_body_bytes + EVENT_OVERHEAD_BYTES;
         anyhow::ensure!(
             max_payload >= needed,

@@ -218,6 +218,7 @@ fn scratch_config(
         forwarding: Default::default(),
         clock: Default::default(),
         resolvers: Default::default(),
+        repair: Default::default(),
         replication: crate::config::Replication {
             stream_max_bytes: 256 * 1024 * 1024,
             ..Default::default()
@@ -472,6 +473,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         forwarding: Default::default(),
         clock: Default::default(),
         resolvers: Default::default(),
+        repair: Default::default(),
         replication: Default::default(),
     };
     println!(
@@ -722,7 +724,7 @@ async fn resolvers(args: ResolversArgs) -> anyhow::Result<()> {
             .collect();
         sequence += 1;
         let applied =
-            crate::replication::consumer::apply_batch(&shared, "us", &changes, sequence).await?;
+            crate::replication::consumer::apply_batch(&shared, "us", &changes, &[sequence]).await?;
         anyhow::ensure!(
             applied.conflicts == changes.len(),
             "every event is a conflict"

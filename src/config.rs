@@ -123,6 +123,26 @@ impl Default for Replication {
     }
 }
 
+/// Anti-entropy rounds ([`crate::replication::repair`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepairConfig {
+    /// Seconds between rounds against every peer (gaps and `POST /v1/regions/{peer}/repair`
+    /// start one sooner).
+    pub interval_secs: u64,
+    /// Most records a round fetches per second, so repair never starves the region's writes.
+    pub max_records_per_sec: u64,
+}
+
+impl Default for RepairConfig {
+    fn default() -> RepairConfig {
+        RepairConfig {
+            interval_secs: 300,
+            max_records_per_sec: 50_000,
+        }
+    }
+}
+
 /// Limits on each resolver call. Fuel, memory, table and output limits decide outcomes, so they
 /// belong to the deployment: every region must use the same values (the engine fingerprint in
 /// `/v1/regions` covers them). Wall time does not decide outcomes; it only bounds a stuck call.
@@ -188,6 +208,8 @@ pub struct Config {
     pub replication: Replication,
     #[serde(default)]
     pub resolvers: ResolverLimits,
+    #[serde(default)]
+    pub repair: RepairConfig,
 }
 
 fn default_pool_size() -> u32 {
@@ -210,6 +232,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "clock",
     "replication",
     "resolvers",
+    "repair",
 ];
 
 impl Config {

@@ -15,6 +15,7 @@
 //! - [`api`]: the REST API (axum): records, collections, resolvers, conflicts, regions, health,
 //!   metrics, OpenAPI, forwarding.
 //! - [`app`]: builds a region from its config and runs it until shutdown; `locus dev`.
+//! - [`nats_server`]: a current nats-server for `locus dev` and the tests, installed on first use.
 //! - [`bench`]: the benchmark programs behind `locus bench`.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod app;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod nats_server;
 pub mod record;
 pub mod replication;
 pub mod resolve;

@@ -27,6 +27,9 @@ use crate::replication::status::ReplicationStatus;
 use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
 use crate::storage::{RegionIdentity, StorageError, Store};
 
+/// NATS's default `max_payload`, assumed until the server says otherwise.
+const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
 /// Optimistic attempts before a write takes the record's row lock.
 const OPTIMISTIC_ATTEMPTS: usize = 2;
 /// Attempts in all before giving up with [`ServiceError::Contention`]. Under the row lock a write
@@ -106,6 +109,10 @@ pub enum ServiceError {
     NotHome { home: String },
     #[error("the record is being written too often to take this write; retry")]
     Contention,
+    /// The write's replication event would exceed what the transport carries (NATS
+    /// `max_payload`): refused before anything is stored, or it could never replicate.
+    #[error("the value encodes to a replication event of {size} bytes, over the transport's limit of {limit} bytes")]
+    EventTooLarge { size: usize, limit: usize },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -209,6 +216,10 @@ pub struct Region {
     cache: WriteCache,
     /// Woken after each committed write, so the publisher ships it at once.
     pub outbox_signal: Notify,
+    /// Wakes the repair worker for a round against every peer now.
+    pub repair_wanted: Notify,
+    /// The largest event the transport carries: NATS's `max_payload`, learnt at connect.
+    max_event_bytes: std::sync::atomic::AtomicUsize,
     pub replication: ReplicationStatus,
     pub resolvers: Resolvers,
     /// Every metric of this region (HTTP and replication), rendered at `/metrics`.
@@ -229,6 +240,8 @@ impl Region {
             clock,
             cache: WriteCache::new(),
             outbox_signal: Notify::new(),
+            repair_wanted: Notify::new(),
+            max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
             replication: ReplicationStatus::new(&registry),
             resolvers,
             registry,
@@ -241,6 +254,17 @@ impl Region {
             .lock()
             .expect("clock lock")
             .observe(hlc, wall_clock_ms())
+    }
+
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the NATS server said its `max_payload` is.
+    pub fn set_max_event_bytes(&self, bytes: usize) {
+        self.max_event_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A record changed under this process (replication): its cached revision is stale.
@@ -373,7 +397,15 @@ impl Region {
                 key,
                 state.home.clone(),
                 version.clone(),
-            );
+            )
+            .encode();
+            let limit = self.max_event_bytes();
+            if event.len() > limit {
+                return Err(ServiceError::EventTooLarge {
+                    size: event.len(),
+                    limit,
+                });
+            }
             let saved = match lock {
                 Some(locked) => locked.save(collection, key, &state, &event).await?,
                 None => {
@@ -519,7 +551,8 @@ impl Region {
                 let carried = lww_winner(&state)
                     .expect("a stored record has a version")
                     .clone();
-                let event = Event::new(self.id(), collection, key, state.home.clone(), carried);
+                let event =
+                    Event::new(self.id(), collection, key, state.home.clone(), carried).encode();
                 if !locked.save(collection, key, &state, &event).await? {
                     continue;
                 }

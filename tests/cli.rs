@@ -26,6 +26,7 @@ fn serve(region: &str, overrides: &[(&str, String)]) -> Serve {
     command
         .args(["serve", "--config", &format!("regions/{region}.toml")])
         .env("LOCUS_LISTEN", "127.0.0.1:0")
+        .env("LOCUS_NATS_URL", crate::helpers::nats())
         .env("LOCUS_REPLICATION__STREAM_MAX_BYTES", "67108864")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -147,7 +148,7 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
         .fetch_one(&pool)
         .await
         .unwrap();
-    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::NATS).await.unwrap());
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
     let stream_name = locus::replication::stream_name(&deployment, "eu");
     crate::helpers::eventually(20, "the outbox drains into the stream", || async {
         let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
@@ -170,9 +171,12 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
     let status = second.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let _ = sqlx::Postgres::force_drop_database(&database_url).await;
-    let _ =
-        locus::replication::delete_streams(crate::helpers::NATS, &deployment, &["eu", "us", "ap"])
-            .await;
+    let _ = locus::replication::delete_streams(
+        crate::helpers::nats(),
+        &deployment,
+        &["eu", "us", "ap"],
+    )
+    .await;
 }
 
 impl Drop for Serve {
@@ -318,7 +322,7 @@ async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
         let url = format!("{}/locus_test_kill_{run}_{region}", postgres_base());
         let _ = sqlx::Postgres::force_drop_database(&url).await;
     }
-    let _ = locus::replication::delete_streams(crate::helpers::NATS, &deployment, &regions).await;
+    let _ = locus::replication::delete_streams(crate::helpers::nats(), &deployment, &regions).await;
 }
 
 /// Every key a region lists in `collection`, following the cursors.
@@ -369,7 +373,7 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
              [replication]\nstream_max_bytes = 67108864\n{peers}",
             ports[i],
             postgres_base(),
-            crate::helpers::NATS
+            crate::helpers::nats()
         );
         std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
     }
@@ -439,6 +443,6 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
         ))
         .await;
     }
-    let _ = locus::replication::delete_streams(crate::helpers::NATS, &deployment, &ids).await;
+    let _ = locus::replication::delete_streams(crate::helpers::nats(), &deployment, &ids).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,7 +15,41 @@ use tokio::task::JoinHandle;
 
 pub const ADMIN: &str = "test-admin-token";
 pub const PEER: &str = "test-peer-token";
-pub const NATS: &str = "nats://127.0.0.1:4222";
+
+/// The tests' shared NATS: a current nats-server (see [`locus::nats_server`]) started once for
+/// this test process on a free port, and killed with it. `LOCUS_TEST_NATS` names another.
+pub fn nats() -> &'static str {
+    static SHARED: std::sync::OnceLock<(String, Option<locus::nats_server::LocalNats>)> =
+        std::sync::OnceLock::new();
+    &SHARED
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("LOCUS_TEST_NATS") {
+                return (url, None);
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "locus-test-nats-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let server =
+                locus::nats_server::LocalNats::start(&nats_server_binary(), free_port(), &dir, &[])
+                    .expect("the tests' nats-server starts");
+            (server.url(), Some(server))
+        })
+        .0
+}
+
+/// The pinned nats-server binary, installed on first use.
+pub fn nats_server_binary() -> std::path::PathBuf {
+    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools");
+            locus::nats_server::binary_in(&tools).expect("a nats-server binary")
+        })
+        .clone()
+}
 
 pub fn postgres_base() -> String {
     std::env::var("LOCUS_TEST_POSTGRES")
@@ -97,7 +131,7 @@ impl Setup {
                     .cloned()
                     .unwrap_or(database_url),
                 database_pool_size: 4,
-                nats_url: NATS.into(),
+                nats_url: nats().into(),
                 admin_token: ADMIN.into(),
                 peer_token: PEER.into(),
                 api_token: None,
@@ -122,6 +156,7 @@ impl Setup {
                 },
                 clock: Default::default(),
                 resolvers: Default::default(),
+                repair: Default::default(),
                 replication: Replication {
                     stream_max_bytes: 64 * 1024 * 1024,
                     stream_replicas: 1,
@@ -204,6 +239,126 @@ impl Cluster {
         .fetch_all(self.region(id).region.store.pool())
         .await
         .unwrap()
+    }
+
+    /// Every stored record of region `id`, system collections included, in key order.
+    pub async fn whole_region(&self, id: &str) -> Vec<(String, String, Value)> {
+        sqlx::query_as::<_, (String, String, Value)>(
+            "SELECT collection, key, state::jsonb FROM records ORDER BY collection, key",
+        )
+        .fetch_all(self.region(id).region.store.pool())
+        .await
+        .unwrap()
+    }
+
+    /// A region's anti-entropy view of itself, through its peer API: every collection and the
+    /// digests of its buckets.
+    pub async fn digests(&self, id: &str) -> Vec<(String, Value)> {
+        let peer_get = |path: String| async move {
+            let response = self
+                .request(id, Method::GET, &path)
+                .bearer_auth(PEER)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            response.json::<Value>().await.unwrap()
+        };
+        let collections = peer_get("/v1/peer/collections".into()).await;
+        let mut digests = Vec::new();
+        for collection in collections["collections"].as_array().unwrap() {
+            let name = collection.as_str().unwrap().to_owned();
+            let buckets = peer_get(format!("/v1/peer/digests?collection={name}")).await;
+            digests.push((name, buckets["buckets"].clone()));
+        }
+        digests
+    }
+
+    /// Run an anti-entropy round in every running region against every other, through the admin
+    /// API.
+    pub async fn repair_everywhere(&self) {
+        for id in &self.ids {
+            for peer in &self.ids {
+                if id == peer || !self.regions.contains_key(id) || !self.regions.contains_key(peer)
+                {
+                    continue;
+                }
+                let response = self
+                    .request(id, Method::POST, &format!("/v1/regions/{peer}/repair"))
+                    .bearer_auth(ADMIN)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    response.status(),
+                    StatusCode::OK,
+                    "repair at {id} from {peer}"
+                );
+            }
+        }
+    }
+
+    /// Wait (up to 60 s) until every running region holds exactly the same records, all
+    /// collections included, and their anti-entropy digests agree: how every multi-region test
+    /// ends.
+    pub async fn assert_converged(&self) {
+        let running: Vec<&str> = self
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| self.regions.contains_key(id))
+            .collect();
+        let Some((first, others)) = running.split_first() else {
+            return;
+        };
+        if others.is_empty() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let reference = self.whole_region(first).await;
+            let mut differing = Vec::new();
+            for id in others {
+                let theirs = self.whole_region(id).await;
+                if theirs != reference {
+                    differing.push((*id, theirs));
+                }
+            }
+            if differing.is_empty() {
+                let reference = self.digests(first).await;
+                for id in others {
+                    assert_eq!(
+                        self.digests(id).await,
+                        reference,
+                        "{id}'s digests differ from {first}'s although their records are equal"
+                    );
+                }
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                for (id, theirs) in &differing {
+                    let ours: std::collections::BTreeMap<_, _> =
+                        reference.iter().map(|(c, k, s)| ((c, k), s)).collect();
+                    let mine: std::collections::BTreeMap<_, _> =
+                        theirs.iter().map(|(c, k, s)| ((c, k), s)).collect();
+                    let keys: std::collections::BTreeSet<_> =
+                        ours.keys().chain(mine.keys()).collect();
+                    for key in keys
+                        .into_iter()
+                        .filter(|k| ours.get(*k) != mine.get(*k))
+                        .take(5)
+                    {
+                        eprintln!(
+                            "{key:?}: {first} has {:?}\n  {id} has {:?}",
+                            ours.get(key),
+                            mine.get(key)
+                        );
+                    }
+                }
+                panic!("regions did not converge within 60s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     /// Stop a region: its port closes, so peers find it unreachable. Its database stays.
@@ -289,15 +444,22 @@ impl Cluster {
         }
     }
 
-    /// Stop every region and drop their databases.
-    pub async fn teardown(mut self) {
+    /// Check that the running regions converged (every multi-region test ends so), then stop
+    /// every region and drop their databases.
+    pub async fn teardown(self) {
+        self.assert_converged().await;
+        self.teardown_without_checks().await;
+    }
+
+    /// Stop every region and drop their databases, whatever state they are in.
+    pub async fn teardown_without_checks(mut self) {
         for (_, running) in self.regions.drain() {
             let _ = running.stop().await;
         }
         for url in self.databases.drain(..) {
             let _ = sqlx::Postgres::force_drop_database(&url).await;
         }
-        let _ = locus::replication::delete_streams(NATS, &self.deployment, &self.ids).await;
+        let _ = locus::replication::delete_streams(nats(), &self.deployment, &self.ids).await;
     }
 }
 
@@ -319,7 +481,7 @@ impl Drop for Cluster {
                 for url in databases {
                     let _ = sqlx::Postgres::force_drop_database(&url).await;
                 }
-                let _ = locus::replication::delete_streams(NATS, &deployment, &ids).await;
+                let _ = locus::replication::delete_streams(nats(), &deployment, &ids).await;
             });
         })
         .join();
@@ -445,7 +607,7 @@ pub fn free_port() -> u16 {
 pub struct TestNats {
     pub port: u16,
     dir: std::path::PathBuf,
-    child: Option<std::process::Child>,
+    server: Option<locus::nats_server::LocalNats>,
 }
 
 impl TestNats {
@@ -457,7 +619,7 @@ impl TestNats {
         let mut nats = TestNats {
             port,
             dir,
-            child: None,
+            server: None,
         };
         nats.restart().await;
         nats
@@ -469,36 +631,19 @@ impl TestNats {
 
     /// Start (again) on the same port and store, and wait until it accepts connections.
     pub async fn restart(&mut self) {
-        let child = std::process::Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nats-server runs");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("nats-server did not start on port {}", self.port);
+        let (port, dir) = (self.port, self.dir.clone());
+        let server = tokio::task::spawn_blocking(move || {
+            locus::nats_server::LocalNats::start(&nats_server_binary(), port, &dir, &[])
+        })
+        .await
+        .unwrap()
+        .expect("nats-server starts");
+        self.server = Some(server);
     }
 
     /// SIGKILL: no goodbye to the clients, as in a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.take();
     }
 }
 
@@ -530,6 +675,12 @@ pub fn example_resolver(name: &str) -> Vec<u8> {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let root = env!("CARGO_MANIFEST_DIR");
     BUILT.get_or_init(|| {
+        // The toolchain file names the target, but rustup adds a file's targets only when it
+        // installs the toolchain: add it here, a no-op once present.
+        let _ = std::process::Command::new("rustup")
+            .args(["target", "add", "wasm32-unknown-unknown"])
+            .current_dir(root)
+            .status();
         let status = std::process::Command::new(env!("CARGO"))
             .current_dir(root)
             .args([

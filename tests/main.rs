@@ -7,6 +7,7 @@ mod collections;
 mod health;
 mod helpers;
 mod homing;
+mod integrity;
 mod records;
 mod replication;
 mod resolvers;

@@ -272,7 +272,7 @@ async fn seed_siblings(c: &crate::helpers::Cluster, collection: &str, key: &str)
         state.versions[0].clone(),
     );
     assert!(store
-        .save(collection, key, 0, &state, &event)
+        .save(collection, key, 0, &state, &event.encode())
         .await
         .unwrap());
 }

@@ -100,7 +100,7 @@ impl Supercluster {
         let config = self.dir.join(format!("{name}.conf"));
         std::fs::write(&config, self.config_of(name, region)).unwrap();
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new("nats-server")
+        let child = Command::new(crate::helpers::nats_server_binary())
             .arg("-c")
             .arg(&config)
             .env("SERVER_NAME", name)

@@ -30,6 +30,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("the body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The value fits the body limit but its replication event would not fit the transport.
+    #[error("{0}")]
+    EventTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// The record's home cannot take the write now (unreachable, or the home is moving).
@@ -48,6 +51,9 @@ pub enum ApiError {
     BadGateway { home: String, cause: String },
     #[error("the record is being written too often to take this write; retry")]
     Contention,
+    /// A peer this region called (not to forward a request) failed to answer.
+    #[error("{0}")]
+    PeerFailed(String),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
 }
@@ -69,13 +75,15 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HomeUnavailable { .. } | ApiError::Contention => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::BadGateway { .. } | ApiError::PeerFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::Storage(StorageError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -91,13 +99,16 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             ApiError::PreconditionFailed(_) => ("precondition-failed", "Precondition failed"),
             ApiError::Conflict(_) => ("conflict", "Conflict"),
-            ApiError::PayloadTooLarge { .. } => ("payload-too-large", "Payload too large"),
+            ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge(_) => {
+                ("payload-too-large", "Payload too large")
+            }
             ApiError::UnsupportedMediaType(_) => {
                 ("unsupported-media-type", "Unsupported media type")
             }
             ApiError::HomeUnavailable { .. } => ("home-unavailable", "Home region unavailable"),
             ApiError::GatewayTimeout { .. } => ("home-timeout", "Home region timed out"),
             ApiError::BadGateway { .. } => ("home-failed", "Home region failed"),
+            ApiError::PeerFailed(_) => ("peer-failed", "Peer region failed"),
             ApiError::Contention => ("contention", "Too much contention"),
             ApiError::Storage(StorageError::Unavailable(_)) => {
                 ("storage-unavailable", "Storage unavailable")
@@ -110,6 +121,7 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(error: ServiceError) -> ApiError {
         match error {
+            ServiceError::EventTooLarge { .. } => ApiError::EventTooLarge(error.to_string()),
             ServiceError::NotFound => ApiError::NotFound("no such record".into()),
             ServiceError::PreconditionFailed(why) => ApiError::PreconditionFailed(why.into()),
             ServiceError::NotHome { home } => ApiError::HomeUnavailable {

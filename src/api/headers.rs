@@ -128,6 +128,12 @@ pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
     })
 }
 
+/// Parse a record's value and admit it in its canonical form ([`crate::record::value`]).
+pub fn parse_record_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    crate::record::value::admit(parse_json(bytes)?)
+        .map_err(|e| ApiError::bad_request("bad-value", e.to_string()))
+}
+
 /// Compare secrets in time independent of where they differ.
 pub fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod records;
 pub mod regions;
+pub mod repair;
 pub mod resolvers;
 
 use std::sync::Arc;
@@ -211,6 +212,14 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/regions", get(regions::list))
+        .route(
+            "/v1/regions/{peer}/repair",
+            axum::routing::post(repair::repair_now),
+        )
+        .route("/v1/peer/collections", get(repair::collections))
+        .route("/v1/peer/digests", get(repair::digests))
+        .route("/v1/peer/hashes", get(repair::hashes))
+        .route("/v1/peer/states", axum::routing::post(repair::states))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{collections, conflicts, health, records, regions, resolvers};
+use super::{collections, conflicts, health, records, regions, repair, resolvers};
 
 struct BearerSchemes;
 
@@ -15,6 +15,7 @@ impl Modify for BearerSchemes {
             || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
         components.add_security_scheme("admin", bearer());
         components.add_security_scheme("api", bearer());
+        components.add_security_scheme("peer", bearer());
     }
 }
 
@@ -25,7 +26,8 @@ impl Modify for BearerSchemes {
         records::get, records::put, records::delete, records::list, records::rehome,
         collections::configure, collections::show, collections::list,
         resolvers::upload, resolvers::list, resolvers::show, resolvers::remove, resolvers::dry_run,
-        conflicts::list, regions::list,
+        conflicts::list, regions::list, repair::repair_now,
+        repair::collections, repair::digests, repair::hashes, repair::states,
         health::healthz, health::readyz, health::metrics,
     ),
     modifiers(&BearerSchemes),

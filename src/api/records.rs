@@ -304,7 +304,7 @@ pub async fn put(
         s.region.config.limits.record_body_bytes,
     )
     .await?;
-    let value = headers::parse_json(&bytes)?;
+    let value = headers::parse_record_value(&bytes)?;
     let request = WriteRequest {
         collection,
         key,

@@ -34,6 +34,8 @@ pub struct RegionEntry {
     pub events_published: Option<u64>,
     /// This region only: why publishing is failing, if it is.
     pub publisher_error: Option<String>,
+    /// This region only: the version of the NATS server it connected to.
+    pub nats_version: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -64,6 +66,7 @@ pub async fn list(
         outbox_backlog: Some(backlog),
         events_published: Some(region.replication.events_published()),
         publisher_error: region.replication.publisher_error_now(),
+        nats_version: region.replication.nats_version(),
     }];
     let peers = &s.peers;
     let probes = region
@@ -88,6 +91,7 @@ pub async fn list(
             outbox_backlog: None,
             events_published: None,
             publisher_error: None,
+            nats_version: None,
         });
     }
     Ok(Json(RegionsBody {

@@ -127,12 +127,19 @@ impl HybridClock {
 
     /// The timestamp of a write that supersedes versions whose greatest HLC is `superseded_max`:
     /// `max(now, superseded_max + 1)`, so causality and HLC order agree even under clock skew.
+    ///
+    /// The clock itself follows that stamp only within the allowed drift: a version from a peer
+    /// whose clock ran a day ahead must not put every later write of this region (to any record) a
+    /// day ahead, where it would win last-writer-wins against writes that really came later.
     pub fn stamp_write(&mut self, physical_ms: u64, superseded_max: Option<Hlc>) -> Hlc {
         let now = self.now(physical_ms);
         match superseded_max {
             Some(max) if max >= now => {
-                self.last = max.successor();
-                self.last
+                let stamp = max.successor();
+                if stamp.millis() <= physical_ms.saturating_add(self.max_drift_ms) {
+                    self.last = stamp;
+                }
+                stamp
             }
             _ => now,
         }
@@ -203,8 +210,10 @@ mod tests {
             Observation::TooFarAhead { skew_ms: 40_000 }
         );
         assert!(clock.now(10_001) < remote);
-        // Yet a write superseding that version still orders after it.
+        // Yet a write superseding that version still orders after it,
         assert!(clock.stamp_write(10_002, Some(remote)) > remote);
+        // without dragging the clock: the next write to another record is stamped near now.
+        assert!(clock.now(10_003) < Hlc::from_parts(10_003 + 1_000, 0));
     }
 
     proptest! {
@@ -229,6 +238,29 @@ mod tests {
             let stamp = clock.stamp_write(physical, superseded);
             if let Some(s) = superseded { prop_assert!(stamp > s); }
             prop_assert!(stamp >= Hlc::from_parts(physical, 0));
+        }
+
+        /// Whatever it observes or supersedes, the clock never runs past physical time plus the
+        /// allowed drift (plus what a millisecond's counter can carry), while every write still
+        /// exceeds what it supersedes.
+        #[test]
+        fn the_clock_never_runs_past_physical_time_plus_drift(
+            steps in proptest::collection::vec(
+                (0u64..1_000, any::<bool>(), 0u64..u64::MAX / 2), 1..60),
+        ) {
+            let drift = 500;
+            let mut clock = HybridClock::new(drift);
+            let mut physical = 1_000_000u64;
+            for (tick, write, remote) in steps {
+                physical += tick;
+                let remote = Hlc::from_u64(remote);
+                if write {
+                    prop_assert!(clock.stamp_write(physical, Some(remote)) > remote);
+                } else {
+                    clock.observe(remote, physical);
+                }
+                prop_assert!(clock.last().millis() <= physical + drift + 1);
+            }
         }
 
         #[test]

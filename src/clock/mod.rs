@@ -1,5 +1,7 @@
-//! Time and causality, pure: the hybrid logical clock that orders writes, and the version vectors
-//! (with the ETags and session tokens built from them) that tell "saw" from "concurrent".
+//! Time and causality, pure: the hybrid logical clock that orders writes, the version vectors
+//! (with the ETags and session tokens built from them) that tell "saw" from "concurrent", and the
+//! ranges of a peer's stream a region has applied.
 
 pub mod hlc;
+pub mod ranges;
 pub mod version;

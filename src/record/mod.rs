@@ -11,9 +11,11 @@
 //! The home travels beside the versions and merges by the highest `(epoch, region)`, independently
 //! of the values, so a failover write can never bring an old home back.
 
+pub mod digest;
 pub mod names;
 pub mod policy;
 pub mod resolution;
+pub mod value;
 pub mod view;
 
 use serde::{Deserialize, Serialize};
@@ -78,6 +80,10 @@ pub enum MergeOutcome {
     Superseded,
     /// The incoming version is concurrent with a held one: both are kept (a conflict).
     Conflict,
+    /// A held version has the same vector but different content: two writes under one version
+    /// (a region restored from a backup reused its counters, or a bug). Every region keeps the one
+    /// with the larger content hash, whatever the arrival order; the caller logs a violation.
+    Diverged,
 }
 
 /// The stored state of a record: its home and its maximal versions, kept sorted by
@@ -107,12 +113,21 @@ impl RecordState {
         self.versions.iter().map(|v| v.hlc).max()
     }
 
-    /// Merge one version. Equal vectors denote the same write, so they are never kept twice.
+    /// Merge one version. Equal vectors denote the same write, so they are never kept twice; should
+    /// their contents differ, the larger content hash is kept (see [`MergeOutcome::Diverged`]).
     pub fn merge_version(&mut self, incoming: Version) -> MergeOutcome {
         let mut dominated = Vec::new();
         for (index, held) in self.versions.iter().enumerate() {
             match held.vector.compare(&incoming.vector) {
-                Causality::Equal | Causality::Dominates => return MergeOutcome::AlreadyCovered,
+                Causality::Equal if *held == incoming => return MergeOutcome::AlreadyCovered,
+                Causality::Equal => {
+                    if digest::version_hash(&incoming) > digest::version_hash(held) {
+                        self.versions[index] = incoming;
+                        self.versions.sort_by(|a, b| a.lww_key().cmp(&b.lww_key()));
+                    }
+                    return MergeOutcome::Diverged;
+                }
+                Causality::Dominates => return MergeOutcome::AlreadyCovered,
                 Causality::DominatedBy => dominated.push(index),
                 Causality::Concurrent => {}
             }
@@ -338,6 +353,30 @@ pub(crate) mod tests {
             prop_assert_eq!(join(&join(&sa, &sb), &sc), join(&sa, &join(&sb, &sc)));
             prop_assert_eq!(join(&sa, &sb), join(&sb, &sa));
             prop_assert_eq!(join(&sa, &sa), sa.clone());
+        }
+
+        /// Two writes under one vector (a reused counter) merge to the same choice in any order,
+        /// and the merge stays a semilattice.
+        #[test]
+        fn equal_vectors_with_different_content_merge_the_same_in_any_order(
+            versions in arb_versions(), twins in proptest::collection::vec(any::<bool>(), 8),
+        ) {
+            let mut all = versions.clone();
+            for (v, twin) in versions.iter().zip(twins) {
+                if twin {
+                    let mut other = v.clone();
+                    other.value = serde_json::json!({"twin": other.value});
+                    all.push(other);
+                }
+            }
+            let forward = state_of(Home::new("eu"), &all);
+            let mut reversed = all.clone();
+            reversed.reverse();
+            prop_assert_eq!(&forward, &state_of(Home::new("eu"), &reversed));
+            prop_assert!(is_antichain(&forward));
+            let mut twice = forward.clone();
+            twice.join(&forward);
+            prop_assert_eq!(twice, forward);
         }
 
         #[test]

@@ -2,20 +2,25 @@
 //!
 //! A batch is applied in one transaction (records locked in key order, conflicts logged, the
 //! origin's position recorded) and acknowledged only after it commits, so a crash at any point
-//! means redelivery, never loss; redelivered or reordered events merge to the same state. A gap
-//! (events this region never applied are gone from the stream) stops the consumer with an error
-//! in the log and the status: applying on top of a gap would silently diverge, so this region
-//! needs a bootstrap from a peer instead.
+//! means redelivery, never loss; redelivered or reordered events merge to the same state.
+//!
+//! The stream is trusted for nothing else. The sequences applied are kept as ranges in
+//! PostgreSQL ([`crate::clock::ranges`]); a hole whose events are gone (purged, dropped by the
+//! server, a recreated stream) or that stays open triggers a repair round against the origin
+//! ([`super::repair`]), after which the hole is covered and replication goes on: never a silent
+//! skip, never a stop. An event that cannot be read or applied, even alone, is set aside as a dead
+//! letter and its record left to repair; an event of a newer wire version pauses the consumer
+//! ("needs upgrade") without acknowledging it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::event::{Change, Event, ModuleChunk};
+use super::event::{Change, DecodeError, Event, ModuleChunk};
 use crate::clock::hlc::{wall_clock_ms, Observation};
 use crate::record::policy::{Strategy, POLICY_COLLECTION};
 use crate::record::resolution::{Outcome, Resolution};
@@ -23,7 +28,7 @@ use crate::record::view::{materialized_view, View};
 use crate::record::{MergeOutcome, RecordState};
 use crate::resolve::{self, RESOLVER_COLLECTION};
 use crate::service::Region;
-use crate::storage::apply::{ConflictEntry, RecordKey};
+use crate::storage::apply::{ConflictEntry, RecordKey, StreamPosition};
 use crate::storage::resolvers::ChunkProgress;
 use crate::storage::StorageError;
 
@@ -34,9 +39,9 @@ const GAP_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 enum ConsumeError {
-    /// The consumer cannot go on without losing or guessing: it stops until an operator acts.
-    #[error("{0}")]
-    Stopped(String),
+    /// An event of a newer wire version: this region must be upgraded to read on.
+    #[error("needs upgrade: {0}")]
+    NeedsUpgrade(String),
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
     #[error(transparent)]
@@ -47,10 +52,10 @@ pub async fn run(region: Arc<Region>, js: jetstream::Context, origin: String) {
     loop {
         match consume(&region, &js, &origin).await {
             Ok(()) => return,
-            Err(ConsumeError::Stopped(reason)) => {
-                tracing::error!(region = region.id(), %origin, %reason, "replication from this origin stopped");
-                region.replication.peer_stopped(&origin, &reason);
-                return;
+            Err(ConsumeError::NeedsUpgrade(reason)) => {
+                tracing::error!(region = region.id(), %origin, %reason, "replication from this origin paused until this region is upgraded");
+                region.replication.peer_needs_upgrade(&origin, &reason);
+                tokio::time::sleep(Duration::from_secs(30)).await;
             }
             Err(error) => {
                 tracing::warn!(region = region.id(), %origin, %error, "replication interrupted; retrying");
@@ -83,9 +88,10 @@ async fn consume(
         .get_consumer(&super::consumer_name(&config.region))
         .await
         .map_err(ConsumeError::Nats)?;
-    check_for_gap(region, &mut stream, origin).await?;
-    let mut last_gap_check = std::time::Instant::now();
     region.replication.peer_running(origin);
+    let mut open_holes = BTreeMap::new();
+    check_for_gap(region, &mut stream, origin, &mut open_holes).await?;
+    let mut last_gap_check = Instant::now();
 
     loop {
         let mut fetched = consumer
@@ -100,27 +106,46 @@ async fn consume(
             messages.push(message.map_err(ConsumeError::Nats)?);
         }
         if last_gap_check.elapsed() > GAP_CHECK_EVERY {
-            check_for_gap(region, &mut stream, origin).await?;
-            last_gap_check = std::time::Instant::now();
+            check_for_gap(region, &mut stream, origin, &mut open_holes).await?;
+            last_gap_check = Instant::now();
         }
         if messages.is_empty() {
             continue;
         }
         let mut events = Vec::with_capacity(messages.len());
-        let mut last_sequence = 0;
+        let mut sequences = Vec::with_capacity(messages.len());
+        let mut unreadable = Vec::new();
         for message in &messages {
             let sequence = message.info().map_err(ConsumeError::Nats)?.stream_sequence;
-            let event = Change::decode(&message.payload).map_err(|e| {
-                ConsumeError::Stopped(format!(
-                    "event {sequence} of {origin}'s stream cannot be read: {e}"
-                ))
-            })?;
-            last_sequence = last_sequence.max(sequence);
-            events.push(event);
+            match Change::decode(&message.payload) {
+                Ok(event) => {
+                    events.push(event);
+                    sequences.push(sequence);
+                }
+                // A newer build's event is no poison: wait for this region's upgrade, without
+                // acknowledging anything, so nothing is lost meanwhile.
+                Err(error @ DecodeError::UnknownVersion(_)) => {
+                    return Err(ConsumeError::NeedsUpgrade(format!(
+                        "event {sequence} of {origin}'s stream: {error}"
+                    )))
+                }
+                Err(error) => {
+                    unreadable.push((sequence, message.payload.to_vec(), error.to_string()))
+                }
+            }
+        }
+        for (sequence, payload, error) in unreadable {
+            tracing::error!(region = region.id(), %origin, sequence, %error, "unreadable event set aside as a dead letter; repair brings its record over");
+            region
+                .store
+                .dead_letter(origin, sequence, None, &payload, &error)
+                .await?;
+            region.replication.dead_lettered(origin, 1);
+            region.repair_wanted.notify_one();
         }
         // A batch whose conflicts run resolvers can take longer than the ack wait: tell JetStream
         // the batch is in progress, so it is not delivered again while it is being applied.
-        let apply = apply_with_retries(region, origin, &events, last_sequence);
+        let apply = apply_or_set_aside(region, origin, &events, &sequences);
         tokio::pin!(apply);
         let mut progress = tokio::time::interval(super::ACK_WAIT / 3);
         progress.tick().await;
@@ -144,51 +169,137 @@ async fn consume(
     }
 }
 
-/// Stop if events this region has not applied are no longer in the stream. An event leaves an
-/// interest-retention stream only once every consumer acknowledged it, and this region
-/// acknowledges only after committing, so everything before the stream's first event must be at
-/// or below this region's applied position. The consumer's ack floor is no evidence: NATS moves
-/// it forward when a stream is purged.
+/// Apply a batch; if it fails for a reason other than an unavailable database, apply its events
+/// one by one, and set aside as dead letters only those that fail alone, so one poison event never
+/// stops the stream. Repair brings their records over from the origin.
+async fn apply_or_set_aside(
+    region: &Region,
+    origin: &str,
+    events: &[Change],
+    sequences: &[u64],
+) -> Result<Applied, StorageError> {
+    match apply_with_retries(region, origin, events, sequences).await {
+        Err(error) if !matches!(error, StorageError::Unavailable(_)) && !events.is_empty() => {
+            tracing::warn!(region = region.id(), %origin, %error, "batch failed; applying its events one by one");
+            let mut total = Applied::default();
+            for (event, &sequence) in events.iter().zip(sequences) {
+                match apply_with_retries(region, origin, std::slice::from_ref(event), &[sequence])
+                    .await
+                {
+                    Ok(applied) => total.absorb(applied),
+                    Err(StorageError::Unavailable(e)) => return Err(StorageError::Unavailable(e)),
+                    Err(error) => {
+                        let key = match event {
+                            Change::Record(e) => Some((e.collection.as_str(), e.key.as_str())),
+                            Change::ModuleChunk(_) => None,
+                        };
+                        tracing::error!(region = region.id(), %origin, sequence, ?key, %error, "event set aside as a dead letter; repair brings its record over");
+                        region
+                            .store
+                            .dead_letter(
+                                origin,
+                                sequence,
+                                key,
+                                &encode_change(event),
+                                &error.to_string(),
+                            )
+                            .await?;
+                        region.replication.dead_lettered(origin, 1);
+                        region.repair_wanted.notify_one();
+                    }
+                }
+            }
+            Ok(total)
+        }
+        other => other,
+    }
+}
+
+fn encode_change(change: &Change) -> Vec<u8> {
+    match change {
+        Change::Record(event) => event.encode(),
+        Change::ModuleChunk(chunk) => chunk.encode(),
+    }
+}
+
+/// How long a hole inside the stream may stay open before it is taken as lost: well past the
+/// ack wait, after which JetStream would have delivered its events again.
+const HOLE_GRACE: Duration = Duration::from_secs(60);
+
+/// Find events this region never applied and will never receive: below the stream's first
+/// event (purged, or dropped by the server), in a stream that was recreated, or in a hole that
+/// stays open. Each triggers a repair round against the origin, which brings over what those
+/// events carried; the hole is then covered and replication goes on. A failed round leaves the
+/// hole to the next check: never a silent skip, never a stop.
 async fn check_for_gap(
     region: &Region,
     stream: &mut jetstream::stream::Stream,
     origin: &str,
+    open_holes: &mut BTreeMap<(u64, u64), Instant>,
 ) -> Result<(), ConsumeError> {
-    let applied = region.store.applied_position(origin).await? as u64;
+    let applied = region.store.applied_ranges(origin).await?;
     let state = stream
         .info()
         .await
         .map_err(|e| ConsumeError::Nats(e.into()))?
         .state
         .clone();
-    if state.last_sequence < applied {
-        return Err(ConsumeError::Stopped(format!(
-            "{origin}'s stream ends at {} but this region applied up to {applied}: the stream was recreated; bootstrap this region from a peer",
-            state.last_sequence
-        )));
+    let recreated = applied.max().is_some_and(|max| state.last_sequence < max);
+    let mut lost = if recreated {
+        Vec::new()
+    } else {
+        applied.holes_below(state.first_sequence)
+    };
+    // Holes still inside the stream wait for (re)delivery, up to the grace.
+    let now = Instant::now();
+    let inside = applied
+        .holes_below(applied.max().map_or(0, |max| max + 1))
+        .into_iter()
+        .filter(|&(_, last)| last >= state.first_sequence);
+    let mut still_open = BTreeMap::new();
+    for hole in inside {
+        let seen = *open_holes.get(&hole).unwrap_or(&now);
+        if now.duration_since(seen) > HOLE_GRACE {
+            lost.push(hole);
+        } else {
+            still_open.insert(hole, seen);
+        }
     }
-    // An empty stream reports the sequence its next event will get as its first.
-    if state.first_sequence > applied + 1 {
-        return Err(ConsumeError::Stopped(format!(
-            "events {}..{} of {origin}'s stream are gone but were never applied here: bootstrap this region from a peer",
-            applied + 1,
-            state.first_sequence - 1
-        )));
+    *open_holes = still_open;
+    if !recreated && lost.is_empty() {
+        return Ok(());
+    }
+    let missing: u64 = lost.iter().map(|(a, b)| b - a + 1).sum();
+    tracing::warn!(region = region.id(), %origin, ?lost, recreated, "events of this origin's stream are gone unapplied; repairing from the origin");
+    region.replication.peer_repairing(origin, missing);
+    match super::repair::round(region, origin).await {
+        Ok(_) => {
+            if recreated {
+                region.store.reset_ranges(origin).await?;
+            } else {
+                region.store.cover_ranges(origin, &lost).await?;
+            }
+            region.replication.gap_repaired(origin, missing);
+            region.replication.peer_running(origin);
+        }
+        Err(error) => {
+            tracing::warn!(region = region.id(), %origin, %error, "repair of a gap failed; trying again at the next check");
+        }
     }
     Ok(())
 }
 
 /// Apply a batch, running it again if PostgreSQL aborted it as a deadlock or serialization
 /// victim, rather than leaving the batch to JetStream's redelivery after the ack wait.
-async fn apply_with_retries(
+pub async fn apply_with_retries(
     region: &Region,
     origin: &str,
     events: &[Change],
-    sequence: u64,
+    sequences: &[u64],
 ) -> Result<Applied, StorageError> {
     let mut attempt = 0;
     loop {
-        match apply_batch(region, origin, events, sequence).await {
+        match apply_batch(region, origin, events, sequences).await {
             Err(error) if error.is_retryable() && attempt < 5 => {
                 attempt += 1;
                 tracing::info!(%origin, attempt, %error, "apply aborted by PostgreSQL; running it again");
@@ -204,17 +315,34 @@ pub struct Applied {
     pub events: usize,
     pub conflicts: usize,
     pub conflicts_by_strategy: BTreeMap<&'static str, usize>,
+    /// Records whose stored state changed.
+    pub records_changed: usize,
     pub stream_sequence: u64,
     /// Milliseconds from the newest event's HLC to its apply here.
     pub lag_ms: u64,
 }
 
-/// Merge `events` from `origin` in one transaction.
+impl Applied {
+    /// Add another batch's figures to these.
+    fn absorb(&mut self, other: Applied) {
+        self.events += other.events;
+        self.conflicts += other.conflicts;
+        for (strategy, count) in other.conflicts_by_strategy {
+            *self.conflicts_by_strategy.entry(strategy).or_insert(0) += count;
+        }
+        self.records_changed += other.records_changed;
+        self.stream_sequence = self.stream_sequence.max(other.stream_sequence);
+        self.lag_ms = self.lag_ms.max(other.lag_ms);
+    }
+}
+
+/// Merge `events` from `origin` in one transaction, with the stream `sequences` they came at
+/// (recorded with them; repair merges with none).
 pub async fn apply_batch(
     region: &Region,
     origin: &str,
     changes: &[Change],
-    stream_sequence: u64,
+    sequences: &[u64],
 ) -> Result<Applied, StorageError> {
     let mut by_key: BTreeMap<RecordKey, Vec<&Event>> = BTreeMap::new();
     let mut chunks: Vec<&ModuleChunk> = Vec::new();
@@ -257,8 +385,10 @@ pub async fn apply_batch(
     }
     let mut loaded = tx.lock(&keys).await?;
     let mut conflicts = 0;
+    let mut records_changed = 0;
     let mut conflicts_by_strategy = BTreeMap::new();
     for (key, batch) in &by_key {
+        let mut violations_logged = false;
         loop {
             let current = &loaded[key];
             let mut state = current
@@ -268,10 +398,23 @@ pub async fn apply_batch(
             // Each merge that kept concurrent versions is a conflict, logged with the versions
             // it found, even if a later event of the same batch supersedes them.
             let mut detected = Vec::new();
+            let mut diverged = Vec::new();
             for event in batch {
                 state.merge_home(&event.home);
-                if state.merge_version(event.version.clone()) == MergeOutcome::Conflict {
-                    detected.push(state.clone());
+                match state.merge_version(event.version.clone()) {
+                    MergeOutcome::Conflict => detected.push(state.clone()),
+                    MergeOutcome::Diverged => diverged.push(&event.version),
+                    MergeOutcome::AlreadyCovered | MergeOutcome::Superseded => {}
+                }
+            }
+            if !violations_logged {
+                violations_logged = true;
+                for incoming in diverged {
+                    tracing::error!(region = region.id(), %origin, collection = %key.0, key = %key.1,
+                        vector = ?incoming.vector, "integrity violation: two different versions under one version vector; keeping the larger content hash");
+                    region.replication.integrity_violation();
+                    tx.log_conflict(&integrity_entry(region.id(), key, incoming, &state))
+                        .await?;
                 }
             }
             if current.state.as_ref() == Some(&state) {
@@ -309,6 +452,7 @@ pub async fn apply_batch(
                 continue;
             }
             region.forget_cached(&key.0, &key.1);
+            records_changed += 1;
             if !detected.is_empty() {
                 for found in &detected {
                     // Each detected set is logged with the outcome a reader saw for it.
@@ -336,8 +480,12 @@ pub async fn apply_batch(
             break;
         }
     }
-    tx.commit(origin, stream_sequence as i64, newest.as_u64())
-        .await?;
+    let position = (!sequences.is_empty()).then_some(StreamPosition {
+        origin,
+        sequences,
+        newest_hlc: newest.as_u64(),
+    });
+    tx.commit(position).await?;
     let mut resolution_inputs_changed = modules_arrived;
     for (collection, key) in &keys {
         if collection == POLICY_COLLECTION {
@@ -356,7 +504,8 @@ pub async fn apply_batch(
         events: changes.len(),
         conflicts,
         conflicts_by_strategy,
-        stream_sequence,
+        records_changed,
+        stream_sequence: sequences.iter().copied().max().unwrap_or(0),
         lag_ms: wall_clock_ms().saturating_sub(newest.millis()),
     })
 }
@@ -383,6 +532,33 @@ fn conflict_entry(
         outcome,
         resolver: resolution.map(|r| json!({ "name": r.resolver, "sha256": r.sha256 })),
         error: resolution.and_then(|r| r.error.clone()),
+    }
+}
+
+/// A conflict-log entry for two versions under one vector: both, and which one every region keeps.
+fn integrity_entry(
+    region: &str,
+    key: &RecordKey,
+    incoming: &crate::record::Version,
+    state: &RecordState,
+) -> ConflictEntry {
+    let kept = state
+        .versions
+        .iter()
+        .find(|v| v.vector == incoming.vector)
+        .cloned();
+    ConflictEntry {
+        collection: key.0.clone(),
+        key: key.1.clone(),
+        region: region.to_owned(),
+        strategy: "integrity".to_owned(),
+        versions: json!([incoming, kept]),
+        outcome: json!({ "kept": kept }),
+        resolver: None,
+        error: Some(
+            "two different versions under one version vector (a reused counter); every region keeps the one with the larger content hash"
+                .to_owned(),
+        ),
     }
 }
 

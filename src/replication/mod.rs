@@ -13,6 +13,7 @@
 pub mod consumer;
 pub mod event;
 pub mod publisher;
+pub mod repair;
 pub mod status;
 
 use std::time::Duration;
@@ -89,6 +90,20 @@ pub async fn ensure_stream(
     Ok(stream)
 }
 
+/// Whether a nats-server release purges interest-stream events at restart while one consumer
+/// has never acknowledged anything: introduced in 2.9.7 (nats-io/nats-server#3625), fixed in 2.9.16
+/// (#3999). Every fresh deployment is in that state; repair covers what such a server loses.
+pub fn has_interest_purge_bug(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().ok());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Some(2)), Some(Some(9)), Some(Some(patch))) => (7..16).contains(&patch),
+        _ => false,
+    }
+}
+
 /// Delete the streams of `regions` in `deployment` (and with them their consumers): what
 /// `locus dev --reset` and test teardown do. Streams that do not exist are fine.
 pub async fn delete_streams(
@@ -105,4 +120,24 @@ pub async fn delete_streams(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn knows_which_servers_purge_interest_streams_at_restart() {
+        for bad in ["2.9.7", "2.9.10", "v2.9.15"] {
+            assert!(super::has_interest_purge_bug(bad), "{bad}");
+        }
+        for good in [
+            "2.9.6",
+            "2.9.16",
+            "2.10.0",
+            "2.15.1",
+            "3.0.0-beta",
+            "garbage",
+        ] {
+            assert!(!super::has_interest_purge_bug(good), "{good}");
+        }
+    }
 }

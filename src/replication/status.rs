@@ -17,7 +17,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PeerStatus {
-    /// `connecting`, `running`, `retrying` or `stopped`.
+    /// `connecting`, `running`, `retrying`, `repairing` (a gap) or `needs upgrade`.
     pub state: String,
     /// Why the consumer is retrying or stopped.
     pub error: Option<String>,
@@ -31,6 +31,25 @@ pub struct PeerStatus {
     pub last_applied_at: Option<String>,
     pub events_applied_per_second: f64,
     pub skewed_events: u64,
+    /// Holes in this peer's stream (events gone unapplied) that repair has covered.
+    pub gaps_repaired: u64,
+    pub events_covered_by_repair: u64,
+    /// Events from this peer set aside since start because they could not be applied.
+    pub dead_letters: u64,
+    /// Anti-entropy against this peer.
+    pub repair: RepairStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct RepairStatus {
+    /// `idle`, `running` or `failed`.
+    pub state: String,
+    pub rounds: u64,
+    pub records_repaired: u64,
+    /// When the last complete round ended.
+    pub last_complete_at: Option<String>,
+    pub last_round: Option<super::repair::RepairReport>,
+    pub error: Option<String>,
 }
 
 #[derive(Default)]
@@ -39,6 +58,7 @@ struct Inner {
     recent: BTreeMap<String, VecDeque<(Instant, usize)>>,
     events_published: u64,
     publisher_error: Option<String>,
+    nats_version: Option<String>,
 }
 
 struct Metrics {
@@ -49,6 +69,13 @@ struct Metrics {
     stopped: IntGaugeVec,
     skewed: IntCounterVec,
     published: IntCounter,
+    gaps: IntCounterVec,
+    integrity: IntCounter,
+    nats_version: IntGaugeVec,
+    dead_letters: IntCounterVec,
+    repair_rounds: IntCounterVec,
+    repair_buckets: IntCounterVec,
+    repair_records: IntCounterVec,
     pub(crate) outbox_backlog: IntGauge,
     pub(crate) publish_batch: Histogram,
 }
@@ -69,19 +96,174 @@ impl ReplicationStatus {
     pub fn new(registry: &Registry) -> ReplicationStatus {
         let origin = &["origin"];
         let metrics = Metrics {
-            lag_ms: register(registry, IntGaugeVec::new(Opts::new("locus_replication_lag_ms", "Milliseconds from the newest applied event's HLC to its apply here"), origin).unwrap()),
-            lag_seconds: register(registry, HistogramVec::new(
-                HistogramOpts::new("locus_replication_lag_seconds", "Replication lag of applied batches, event HLC to apply")
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
-                origin).unwrap()),
-            applied: register(registry, IntCounterVec::new(Opts::new("locus_replication_events_applied_total", "Events applied from each origin"), origin).unwrap()),
-            conflicts: register(registry, IntCounterVec::new(Opts::new("locus_conflicts_total", "Conflicts detected on apply, by strategy"), &["strategy"]).unwrap()),
-            stopped: register(registry, IntGaugeVec::new(Opts::new("locus_replication_consumer_stopped", "1 while replication from an origin is stopped (a gap or an unreadable event)"), origin).unwrap()),
-            skewed: register(registry, IntCounterVec::new(Opts::new("locus_clock_skewed_events_total", "Events whose HLC was further ahead than the allowed drift"), origin).unwrap()),
-            published: register(registry, IntCounter::new("locus_replication_events_published_total", "Outbox events acknowledged by JetStream").unwrap()),
-            outbox_backlog: register(registry, IntGauge::new("locus_outbox_backlog", "Outbox events waiting to be published").unwrap()),
-            publish_batch: register(registry, Histogram::with_opts(
-                HistogramOpts::new("locus_publish_batch_events", "Events per publisher pass").buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0])).unwrap()),
+            lag_ms: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "locus_replication_lag_ms",
+                        "Milliseconds from the newest applied event's HLC to its apply here",
+                    ),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            lag_seconds: register(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "locus_replication_lag_seconds",
+                        "Replication lag of applied batches, event HLC to apply",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0, 60.0,
+                    ]),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            applied: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_replication_events_applied_total",
+                        "Events applied from each origin",
+                    ),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            conflicts: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_conflicts_total",
+                        "Conflicts detected on apply, by strategy",
+                    ),
+                    &["strategy"],
+                )
+                .unwrap(),
+            ),
+            stopped: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "locus_replication_consumer_stopped",
+                        "1 while replication from an origin waits for this region's upgrade",
+                    ),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            skewed: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_clock_skewed_events_total",
+                        "Events whose HLC was further ahead than the allowed drift",
+                    ),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            integrity: register(
+                registry,
+                IntCounter::new(
+                    "locus_integrity_violations_total",
+                    "Two different versions found under one version vector",
+                )
+                .unwrap(),
+            ),
+            nats_version: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "locus_nats_server_info",
+                        "1 for the version of the NATS server this region connected to",
+                    ),
+                    &["version"],
+                )
+                .unwrap(),
+            ),
+            gaps: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_replication_gaps_repaired_total",
+                        "Holes in an origin's stream (events gone unapplied) covered by repair",
+                    ),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            dead_letters: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_replication_dead_letters_total",
+                        "Events from an origin set aside because they could not be applied",
+                    ),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            repair_rounds: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_repair_rounds_total",
+                        "Anti-entropy rounds against each peer, by result",
+                    ),
+                    &["peer", "result"],
+                )
+                .unwrap(),
+            ),
+            repair_buckets: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_repair_buckets_compared_total",
+                        "Bucket digests compared with each peer",
+                    ),
+                    &["peer"],
+                )
+                .unwrap(),
+            ),
+            repair_records: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_repair_records_repaired_total",
+                        "Records whose state changed by repair from each peer",
+                    ),
+                    &["peer"],
+                )
+                .unwrap(),
+            ),
+            published: register(
+                registry,
+                IntCounter::new(
+                    "locus_replication_events_published_total",
+                    "Outbox events acknowledged by JetStream",
+                )
+                .unwrap(),
+            ),
+            outbox_backlog: register(
+                registry,
+                IntGauge::new(
+                    "locus_outbox_backlog",
+                    "Outbox events waiting to be published",
+                )
+                .unwrap(),
+            ),
+            publish_batch: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("locus_publish_batch_events", "Events per publisher pass")
+                        .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
+                )
+                .unwrap(),
+            ),
         };
         ReplicationStatus {
             inner: Mutex::new(Inner::default()),
@@ -119,12 +301,56 @@ impl ReplicationStatus {
         });
     }
 
-    pub fn peer_stopped(&self, origin: &str, reason: &str) {
+    /// An event of a newer wire version: the consumer waits for this region's upgrade.
+    pub fn peer_needs_upgrade(&self, origin: &str, reason: &str) {
         self.metrics.stopped.with_label_values(&[origin]).set(1);
         self.with_peer(origin, |p| {
-            p.state = "stopped".into();
+            p.state = "needs upgrade".into();
             p.error = Some(reason.to_owned());
         });
+    }
+
+    /// Events of the origin's stream are gone unapplied: a repair round is bringing them over.
+    pub fn peer_repairing(&self, origin: &str, missing: u64) {
+        self.with_peer(origin, |p| {
+            p.state = "repairing".into();
+            p.error = Some(format!(
+                "{missing} events of the stream are gone unapplied; repairing from {origin}"
+            ));
+        });
+    }
+
+    pub fn gap_repaired(&self, origin: &str, events: u64) {
+        self.metrics.gaps.with_label_values(&[origin]).inc();
+        self.with_peer(origin, |p| {
+            p.gaps_repaired += 1;
+            p.events_covered_by_repair += events;
+        });
+    }
+
+    pub fn set_nats_version(&self, version: &str) {
+        self.metrics.nats_version.reset();
+        self.metrics
+            .nats_version
+            .with_label_values(&[version])
+            .set(1);
+        self.inner.lock().expect("status lock").nats_version = Some(version.to_owned());
+    }
+
+    pub fn nats_version(&self) -> Option<String> {
+        self.inner.lock().expect("status lock").nats_version.clone()
+    }
+
+    pub fn integrity_violation(&self) {
+        self.metrics.integrity.inc();
+    }
+
+    pub fn dead_lettered(&self, origin: &str, count: u64) {
+        self.metrics
+            .dead_letters
+            .with_label_values(&[origin])
+            .inc_by(count);
+        self.with_peer(origin, |p| p.dead_letters += count);
     }
 
     pub fn applied(&self, origin: &str, applied: &Applied) {
@@ -163,6 +389,41 @@ impl ReplicationStatus {
             p.conflicts += applied.conflicts as u64;
             p.lag_ms = Some(applied.lag_ms);
             p.last_applied_at = Some(humantime_utc(SystemTime::now()));
+        });
+    }
+
+    pub fn repair_started(&self, peer: &str) {
+        self.with_peer(peer, |p| p.repair.state = "running".into());
+    }
+
+    pub fn repair_finished(&self, peer: &str, report: &super::repair::RepairReport) {
+        let m = &self.metrics;
+        m.repair_rounds.with_label_values(&[peer, "complete"]).inc();
+        m.repair_buckets
+            .with_label_values(&[peer])
+            .inc_by(report.buckets_compared);
+        m.repair_records
+            .with_label_values(&[peer])
+            .inc_by(report.records_repaired);
+        self.with_peer(peer, |p| {
+            let repair = &mut p.repair;
+            repair.state = "idle".into();
+            repair.rounds += 1;
+            repair.records_repaired += report.records_repaired;
+            repair.last_complete_at = Some(humantime_utc(SystemTime::now()));
+            repair.last_round = Some(report.clone());
+            repair.error = None;
+        });
+    }
+
+    pub fn repair_failed(&self, peer: &str, error: &str) {
+        self.metrics
+            .repair_rounds
+            .with_label_values(&[peer, "failed"])
+            .inc();
+        self.with_peer(peer, |p| {
+            p.repair.state = "failed".into();
+            p.repair.error = Some(error.to_owned());
         });
     }
 

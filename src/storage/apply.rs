@@ -9,12 +9,14 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::records::{decode_resolution, Loaded};
 use super::{StorageError, Store};
+use crate::clock::ranges::RangeSet;
+use crate::record::digest::{bucket_of, state_hash};
 use crate::record::policy::POLICY_COLLECTION;
 use crate::record::resolution::Resolution;
 use crate::record::RecordState;
 
 /// The advisory lock key that serializes a region's apply transactions.
-const APPLY_LOCK: i64 = 0x6c6f_6375_7361_7070; // "locusapp"
+pub const APPLY_LOCK: i64 = 0x6c6f_6375_7361_7070; // "locusapp"
 
 /// A record's key.
 pub type RecordKey = (String, String);
@@ -51,15 +53,126 @@ impl Store {
         Ok(ApplyTx { tx })
     }
 
-    /// The last stream sequence applied from `origin` (0 when none).
-    pub async fn applied_position(&self, origin: &str) -> Result<i64, StorageError> {
-        let position: Option<i64> =
-            sqlx::query_scalar("SELECT stream_sequence FROM applied_positions WHERE origin = $1")
-                .bind(origin)
-                .fetch_optional(self.pool())
-                .await?;
-        Ok(position.unwrap_or(0))
+    /// The sequences of `origin`'s stream applied here.
+    pub async fn applied_ranges(&self, origin: &str) -> Result<RangeSet, StorageError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT first_seq, last_seq FROM applied_ranges WHERE origin = $1 ORDER BY first_seq",
+        )
+        .bind(origin)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(RangeSet::from_ranges(
+            rows.into_iter().map(|(a, b)| (a as u64, b as u64)),
+        ))
     }
+
+    /// Mark `ranges` of `origin`'s stream as covered: a repair round brought over what their
+    /// events carried.
+    pub async fn cover_ranges(
+        &self,
+        origin: &str,
+        ranges: &[(u64, u64)],
+    ) -> Result<(), StorageError> {
+        let mut tx = self.begin_apply().await?;
+        let mut set = load_ranges(&mut tx.tx, origin).await?;
+        for &(first, last) in ranges {
+            set.insert(first, last);
+        }
+        save_ranges(&mut tx.tx, origin, &set).await?;
+        tx.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Set aside an event that cannot be read or applied.
+    pub async fn dead_letter(
+        &self,
+        origin: &str,
+        stream_sequence: u64,
+        key: Option<(&str, &str)>,
+        event: &[u8],
+        error: &str,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO dead_letters (origin, stream_sequence, collection, key, event, error)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(origin)
+        .bind(stream_sequence as i64)
+        .bind(key.map(|(c, _)| c))
+        .bind(key.map(|(_, k)| k))
+        .bind(event)
+        .bind(error)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// How many dead letters wait for an operator.
+    pub async fn dead_letter_count(&self) -> Result<i64, StorageError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+            .fetch_one(self.pool())
+            .await?)
+    }
+
+    /// Forget every range of `origin`: its stream was recreated and numbers its events anew.
+    pub async fn reset_ranges(&self, origin: &str) -> Result<(), StorageError> {
+        let mut tx = self.begin_apply().await?;
+        save_ranges(&mut tx.tx, origin, &RangeSet::new()).await?;
+        sqlx::query("UPDATE applied_positions SET stream_sequence = 0 WHERE origin = $1")
+            .bind(origin)
+            .execute(&mut *tx.tx)
+            .await?;
+        tx.tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn load_ranges(
+    tx: &mut Transaction<'static, Postgres>,
+    origin: &str,
+) -> Result<RangeSet, StorageError> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT first_seq, last_seq FROM applied_ranges WHERE origin = $1 ORDER BY first_seq",
+    )
+    .bind(origin)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(RangeSet::from_ranges(
+        rows.into_iter().map(|(a, b)| (a as u64, b as u64)),
+    ))
+}
+
+async fn save_ranges(
+    tx: &mut Transaction<'static, Postgres>,
+    origin: &str,
+    set: &RangeSet,
+) -> Result<(), StorageError> {
+    let firsts: Vec<i64> = set.ranges().iter().map(|&(a, _)| a as i64).collect();
+    let lasts: Vec<i64> = set.ranges().iter().map(|&(_, b)| b as i64).collect();
+    sqlx::query("DELETE FROM applied_ranges WHERE origin = $1")
+        .bind(origin)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO applied_ranges (origin, first_seq, last_seq)
+         SELECT $1, * FROM unnest($2::bigint[], $3::bigint[])",
+    )
+    .bind(origin)
+    .bind(&firsts)
+    .bind(&lasts)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Where a batch from a stream stands: recorded with the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamPosition<'a> {
+    pub origin: &'a str,
+    /// The stream sequences of the batch's events.
+    pub sequences: &'a [u64],
+    /// The HLC of the newest event in the batch.
+    pub newest_hlc: u64,
 }
 
 impl ApplyTx {
@@ -136,26 +249,26 @@ impl ApplyTx {
         state: &RecordState,
         resolution: Option<&Resolution>,
     ) -> Result<bool, StorageError> {
-        let written = if rev == 0 {
-            sqlx::query(
-                "INSERT INTO records (collection, key, rev, state, resolution) VALUES ($1, $2, 1, $3, $4)
-                 ON CONFLICT (collection, key) DO NOTHING",
-            )
+        let hash = state_hash(state);
+        let sql = if rev == 0 {
+            "INSERT INTO records (collection, key, rev, state, resolution, bucket, hash_hi, hash_lo)
+             VALUES ($1, $2, 1, $3, $4, $5, $6, $7)
+             ON CONFLICT (collection, key) DO NOTHING"
+        } else {
+            "UPDATE records SET rev = rev + 1, state = $3, resolution = $4, updated_at = now(),
+                    bucket = $5, hash_hi = $6, hash_lo = $7
+              WHERE collection = $1 AND key = $2"
+        };
+        let written = sqlx::query(sql)
             .bind(&key.0)
             .bind(&key.1)
             .bind(Json(state))
             .bind(resolution.map(Json))
+            .bind(bucket_of(&key.1))
+            .bind(hash.hi)
+            .bind(hash.lo)
             .execute(&mut *self.tx)
-            .await?
-        } else {
-            sqlx::query("UPDATE records SET rev = rev + 1, state = $3, resolution = $4, updated_at = now() WHERE collection = $1 AND key = $2")
-                .bind(&key.0)
-                .bind(&key.1)
-                .bind(Json(state))
-                .bind(resolution.map(Json))
-                .execute(&mut *self.tx)
-                .await?
-        };
+            .await?;
         Ok(written.rows_affected() == 1)
     }
 
@@ -177,13 +290,22 @@ impl ApplyTx {
         Ok(())
     }
 
-    /// Commit the batch and the origin's new position together.
+    /// Commit the batch and, for a batch from a stream, its position, together.
     pub async fn commit(
         mut self,
-        origin: &str,
-        stream_sequence: i64,
-        last_event_hlc: u64,
+        position: Option<StreamPosition<'_>>,
     ) -> Result<(), StorageError> {
+        let Some(position) = position else {
+            self.tx.commit().await?;
+            return Ok(());
+        };
+        let (origin, last_event_hlc) = (position.origin, position.newest_hlc);
+        let stream_sequence = position.sequences.iter().copied().max().unwrap_or(0) as i64;
+        // The ranges are few (usually one) and applies are serialized by the apply lock: read,
+        // merge, write.
+        let mut ranges = load_ranges(&mut self.tx, origin).await?;
+        ranges.insert_all(position.sequences.iter().copied());
+        save_ranges(&mut self.tx, origin, &ranges).await?;
         sqlx::query(
             "INSERT INTO applied_positions (origin, stream_sequence, last_event_hlc) VALUES ($1, $2, $3)
              ON CONFLICT (origin) DO UPDATE SET stream_sequence = GREATEST(applied_positions.stream_sequence, EXCLUDED.stream_sequence),

@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod outbox;
 pub mod records;
+pub mod repair;
 pub mod resolvers;
 
 use std::time::Duration;

@@ -5,10 +5,10 @@ use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Row};
 
 use super::StorageError;
+use crate::record::digest::{bucket_of, state_hash};
 use crate::record::policy::POLICY_COLLECTION;
 use crate::record::resolution::Resolution;
 use crate::record::RecordState;
-use crate::replication::event::Event;
 
 /// The stored state of a record, the revision it was read at, and its collection's policy record.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ impl Store {
         load(&self.pool, collection, key).await
     }
 
-    /// Commit `state` and its outbox `event` if the record is still at `expected_rev` (0: still
+    /// Commit `state` and its outbox `event` (wire bytes) if the record is still at `expected_rev` (0: still
     /// absent). Returns false when another writer got there first; nothing was written then.
     pub async fn save(
         &self,
@@ -66,7 +66,7 @@ impl Store {
         key: &str,
         expected_rev: i64,
         state: &RecordState,
-        event: &Event,
+        event: &[u8],
     ) -> Result<bool, StorageError> {
         save(&self.pool, collection, key, expected_rev, state, event).await
     }
@@ -185,7 +185,7 @@ impl LockedRecord {
         collection: &str,
         key: &str,
         state: &RecordState,
-        event: &Event,
+        event: &[u8],
     ) -> Result<bool, StorageError> {
         let written = save(
             &mut *self.tx,
@@ -233,11 +233,12 @@ async fn save<'e>(
     key: &str,
     expected_rev: i64,
     state: &RecordState,
-    event: &Event,
+    event: &[u8],
 ) -> Result<bool, StorageError> {
     let sql = if expected_rev == 0 {
         "WITH written AS (
-             INSERT INTO records (collection, key, rev, state) VALUES ($1, $2, 1, $3)
+             INSERT INTO records (collection, key, rev, state, bucket, hash_hi, hash_lo)
+             VALUES ($1, $2, 1, $3, $6, $7, $8)
              ON CONFLICT (collection, key) DO NOTHING
              RETURNING 1),
          queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
@@ -245,18 +246,23 @@ async fn save<'e>(
     } else {
         "WITH written AS (
              UPDATE records SET rev = rev + 1, state = $3, updated_at = now(),
-                    resolution = CASE WHEN jsonb_array_length($3::jsonb -> 'versions') > 1 THEN resolution END
+                    resolution = CASE WHEN jsonb_array_length($3::jsonb -> 'versions') > 1 THEN resolution END,
+                    bucket = $6, hash_hi = $7, hash_lo = $8
               WHERE collection = $1 AND key = $2 AND rev = $5
              RETURNING 1),
          queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
          SELECT count(*) FROM written"
     };
+    let hash = state_hash(state);
     let written: i64 = sqlx::query_scalar(sql)
         .bind(collection)
         .bind(key)
         .bind(Json(state))
-        .bind(event.encode())
+        .bind(event)
         .bind(expected_rev)
+        .bind(bucket_of(key))
+        .bind(hash.hi)
+        .bind(hash.lo)
         .fetch_one(executor)
         .await?;
     Ok(written == 1)

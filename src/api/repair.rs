@@ -1,0 +1,177 @@
+//! The peer API that anti-entropy reads ([`crate::replication::repair`]), and the admin call that
+//! starts a round now.
+//!
+//! Peer endpoints take the peer token: they list every collection, system ones included, and
+//! answer whole stored states, which clients have no business reading. Each answer is bounded
+//! (a page of hashes, a byte limit on states), so one call never holds much memory on either side.
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::headers::{bearer, same_secret};
+use super::{ApiState, SharedState};
+use crate::record::names;
+use crate::replication::repair::{
+    self, CollectionsBody, DigestEntry, DigestsBody, HashesBody, RepairReport, StatesBody,
+    StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
+};
+
+impl ApiState {
+    /// Region-to-region calls: the peer token.
+    pub fn require_peer(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match bearer(headers)? {
+            None => Err(ApiError::Unauthorized),
+            Some(token) if same_secret(token, &self.region.config.peer_token) => Ok(()),
+            Some(_) => Err(ApiError::Forbidden),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct CollectionQuery {
+    /// A collection, system collections included.
+    pub collection: String,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct HashesQuery {
+    pub collection: String,
+    pub bucket: i32,
+    /// List keys after this one.
+    pub after: Option<String>,
+    pub limit: Option<i64>,
+}
+
+fn collection_name(name: &str) -> Result<(), ApiError> {
+    names::validate("collection", name)
+        .map_err(|e| ApiError::bad_request("bad-name", e.to_string()))
+}
+
+#[utoipa::path(get, path = "/v1/peer/collections", tag = "peer",
+    responses((status = 200, description = "every collection holding records here", body = CollectionsBody),
+              (status = 401, description = "no peer token", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn collections(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Json<CollectionsBody>, ApiError> {
+    s.require_peer(&headers)?;
+    Ok(Json(CollectionsBody {
+        collections: s.region.store.collections_with_records().await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/peer/digests", tag = "peer", params(CollectionQuery),
+    responses((status = 200, description = "the digest of every non-empty bucket", body = DigestsBody),
+              (status = 400, description = "bad collection name", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn digests(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Query(query): Query<CollectionQuery>,
+) -> Result<Json<DigestsBody>, ApiError> {
+    s.require_peer(&headers)?;
+    collection_name(&query.collection)?;
+    let buckets = s.region.store.bucket_digests(&query.collection).await?;
+    Ok(Json(DigestsBody {
+        buckets: buckets.iter().map(DigestEntry::of).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/peer/hashes", tag = "peer", params(HashesQuery),
+    responses((status = 200, description = "a page of one bucket's (key, hash) pairs", body = HashesBody),
+              (status = 400, description = "bad collection, bucket or limit", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn hashes(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Query(query): Query<HashesQuery>,
+) -> Result<Json<HashesBody>, ApiError> {
+    s.require_peer(&headers)?;
+    collection_name(&query.collection)?;
+    let limit = query.limit.unwrap_or(HASH_PAGE);
+    if !(1..=HASH_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "bad-limit",
+            format!("limit must be 1 to {HASH_PAGE}"),
+        ));
+    }
+    let entries = s
+        .region
+        .store
+        .bucket_hashes(
+            &query.collection,
+            query.bucket,
+            query.after.as_deref(),
+            limit,
+        )
+        .await?;
+    let next = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|(key, _)| key.clone()))
+        .flatten();
+    Ok(Json(HashesBody {
+        entries: entries
+            .into_iter()
+            .map(|(key, hash)| (key, hash.to_hex()))
+            .collect(),
+        next,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/peer/states", tag = "peer", params(CollectionQuery),
+    request_body = StatesRequest,
+    responses((status = 200, description = "the stored states of the keys held here, up to a byte limit", body = StatesBody),
+              (status = 400, description = "bad collection or too many keys", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn states(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Query(query): Query<CollectionQuery>,
+    body: axum::body::Body,
+) -> Result<Json<StatesBody>, ApiError> {
+    s.require_peer(&headers)?;
+    collection_name(&query.collection)?;
+    let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
+    let request: StatesRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("malformed-json", e.to_string()))?;
+    if request.keys.len() > FETCH_KEYS {
+        return Err(ApiError::bad_request(
+            "too-many-keys",
+            format!("at most {FETCH_KEYS} keys per request"),
+        ));
+    }
+    let records = s
+        .region
+        .store
+        .states_of(&query.collection, &request.keys, FETCH_BYTES)
+        .await?;
+    Ok(Json(StatesBody { records }))
+}
+
+#[utoipa::path(post, path = "/v1/regions/{peer}/repair", tag = "regions",
+    params(("peer" = String, Path, description = "the peer to pull from")),
+    responses((status = 200, description = "the round ran to its end", body = RepairReport),
+              (status = 401, description = "no admin token", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 404, description = "not a peer of this region", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 502, description = "the peer did not answer", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn repair_now(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Path(peer): Path<String>,
+) -> Result<Json<RepairReport>, ApiError> {
+    s.require_admin(&headers)?;
+    if !s.region.config.peers.iter().any(|p| p.id == peer) {
+        return Err(ApiError::NotFound(format!(
+            "{peer:?} is not a peer of this region"
+        )));
+    }
+    match repair::round(&s.region, &peer).await {
+        Ok(report) => Ok(Json(report)),
+        Err(repair::RepairError::Storage(e)) => Err(ApiError::Storage(e)),
+        Err(error @ repair::RepairError::Peer { .. }) => {
+            Err(ApiError::PeerFailed(error.to_string()))
+        }
+        Err(repair::RepairError::UnknownPeer(peer)) => Err(ApiError::NotFound(format!(
+            "{peer:?} is not a peer of this region"
+        ))),
+    }
+}

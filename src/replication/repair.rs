@@ -1,0 +1,393 @@
+//! Anti-entropy: a region pulls from a peer whatever it lacks, whatever the stream lost.
+//!
+//! The stream is the fast path, never the only one: a transport that purges events, a peer that
+//! rejects one, a restore that rewinds, all leave regions apart, and only a comparison of what
+//! the regions hold brings them back. A round against one peer:
+//! 1. lists the peer's collections (system collections included: policies, resolver bindings);
+//! 2. per collection, compares the peer's bucket digests ([`crate::record::digest`]) with its own;
+//! 3. per differing bucket, pages through the peer's `(key, hash)` list and picks the keys whose
+//!    hash differs here (or that are missing here);
+//! 4. fetches only those records' states and merges them through the same apply as replicated
+//!    events (same merge, conflict log and resolution), in small transactions that never touch
+//!    the applied stream positions.
+//!
+//! Pull-only and idempotent: what this region holds that the peer lacks, the peer pulls in its own
+//! round, and two regions repairing each other at once is harmless. Memory is bounded by one page
+//! of hashes and one batch of states, whatever the collection's size.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::consumer::apply_with_retries;
+use super::event::{Change, Event};
+use crate::config::Config;
+use crate::record::digest::StateHash;
+use crate::record::RecordState;
+use crate::service::Region;
+use crate::storage::repair::BucketDigest;
+use crate::storage::StorageError;
+
+/// `(key, hash)` pairs per page of a bucket listing.
+pub const HASH_PAGE: i64 = 2_000;
+/// Most keys asked for in one fetch of states.
+pub const FETCH_KEYS: usize = 200;
+/// About the most state bytes one fetch answers with.
+pub const FETCH_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("{0} is not a peer of this region")]
+    UnknownPeer(String),
+    #[error("peer {peer} did not answer the repair request: {cause}")]
+    Peer { peer: String, cause: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What one round against one peer did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RepairReport {
+    pub peer: String,
+    pub collections: u64,
+    pub buckets_compared: u64,
+    pub buckets_differing: u64,
+    /// Keys whose hash was compared, in differing buckets.
+    pub keys_compared: u64,
+    /// Records fetched from the peer because they differed.
+    pub records_fetched: u64,
+    /// Records whose state here changed by the merge.
+    pub records_repaired: u64,
+    pub seconds: f64,
+}
+
+/// The peer API that repair reads, over HTTP with the peer token.
+pub struct PeerClient {
+    client: reqwest::Client,
+    urls: BTreeMap<String, String>,
+    token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CollectionsBody {
+    pub collections: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DigestEntry {
+    pub bucket: i32,
+    pub count: i64,
+    /// 32 hex digits: the XOR of the bucket's record hashes.
+    pub hash: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DigestsBody {
+    pub buckets: Vec<DigestEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HashesBody {
+    /// `[key, hash]` pairs in key order.
+    pub entries: Vec<(String, String)>,
+    /// The `after` of the next page, or null on the last.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StatesRequest {
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StatesBody {
+    /// `[key, state]` pairs; fewer than asked when the byte limit was reached (ask again for the
+    /// rest), and without the keys the peer does not hold.
+    #[schema(value_type = Vec<Object>)]
+    pub records: Vec<(String, RecordState)>,
+}
+
+impl DigestEntry {
+    pub fn of(digest: &BucketDigest) -> DigestEntry {
+        DigestEntry {
+            bucket: digest.bucket,
+            count: digest.count,
+            hash: digest.hash.to_hex(),
+        }
+    }
+}
+
+impl PeerClient {
+    pub fn new(config: &Config) -> PeerClient {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout())
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("an HTTP client with plain settings builds");
+        PeerClient {
+            client,
+            urls: config
+                .peers
+                .iter()
+                .map(|p| (p.id.clone(), p.api_url.trim_end_matches('/').to_owned()))
+                .collect(),
+            token: config.peer_token.clone(),
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        peer: &str,
+        request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<T, RepairError> {
+        let base = self
+            .urls
+            .get(peer)
+            .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
+        let failed = |cause: String| RepairError::Peer {
+            peer: peer.to_owned(),
+            cause,
+        };
+        let response = request(&self.client, base)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            return Err(failed(format!("{status}: {text}")));
+        }
+        response.json().await.map_err(|e| failed(e.to_string()))
+    }
+
+    pub async fn collections(&self, peer: &str) -> Result<Vec<String>, RepairError> {
+        let body: CollectionsBody = self
+            .call(peer, |c, base| c.get(format!("{base}/v1/peer/collections")))
+            .await?;
+        Ok(body.collections)
+    }
+
+    pub async fn digests(
+        &self,
+        peer: &str,
+        collection: &str,
+    ) -> Result<Vec<DigestEntry>, RepairError> {
+        let body: DigestsBody = self
+            .call(peer, |c, base| {
+                c.get(format!("{base}/v1/peer/digests"))
+                    .query(&[("collection", collection)])
+            })
+            .await?;
+        Ok(body.buckets)
+    }
+
+    pub async fn hashes(
+        &self,
+        peer: &str,
+        collection: &str,
+        bucket: i32,
+        after: Option<&str>,
+    ) -> Result<HashesBody, RepairError> {
+        self.call(peer, |c, base| {
+            let mut query = vec![
+                ("collection", collection.to_owned()),
+                ("bucket", bucket.to_string()),
+                ("limit", HASH_PAGE.to_string()),
+            ];
+            if let Some(after) = after {
+                query.push(("after", after.to_owned()));
+            }
+            c.get(format!("{base}/v1/peer/hashes")).query(&query)
+        })
+        .await
+    }
+
+    pub async fn states(
+        &self,
+        peer: &str,
+        collection: &str,
+        keys: &[String],
+    ) -> Result<Vec<(String, RecordState)>, RepairError> {
+        let body: StatesBody = self
+            .call(peer, |c, base| {
+                c.post(format!("{base}/v1/peer/states"))
+                    .query(&[("collection", collection)])
+                    .json(&StatesRequest {
+                        keys: keys.to_vec(),
+                    })
+            })
+            .await?;
+        Ok(body.records)
+    }
+}
+
+/// One anti-entropy round: pull from `peer` every record whose state differs here.
+pub async fn round(region: &Region, peer: &str) -> Result<RepairReport, RepairError> {
+    let started = Instant::now();
+    let client = PeerClient::new(&region.config);
+    let mut report = RepairReport {
+        peer: peer.to_owned(),
+        ..Default::default()
+    };
+    region.replication.repair_started(peer);
+    let result = pull_everything(region, &client, peer, &mut report).await;
+    report.seconds = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(()) => {
+            tracing::info!(region = region.id(), %peer, buckets_differing = report.buckets_differing,
+                records_repaired = report.records_repaired, seconds = report.seconds, "repair round complete");
+            region.replication.repair_finished(peer, &report);
+        }
+        Err(error) => {
+            tracing::warn!(region = region.id(), %peer, %error, "repair round failed");
+            region.replication.repair_failed(peer, &error.to_string());
+        }
+    }
+    result.map(|()| report)
+}
+
+async fn pull_everything(
+    region: &Region,
+    client: &PeerClient,
+    peer: &str,
+    report: &mut RepairReport,
+) -> Result<(), RepairError> {
+    let throttle = Throttle::new(region.config.repair.max_records_per_sec);
+    for collection in client.collections(peer).await? {
+        report.collections += 1;
+        let ours: BTreeMap<i32, BucketDigest> = region
+            .store
+            .bucket_digests(&collection)
+            .await?
+            .into_iter()
+            .map(|d| (d.bucket, d))
+            .collect();
+        for theirs in client.digests(peer, &collection).await? {
+            report.buckets_compared += 1;
+            let same = ours.get(&theirs.bucket).is_some_and(|d| {
+                d.count == theirs.count && Some(d.hash) == StateHash::from_hex(&theirs.hash)
+            });
+            if same {
+                continue;
+            }
+            report.buckets_differing += 1;
+            pull_bucket(
+                region,
+                client,
+                peer,
+                &collection,
+                theirs.bucket,
+                report,
+                &throttle,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn pull_bucket(
+    region: &Region,
+    client: &PeerClient,
+    peer: &str,
+    collection: &str,
+    bucket: i32,
+    report: &mut RepairReport,
+    throttle: &Throttle,
+) -> Result<(), RepairError> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .hashes(peer, collection, bucket, after.as_deref())
+            .await?;
+        report.keys_compared += page.entries.len() as u64;
+        let keys: Vec<String> = page.entries.iter().map(|(k, _)| k.clone()).collect();
+        let ours = region.store.hashes_of(collection, &keys).await?;
+        let differing: Vec<String> = page
+            .entries
+            .into_iter()
+            .filter(|(key, hash)| ours.get(key).copied() != StateHash::from_hex(hash))
+            .map(|(key, _)| key)
+            .collect();
+        for chunk in differing.chunks(FETCH_KEYS) {
+            let mut wanted: &[String] = chunk;
+            while !wanted.is_empty() {
+                let states = client.states(peer, collection, wanted).await?;
+                let Some((last, _)) = states.last() else {
+                    break; // the peer no longer holds them
+                };
+                let done = wanted
+                    .iter()
+                    .position(|k| k == last)
+                    .map_or(wanted.len(), |i| i + 1);
+                wanted = &wanted[done..];
+                report.records_fetched += states.len() as u64;
+                report.records_repaired += merge_states(region, peer, collection, states).await?;
+                throttle.pace(report.records_fetched).await;
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Merge a peer's states through the replicated-event apply; returns how many records changed.
+async fn merge_states(
+    region: &Region,
+    peer: &str,
+    collection: &str,
+    states: Vec<(String, RecordState)>,
+) -> Result<u64, StorageError> {
+    let changes: Vec<Change> = states
+        .into_iter()
+        .flat_map(|(key, state)| {
+            let home = state.home.clone();
+            state.versions.into_iter().map(move |version| {
+                Change::Record(Event::new(peer, collection, &key, home.clone(), version))
+            })
+        })
+        .collect();
+    let applied = apply_with_retries(region, peer, &changes, &[]).await?;
+    Ok(applied.records_changed as u64)
+}
+
+/// Keeps a round under `max_records_per_sec`, so repair never starves the region's writes.
+struct Throttle {
+    started: Instant,
+    per_second: u64,
+}
+
+impl Throttle {
+    fn new(per_second: u64) -> Throttle {
+        Throttle {
+            started: Instant::now(),
+            per_second: per_second.max(1),
+        }
+    }
+
+    async fn pace(&self, records: u64) {
+        let due = Duration::from_secs_f64(records as f64 / self.per_second as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The periodic rounds: against every peer, every `repair.interval_secs`, and whenever asked.
+pub async fn run(region: std::sync::Arc<Region>) {
+    let every = Duration::from_secs(region.config.repair.interval_secs.max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = region.repair_wanted.notified() => {}
+        }
+        for peer in &region.config.peers {
+            // A failed round is logged and shown in the status; the next one tries again.
+            let _ = round(&region, &peer.id).await;
+        }
+    }
+}

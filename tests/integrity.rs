@@ -1,0 +1,292 @@
+//! Integrity: whatever a region accepts reads back identically everywhere, nothing a region
+//! accepts can stop replication, and regions that missed events converge again by repair.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{cluster, eventually, expect_problem, record_path, Cluster};
+
+async fn put_text(c: &Cluster, id: &str, key: &str, body: String) -> reqwest::Response {
+    c.request(id, Method::PUT, &record_path("poison", key))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The body text of a read, and its value.
+async fn read_value(c: &Cluster, id: &str, key: &str) -> Option<(String, Value)> {
+    let response = c.get(id, "poison", key).await;
+    if response.status() != StatusCode::OK {
+        return None;
+    }
+    let body: Value = response.json().await.unwrap();
+    Some((body["value"].to_string(), body["value"].clone()))
+}
+
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn values_that_could_poison_replication_are_refused_or_kept_exact() {
+    let c = cluster(&["eu", "us"]).await;
+
+    // Doubles that do not round-trip without exact parsing, and -0, which jsonb makes 0.
+    let tricky = r#"{"a":9018998923926082416e-26,"b":[0.1,1e-7,5e-324,1.7976931348623157e308,-0.0,-0,123456789012345678],"z":-0.0}"#;
+    let written = put_text(&c, "eu", "numbers", tricky.to_owned()).await;
+    assert_eq!(written.status(), StatusCode::CREATED);
+    let answered: Value = written.json().await.unwrap();
+    let answered = answered["value"].to_string();
+    assert!(answered.contains("9.018998923926083e-8"), "{answered}");
+    for id in ["eu", "us"] {
+        eventually(20, "the value reaches every region", || async {
+            read_value(&c, id, "numbers").await.is_some()
+        })
+        .await;
+        let (seen, _) = read_value(&c, id, "numbers").await.unwrap();
+        assert_eq!(seen, answered, "{id} reads back what eu answered");
+    }
+
+    // Too deep, NUL in a string or a key: a 400 each, nothing stored.
+    let detail = expect_problem(
+        put_text(&c, "eu", "deep", nested(101)).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert!(detail.contains("nested deeper"), "{detail}");
+    for body in [r#"{"a":"x\u0000y"}"#, r#"{"a\u0000":1}"#] {
+        let detail = expect_problem(
+            put_text(&c, "eu", "nul", body.to_owned()).await,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        assert!(detail.contains("NUL"), "{detail}");
+    }
+    // At the depth limit a value is stored, read and replicated.
+    assert_eq!(
+        put_text(&c, "eu", "deep", nested(100)).await.status(),
+        StatusCode::CREATED
+    );
+
+    // A body within the size limit whose event would not fit NATS's max_payload: `1e15`
+    // re-encodes as `1000000000000000.0`, so 512 KiB of it becomes about 2 MB.
+    let mut numbers = String::from("[");
+    while numbers.len() < 500 * 1024 {
+        numbers.push_str("1e15,");
+    }
+    numbers.push_str("1]");
+    let detail = expect_problem(
+        put_text(&c, "eu", "swollen", numbers).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    assert!(detail.contains("replication event"), "{detail}");
+
+    // Nothing above stopped replication: a later write arrives, and so did the deep value.
+    assert_eq!(
+        put_text(&c, "eu", "after", "\"after\"".to_owned())
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    eventually(20, "later writes replicate", || async {
+        read_value(&c, "us", "after").await.is_some()
+    })
+    .await;
+    let (eu_deep, _) = read_value(&c, "eu", "deep").await.unwrap();
+    assert_eq!(read_value(&c, "us", "deep").await.unwrap().0, eu_deep);
+    for key in ["nul", "swollen"] {
+        assert_eq!(
+            c.get_status("eu", &record_path("poison", key)).await,
+            StatusCode::NOT_FOUND
+        );
+    }
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_version_from_a_clock_far_ahead_does_not_drag_later_writes() {
+    let c = cluster(&["eu", "us"]).await;
+    let max_drift_ms = c.region("eu").region.config.clock.max_drift_ms;
+    let now_ms = locus::clock::hlc::wall_clock_ms();
+    let day_ahead = locus::clock::hlc::Hlc::from_parts(now_ms + 86_400_000, 0);
+
+    // A version of an eu-homed record from us, whose clock runs a day ahead, straight onto us's
+    // stream.
+    let event = json!({
+        "v": 1, "origin": "us", "collection": "clock", "key": "ahead",
+        "home": {"epoch": 0, "region": "eu"},
+        "version": {"value": "from the future", "deleted": false, "region": "us",
+                    "hlc": day_ahead.to_string(), "version": {"us.feedface": 1}}
+    });
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
+    js.publish(
+        locus::replication::subject(&c.deployment, "us"),
+        serde_json::to_vec(&event).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    eventually(20, "eu applies the version from the future", || async {
+        c.get("eu", "clock", "ahead").await.status() == StatusCode::OK
+    })
+    .await;
+
+    // A write at eu that supersedes it still orders after it ...
+    let superseding = c.put("eu", "clock", "ahead", &json!("local")).await;
+    assert_eq!(superseding.status(), StatusCode::OK);
+    let superseding: Value = superseding.json().await.unwrap();
+    let stamped: u64 = superseding["hlc"].as_str().unwrap().parse().unwrap();
+    assert!(stamped > day_ahead.as_u64());
+    // ... but eu's next write to another record is stamped near eu's own time.
+    let written: Value = c
+        .put("eu", "clock", "later", &json!("now"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let hlc: u64 = written["hlc"].as_str().unwrap().parse().unwrap();
+    let millis = locus::clock::hlc::Hlc::from_u64(hlc).millis();
+    assert!(
+        millis <= locus::clock::hlc::wall_clock_ms() + max_drift_ms,
+        "a later write was dragged {} ms ahead",
+        millis.saturating_sub(now_ms)
+    );
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn repair_pulls_back_what_a_region_lost_and_only_that() {
+    let c = cluster(&["eu", "us"]).await;
+    for i in 0..300 {
+        let response = c
+            .put("eu", "kept", &format!("k{i:03}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        c.put("us", "other", "x", &json!(1)).await.status(),
+        StatusCode::CREATED
+    );
+    c.assert_converged().await;
+
+    // us loses records behind replication's back (a bad restore, a bug, an operator's DELETE),
+    // and one of its records is changed under the same version (what only a hash can see).
+    let us = c.region("us").region.clone();
+    sqlx::query("DELETE FROM records WHERE collection = 'kept' AND key < 'k010'")
+        .execute(us.store.pool())
+        .await
+        .unwrap();
+    let mut state: Value =
+        sqlx::query_scalar("SELECT state FROM records WHERE collection = 'kept' AND key = 'k100'")
+            .fetch_one(us.store.pool())
+            .await
+            .unwrap();
+    state["versions"][0]["value"] = json!({"i": "corrupted"});
+    let hash = locus::record::digest::state_hash(&serde_json::from_value(state.clone()).unwrap());
+    sqlx::query(
+        "UPDATE records SET state = $1, hash_hi = $2, hash_lo = $3
+          WHERE collection = 'kept' AND key = 'k100'",
+    )
+    .bind(&state)
+    .bind(hash.hi)
+    .bind(hash.lo)
+    .execute(us.store.pool())
+    .await
+    .unwrap();
+    let lost = c.get("us", "kept", "k005").await;
+    assert_eq!(lost.status(), StatusCode::NOT_FOUND);
+
+    // Only the admin may start a round, only against a peer; peers' endpoints want the peer token.
+    let path = "/v1/regions/eu/repair";
+    let r = c.request("us", Method::POST, path).send().await.unwrap();
+    expect_problem(r, StatusCode::UNAUTHORIZED).await;
+    let r = c
+        .request("us", Method::POST, "/v1/regions/mars/repair")
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::NOT_FOUND).await;
+    let r = c
+        .request("eu", Method::GET, "/v1/peer/digests?collection=kept")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::UNAUTHORIZED).await;
+
+    let report: Value = c
+        .request("us", Method::POST, path)
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Ten missing records come back; the corrupted one has a different hash, so it is fetched,
+    // but its vector equals eu's: the merge keeps one of the two, the same in every region.
+    assert_eq!(report["records_fetched"], 11, "{report}");
+    assert!(
+        report["buckets_differing"].as_u64().unwrap() <= 11,
+        "{report}"
+    );
+    assert!(
+        report["buckets_compared"].as_u64().unwrap() > 200,
+        "{report}"
+    );
+    for i in 0..10 {
+        let back = c.get("us", "kept", &format!("k{i:03}")).await;
+        assert_eq!(back.status(), StatusCode::OK);
+    }
+    let status = crate::replication::peer_status(&c, "us", "eu").await;
+    assert_eq!(status["replication"]["repair"]["rounds"], 1, "{status}");
+    let metrics = c.metrics("us").await;
+    assert!(
+        metrics.contains("locus_repair_rounds_total{peer=\"eu\",result=\"complete\"} 1"),
+        "{metrics}"
+    );
+    // The tests run on the pinned, current nats-server, and each region says which it uses.
+    let version = locus::nats_server::VERSION;
+    assert!(
+        metrics.contains(&format!(
+            "locus_nats_server_info{{version=\"{version}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    let regions = c.get_json("us", "/v1/regions").await;
+    assert_eq!(regions["regions"][0]["nats_version"], version, "{regions}");
+    // Equal vectors, different content: logged as an integrity violation, and every region keeps
+    // the same one once eu has pulled from us too.
+    let conflicts = c
+        .get_json("us", "/v1/conflicts?collection=kept&key=k100")
+        .await;
+    assert_eq!(
+        conflicts["conflicts"][0]["strategy"], "integrity",
+        "{conflicts}"
+    );
+    let r = c
+        .request("eu", Method::POST, "/v1/regions/us/repair")
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    c.assert_converged().await;
+    // Converged regions compare without fetching anything.
+    let again: Value = c
+        .request("us", Method::POST, path)
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["records_fetched"], 0, "{again}");
+    assert_eq!(again["buckets_differing"], 0, "{again}");
+    c.teardown().await;
+}
