@@ -79,8 +79,13 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
     }
     let region = Arc::new(Region::new(config, store, identity)?);
     let mut workers = start_replication(&region).await?;
-    workers.push(tokio::spawn(crate::resolve::worker::run(region.clone())));
-    workers.push(tokio::spawn(replication::repair::run(region.clone())));
+    let supervisor = &region.supervisor;
+    let r = region.clone();
+    workers.push(supervisor.spawn("resolutions", move || {
+        crate::resolve::worker::run(r.clone())
+    }));
+    let r = region.clone();
+    workers.push(supervisor.spawn("repair", move || replication::repair::run(r.clone())));
     let api = Arc::new(ApiState::new(region.clone()));
     let router = api::router(api.clone());
     let (tx, rx) = oneshot::channel::<()>();
@@ -176,16 +181,16 @@ async fn start_replication(region: &Arc<Region>) -> anyhow::Result<Vec<JoinHandl
         tracing::warn!(region = %config.region, url = %config.nats_url, "NATS unreachable at start; writes wait in the outbox");
     }
     let js = async_nats::jetstream::new(client);
-    let mut workers = vec![tokio::spawn(replication::publisher::run(
-        region.clone(),
-        js.clone(),
-    ))];
+    let supervisor = &region.supervisor;
+    let (r, j) = (region.clone(), js.clone());
+    let mut workers = vec![supervisor.spawn("publisher", move || {
+        replication::publisher::run(r.clone(), j.clone())
+    })];
     for peer in &config.peers {
-        workers.push(tokio::spawn(replication::consumer::run(
-            region.clone(),
-            js.clone(),
-            peer.id.clone(),
-        )));
+        let (r, j, origin) = (region.clone(), js.clone(), peer.id.clone());
+        workers.push(supervisor.spawn(format!("consumer:{origin}"), move || {
+            replication::consumer::run(r.clone(), j.clone(), origin.clone())
+        }));
     }
     Ok(workers)
 }
@@ -215,12 +220,49 @@ pub fn dev_config_paths(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// `locus dev`: the three regions of `dir` in one process, until Ctrl-C.
-pub async fn dev(dir: &Path, reset: bool) -> anyhow::Result<()> {
-    let configs = dev_config_paths(dir)
+/// `locus dev`: the three regions of `dir` in one process, until Ctrl-C, on the NATS at `nats`
+/// or, when none is given, on a current nats-server started here (on `nats_port`).
+pub async fn dev(
+    dir: &Path,
+    reset: bool,
+    nats: Option<String>,
+    nats_port: u16,
+) -> anyhow::Result<()> {
+    let mut configs = dev_config_paths(dir)
         .iter()
         .map(|p| Config::load(p).with_context(|| format!("loading {}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Kept until the regions stop; a server started here dies with this process.
+    let mut _own_nats = None;
+    let nats_url = match nats {
+        Some(url) => url,
+        None => {
+            let binary = crate::nats_server::binary().context("finding a nats-server")?;
+            let store = Path::new("target").join("dev-nats");
+            std::fs::create_dir_all(&store)
+                .with_context(|| format!("creating {}", store.display()))?;
+            anyhow::ensure!(
+                std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err(),
+                "port {nats_port} is taken: pass --nats <url> to use a running NATS, or --nats-port"
+            );
+            let server = tokio::task::spawn_blocking(move || {
+                crate::nats_server::LocalNats::start(&binary, nats_port, &store, &[])
+            })
+            .await
+            .context("starting nats-server")??;
+            println!(
+                "nats-server {} started on {} (data in target/dev-nats)",
+                crate::nats_server::VERSION,
+                server.url()
+            );
+            let url = server.url();
+            _own_nats = Some(server);
+            url
+        }
+    };
+    for config in &mut configs {
+        config.nats_url = nats_url.clone();
+    }
     if reset {
         for config in &configs {
             println!("resetting region {}: dropping its database", config.region);

@@ -14,6 +14,7 @@
 //! - [`service`]: the read and write paths of a region: homing, preconditions, versioning.
 //! - [`api`]: the REST API (axum): records, collections, resolvers, conflicts, regions, health,
 //!   metrics, OpenAPI, forwarding.
+//! - [`supervisor`]: background workers restarted when they end or panic, shown in readiness.
 //! - [`app`]: builds a region from its config and runs it until shutdown; `locus dev`.
 //! - [`nats_server`]: a current nats-server for `locus dev` and the tests, installed on first use.
 //! - [`bench`]: the benchmark programs behind `locus bench`.
@@ -29,3 +30,4 @@ pub mod replication;
 pub mod resolve;
 pub mod service;
 pub mod storage;
+pub mod supervisor;

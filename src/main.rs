@@ -25,12 +25,20 @@ enum Command {
     },
     /// Run the local three-region deployment (regions/eu.toml, us.toml, ap.toml) in one process.
     Dev {
-        /// Wipe the dev databases first.
+        /// Drop the dev databases and streams first.
         #[arg(long)]
         reset: bool,
         /// Folder holding eu.toml, us.toml and ap.toml.
         #[arg(long, default_value = "regions")]
         regions: PathBuf,
+        /// Use this NATS (with JetStream) instead of starting one. Either way it replaces the
+        /// region files' nats_url.
+        #[arg(long)]
+        nats: Option<String>,
+        /// The port of the nats-server `locus dev` starts (installed on first use into
+        /// target/tools, its data kept in target/dev-nats).
+        #[arg(long, default_value_t = 4322)]
+        nats_port: u16,
     },
     /// Exit 0 when a region answers its liveness check (the container health check).
     Health {
@@ -57,7 +65,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve { config } => locus::app::serve(&config).await,
-        Command::Dev { reset, regions } => locus::app::dev(&regions, reset).await,
+        Command::Dev {
+            reset,
+            regions,
+            nats,
+            nats_port,
+        } => locus::app::dev(&regions, reset, nats, nats_port).await,
         Command::Health { url } => locus::app::health(&url).await,
         Command::Bench(command) => locus::bench::run(command).await,
     }

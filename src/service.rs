@@ -224,6 +224,8 @@ pub struct Region {
     pub resolvers: Resolvers,
     /// Every metric of this region (HTTP and replication), rendered at `/metrics`.
     pub registry: prometheus::Registry,
+    /// The region's background workers.
+    pub supervisor: std::sync::Arc<crate::supervisor::Supervisor>,
 }
 
 impl Region {
@@ -244,6 +246,7 @@ impl Region {
             max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
             replication: ReplicationStatus::new(&registry),
             resolvers,
+            supervisor: std::sync::Arc::new(crate::supervisor::Supervisor::new(&registry)),
             registry,
         })
     }

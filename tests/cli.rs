@@ -373,13 +373,24 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
              [replication]\nstream_max_bytes = 67108864\n{peers}",
             ports[i],
             postgres_base(),
-            crate::helpers::nats()
+            "nats://127.0.0.1:1"
         );
         std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
     }
+    // Without --nats, locus dev starts a current nats-server of its own (its data under the
+    // working directory's target/dev-nats) and points every region at it.
+    let nats_port = crate::helpers::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
-        .args(["dev", "--reset", "--regions"])
+        .args([
+            "dev",
+            "--reset",
+            "--nats-port",
+            &nats_port.to_string(),
+            "--regions",
+        ])
         .arg(&dir)
+        .current_dir(&dir)
+        .env("LOCUS_NATS_SERVER", crate::helpers::nats_server_binary())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -402,6 +413,13 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
         );
     }
     assert!(banner.contains("curl -X PUT"), "{banner}");
+    assert!(
+        banner.contains(&format!(
+            "nats-server {} started on nats://127.0.0.1:{nats_port}",
+            locus::nats_server::VERSION
+        )),
+        "{banner}"
+    );
 
     let http = reqwest::Client::new();
     let put = http
@@ -443,6 +461,7 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
         ))
         .await;
     }
-    let _ = locus::replication::delete_streams(crate::helpers::nats(), &deployment, &ids).await;
+    // Its nats-server ended with it.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,4 +1,5 @@
-//! Liveness and readiness: a region whose PostgreSQL goes away says so (503) and keeps serving.
+//! Liveness and readiness: a region whose PostgreSQL goes away, or whose background worker died,
+//! says so (503) and keeps serving.
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -46,4 +47,49 @@ async fn readiness_follows_postgres_and_the_region_survives_its_loss() {
 
     c.teardown().await;
     let _ = <sqlx::Postgres as sqlx::migrate::MigrateDatabase>::force_drop_database(&direct).await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_restarts_and_readiness_names_it_meanwhile() {
+    let c = crate::helpers::cluster(&["eu", "us"]).await;
+    let eu = c.region("eu").region.clone();
+    assert_eq!(c.get_status("eu", "/readyz").await, StatusCode::OK);
+    assert!(eu.supervisor.kill("publisher"));
+    // Down until the supervisor restarts it (after half a second): /readyz says which worker.
+    let mut named = None;
+    for _ in 0..100 {
+        let response = c
+            .request("eu", Method::GET, "/readyz")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            named = Some(expect_problem(response, StatusCode::SERVICE_UNAVAILABLE).await);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let named = named.expect("/readyz answered 503 while the publisher was down");
+    assert!(named.contains("publisher"), "{named}");
+    crate::helpers::eventually(10, "the publisher runs again", || async {
+        c.get_status("eu", "/readyz").await == StatusCode::OK
+    })
+    .await;
+    let metrics = c.metrics("eu").await;
+    assert!(
+        metrics.contains("locus_worker_restarts_total{worker=\"publisher\"} 1"),
+        "{metrics}"
+    );
+    // The restarted publisher ships writes again.
+    assert_eq!(
+        c.put("eu", "after", "k", &serde_json::json!(1))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    crate::helpers::eventually(20, "the write replicates", || async {
+        c.get("us", "after", "k").await.status() == StatusCode::OK
+    })
+    .await;
+    c.teardown().await;
 }

@@ -51,6 +51,9 @@ pub enum ApiError {
     BadGateway { home: String, cause: String },
     #[error("the record is being written too often to take this write; retry")]
     Contention,
+    /// The region cannot serve well now (a background worker is down).
+    #[error("{0}")]
+    NotReady(String),
     /// A peer this region called (not to forward a request) failed to answer.
     #[error("{0}")]
     PeerFailed(String),
@@ -79,7 +82,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::HomeUnavailable { .. } | ApiError::Contention => {
+            ApiError::HomeUnavailable { .. } | ApiError::Contention | ApiError::NotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -109,6 +112,7 @@ impl ApiError {
             ApiError::GatewayTimeout { .. } => ("home-timeout", "Home region timed out"),
             ApiError::BadGateway { .. } => ("home-failed", "Home region failed"),
             ApiError::PeerFailed(_) => ("peer-failed", "Peer region failed"),
+            ApiError::NotReady(_) => ("not-ready", "Not ready"),
             ApiError::Contention => ("contention", "Too much contention"),
             ApiError::Storage(StorageError::Unavailable(_)) => {
                 ("storage-unavailable", "Storage unavailable")

@@ -1,5 +1,7 @@
-//! Liveness, readiness and metrics. Readiness means PostgreSQL answers: a region whose database is
-//! gone cannot take writes, while a NATS outage only delays replication (the outbox absorbs it).
+//! Liveness, readiness and metrics. Readiness means PostgreSQL answers and every background worker
+//! runs: a region whose database is gone cannot take writes, and one whose publisher or consumer
+//! died would take writes that never replicate. A NATS outage is no reason: it only delays
+//! replication (the outbox absorbs it), and a worker retrying on it is running.
 
 use std::time::Duration;
 
@@ -25,11 +27,22 @@ pub async fn healthz(State(s): State<SharedState>) -> Json<Value> {
 #[utoipa::path(
     get, path = "/readyz", tag = "health",
     responses(
-        (status = 200, description = "PostgreSQL answers"),
-        (status = 503, description = "PostgreSQL is unreachable", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "PostgreSQL answers and every worker runs"),
+        (status = 503, description = "PostgreSQL is unreachable, or a worker is down (named in the detail)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn readyz(State(s): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let down = s.region.supervisor.down_now();
+    if !down.is_empty() {
+        let named: Vec<String> = down
+            .iter()
+            .map(|(worker, why)| format!("{worker} ({why})"))
+            .collect();
+        return Err(ApiError::NotReady(format!(
+            "background workers down, restarting: {}",
+            named.join(", ")
+        )));
+    }
     match tokio::time::timeout(Duration::from_secs(2), s.region.store.ping()).await {
         Ok(Ok(())) => Ok(Json(json!({ "status": "ready", "region": s.region.id() }))),
         Ok(Err(error)) => Err(ApiError::Storage(match error {
