@@ -445,7 +445,7 @@ impl Region {
                 collection: collection.clone(),
                 key: key.clone(),
                 version: version.vector,
-                home: state.home.region.clone(),
+                written_at: self.id().to_owned(),
             };
             return Ok(WriteOutcome::Written(Written {
                 state,
@@ -544,7 +544,7 @@ impl Region {
                 collection: collection.to_owned(),
                 key: key.to_owned(),
                 version: state.causal_context(),
-                home: state.home.region.clone(),
+                written_at: self.id().to_owned(),
             };
             if state.home.region != target {
                 state.home = Home {

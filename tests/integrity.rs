@@ -290,3 +290,78 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
     assert_eq!(again["buckets_differing"], 0, "{again}");
     c.teardown().await;
 }
+
+/// Hold a region's apply lock, so it applies nothing from its peers until released.
+async fn pause_applies(c: &Cluster, id: &str) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut connection = c.region(id).region.store.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(locus::storage::apply::APPLY_LOCK)
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+    connection
+}
+
+async fn resume_applies(mut connection: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(locus::storage::apply::APPLY_LOCK)
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn read_your_writes_holds_under_anywhere_homing_where_the_home_lags_too() {
+    let c = cluster(&["eu", "us", "ap"]).await;
+    c.configure_everywhere("anywhere", &json!({"homing": "anywhere"}))
+        .await;
+    assert_eq!(
+        c.request("eu", Method::PUT, &record_path("anywhere", "k"))
+            .json(&json!("v1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::CREATED
+    );
+    for id in ["us", "ap"] {
+        eventually(20, "v1 everywhere", || async {
+            c.get(id, "anywhere", "k").await.status() == StatusCode::OK
+        })
+        .await;
+    }
+    // The home (eu) and the reader (ap) lag; us takes the write.
+    let eu_paused = pause_applies(&c, "eu").await;
+    let ap_paused = pause_applies(&c, "ap").await;
+    let written = c.put("us", "anywhere", "k", &json!("v2")).await;
+    assert_eq!(written.status(), StatusCode::OK);
+    let session = crate::helpers::header(&written, "locus-session")
+        .unwrap()
+        .to_owned();
+
+    // ap waits, then reads where the write was taken, not at the lagging home.
+    let read = c
+        .request("ap", Method::GET, &record_path("anywhere", "k"))
+        .header("locus-session", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(crate::helpers::header(&read, "locus-region"), Some("us"));
+    assert_eq!(read.json::<Value>().await.unwrap()["value"], "v2");
+    // A read forwarded to a region that lacks the session's write is a 503, never stale data.
+    let forwarded = c
+        .request("eu", Method::GET, &record_path("anywhere", "k"))
+        .header("locus-session", &session)
+        .header("locus-forwarded-by", "ap")
+        .bearer_auth(crate::helpers::PEER)
+        .send()
+        .await
+        .unwrap();
+    let detail = expect_problem(forwarded, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(detail.contains("session"), "{detail}");
+
+    resume_applies(eu_paused).await;
+    resume_applies(ap_paused).await;
+    c.teardown().await;
+}

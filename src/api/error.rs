@@ -51,6 +51,15 @@ pub enum ApiError {
     BadGateway { home: String, cause: String },
     #[error("the record is being written too often to take this write; retry")]
     Contention,
+    /// A read carried a session token for a write this region has not applied yet, and was
+    /// forwarded here, so it cannot be forwarded again: answering would show stale data.
+    #[error(
+        "this region has not yet applied the write of the session token (taken at {written_at})"
+    )]
+    SessionNotApplied {
+        written_at: String,
+        retry_after: u64,
+    },
     /// The region cannot serve well now (a background worker is down).
     #[error("{0}")]
     NotReady(String),
@@ -82,9 +91,10 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::HomeUnavailable { .. } | ApiError::Contention | ApiError::NotReady(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::HomeUnavailable { .. }
+            | ApiError::Contention
+            | ApiError::NotReady(_)
+            | ApiError::SessionNotApplied { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::BadGateway { .. } | ApiError::PeerFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::Storage(StorageError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
@@ -113,6 +123,9 @@ impl ApiError {
             ApiError::BadGateway { .. } => ("home-failed", "Home region failed"),
             ApiError::PeerFailed(_) => ("peer-failed", "Peer region failed"),
             ApiError::NotReady(_) => ("not-ready", "Not ready"),
+            ApiError::SessionNotApplied { .. } => {
+                ("session-not-applied", "Session write not applied here yet")
+            }
             ApiError::Contention => ("contention", "Too much contention"),
             ApiError::Storage(StorageError::Unavailable(_)) => {
                 ("storage-unavailable", "Storage unavailable")
@@ -198,6 +211,9 @@ impl IntoResponse for ApiError {
                 if let Ok(value) = HeaderValue::from_str(home) {
                     headers.insert(LOCUS_HOME, value);
                 }
+            }
+            ApiError::SessionNotApplied { retry_after, .. } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             ApiError::Contention | ApiError::Storage(StorageError::Unavailable(_)) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(1));

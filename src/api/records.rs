@@ -216,7 +216,7 @@ fn forward_error(error: ForwardError, retry_after: u64) -> ApiError {
         (status = 200, description = "the record", body = RecordBody),
         (status = 300, description = "concurrent versions (siblings strategy)", body = SiblingsBody),
         (status = 404, description = "absent or deleted", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the home is unreachable (consistency=home)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the home is unreachable (consistency=home), or a forwarded read's session write is not applied here yet", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get(
@@ -239,7 +239,7 @@ pub async fn get(
             .is_some_and(|st| st.causal_context().covers(&token.version))
     };
     let mut lagging = session.as_ref().is_some_and(|token| !covers(&state, token));
-    if lagging && route == Route::Client && params.consistency != Some(Consistency::Home) {
+    if lagging && params.consistency != Some(Consistency::Home) {
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(s.region.config.replication.session_wait_ms);
         while lagging && tokio::time::Instant::now() < deadline {
@@ -248,13 +248,26 @@ pub async fn get(
             lagging = session.as_ref().is_some_and(|token| !covers(&state, token));
         }
     }
+    // A forwarded read cannot go on to another region: rather than stale data, a 503.
+    if lagging && route != Route::Client {
+        let written_at = session.map(|t| t.written_at).unwrap_or_default();
+        return Err(ApiError::SessionNotApplied {
+            written_at,
+            retry_after: s.region.config.forwarding.retry_after_secs,
+        });
+    }
     if route == Route::Client && (params.consistency == Some(Consistency::Home) || lagging) {
-        let home = state
-            .as_ref()
-            .map(|st| st.home.region.clone())
-            .or_else(|| session.as_ref().map(|t| t.home.clone()))
-            .or_else(|| policy.default_home.clone());
-        if let Some(home) = home.filter(|h| h != s.region.id()) {
+        // A lagging read goes where the session's write was taken (sure to hold it, whatever the
+        // homing); a consistent read goes to the home.
+        let target = if lagging && params.consistency != Some(Consistency::Home) {
+            session.as_ref().map(|t| t.written_at.clone())
+        } else {
+            state
+                .as_ref()
+                .map(|st| st.home.region.clone())
+                .or_else(|| policy.default_home.clone())
+        };
+        if let Some(home) = target.filter(|h| h != s.region.id()) {
             let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
             return s
                 .peers

@@ -178,9 +178,11 @@ pub struct SessionToken {
     pub key: String,
     #[serde(rename = "v")]
     pub version: VersionVector,
-    /// The record's home when the token was issued: where to read if this region lags.
-    #[serde(rename = "h")]
-    pub home: String,
+    /// The region that took the write: the one region sure to hold it, so where to read when
+    /// this region lags. (Not the home: under `homing: anywhere` or a failover write, the home
+    /// may lag as much as the reader.)
+    #[serde(rename = "w")]
+    pub written_at: String,
 }
 
 impl SessionToken {
@@ -246,7 +248,7 @@ pub(crate) mod tests {
             collection: "users".into(),
             key: "alice".into(),
             version: VersionVector::from([("us.b", 9)]),
-            home: "us".into(),
+            written_at: "us".into(),
         };
         assert_eq!(SessionToken::decode(&token.encode()).unwrap(), token);
         assert!(SessionToken::decode("not a token").is_err());
