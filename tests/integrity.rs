@@ -365,3 +365,39 @@ async fn read_your_writes_holds_under_anywhere_homing_where_the_home_lags_too() 
     resume_applies(ap_paused).await;
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn repair_brings_over_a_resolver_module_a_region_lacks() {
+    let c = cluster(&["eu", "us"]).await;
+    let wat = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/resolvers/wat/hide-conflicts.wat"
+    ))
+    .unwrap();
+    let uploaded = c.upload_resolver("eu", "hide", wat).await;
+    assert_eq!(uploaded.status(), StatusCode::CREATED);
+    let sha256 = uploaded.json::<Value>().await.unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let us = c.region("us").region.clone();
+    let held = || async { us.store.module_hashes().await.unwrap() == vec![sha256.clone()] };
+    eventually(20, "the module's chunks reach us", held).await;
+    // us loses the module (a chunk that never arrived leaves it in the same state).
+    sqlx::query("DELETE FROM resolver_modules")
+        .execute(us.store.pool())
+        .await
+        .unwrap();
+    let report: Value = c
+        .request("us", Method::POST, "/v1/regions/eu/repair")
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["modules_fetched"], 1, "{report}");
+    assert!(held().await, "the module is back, under its sha256");
+    c.teardown().await;
+}

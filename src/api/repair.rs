@@ -15,8 +15,8 @@ use super::headers::{bearer, same_secret};
 use super::{ApiState, SharedState};
 use crate::record::names;
 use crate::replication::repair::{
-    self, CollectionsBody, DigestEntry, DigestsBody, HashesBody, RepairReport, StatesBody,
-    StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
+    self, CollectionsBody, DigestEntry, DigestsBody, HashesBody, ModulesBody, RepairReport,
+    StatesBody, StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
 };
 
 impl ApiState {
@@ -61,6 +61,39 @@ pub async fn collections(
     Ok(Json(CollectionsBody {
         collections: s.region.store.collections_with_records().await?,
     }))
+}
+
+#[utoipa::path(get, path = "/v1/peer/modules", tag = "peer",
+    responses((status = 200, description = "the sha256 of every resolver module held here", body = ModulesBody)))]
+pub async fn modules(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Json<ModulesBody>, ApiError> {
+    s.require_peer(&headers)?;
+    Ok(Json(ModulesBody {
+        modules: s.region.store.module_hashes().await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/peer/modules/{sha256}", tag = "peer",
+    params(("sha256" = String, Path, description = "the module's sha256")),
+    responses((status = 200, description = "the module's bytes", content_type = "application/wasm"),
+              (status = 404, description = "not held here", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn module(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Path(sha256): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    s.require_peer(&headers)?;
+    match s.region.store.module(&sha256).await? {
+        Some(bytes) => Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/wasm")],
+            bytes,
+        )
+            .into_response()),
+        None => Err(ApiError::NotFound(format!("no module {sha256:?} here"))),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/peer/digests", tag = "peer", params(CollectionQuery),

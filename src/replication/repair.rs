@@ -59,6 +59,8 @@ pub struct RepairReport {
     pub records_fetched: u64,
     /// Records whose state here changed by the merge.
     pub records_repaired: u64,
+    /// Resolver modules fetched whole because they were missing here (a lost chunk, say).
+    pub modules_fetched: u64,
     pub seconds: f64,
 }
 
@@ -93,6 +95,12 @@ pub struct HashesBody {
     pub entries: Vec<(String, String)>,
     /// The `after` of the next page, or null on the last.
     pub next: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModulesBody {
+    /// The sha256 of every resolver module held.
+    pub modules: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -167,6 +175,39 @@ impl PeerClient {
             .call(peer, |c, base| c.get(format!("{base}/v1/peer/collections")))
             .await?;
         Ok(body.collections)
+    }
+
+    pub async fn modules(&self, peer: &str) -> Result<Vec<String>, RepairError> {
+        let body: ModulesBody = self
+            .call(peer, |c, base| c.get(format!("{base}/v1/peer/modules")))
+            .await?;
+        Ok(body.modules)
+    }
+
+    pub async fn module(&self, peer: &str, sha256: &str) -> Result<Vec<u8>, RepairError> {
+        let base = self
+            .urls
+            .get(peer)
+            .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
+        let failed = |cause: String| RepairError::Peer {
+            peer: peer.to_owned(),
+            cause,
+        };
+        let response = self
+            .client
+            .get(format!("{base}/v1/peer/modules/{sha256}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(failed(format!("module {sha256}: {}", response.status())));
+        }
+        Ok(response
+            .bytes()
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .to_vec())
     }
 
     pub async fn digests(
@@ -255,6 +296,23 @@ async fn pull_everything(
     report: &mut RepairReport,
 ) -> Result<(), RepairError> {
     let throttle = Throttle::new(region.config.repair.max_records_per_sec);
+    // Modules first: a binding pulled below is of no use without its module.
+    let held: std::collections::BTreeSet<String> =
+        region.store.module_hashes().await?.into_iter().collect();
+    for sha256 in client.modules(peer).await? {
+        if held.contains(&sha256) {
+            continue;
+        }
+        let module = client.module(peer, &sha256).await?;
+        if crate::resolve::module_sha256(&module) != sha256 {
+            tracing::error!(region = region.id(), %peer, %sha256, "a module fetched by repair does not hash to its name; discarded");
+            continue;
+        }
+        if region.store.adopt_module(&sha256, &module).await? {
+            report.modules_fetched += 1;
+            region.resolvers.changed.notify_one();
+        }
+    }
     for collection in client.collections(peer).await? {
         report.collections += 1;
         let ours: BTreeMap<i32, BucketDigest> = region

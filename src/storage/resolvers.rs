@@ -35,6 +35,36 @@ pub enum ChunkProgress {
 }
 
 impl Store {
+    /// The sha256 of every module held here, in order.
+    pub async fn module_hashes(&self) -> Result<Vec<String>, StorageError> {
+        Ok(
+            sqlx::query_scalar("SELECT sha256 FROM resolver_modules ORDER BY sha256")
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
+
+    /// Store a whole module a repair round fetched (its hash already checked), and drop any of
+    /// its chunks still waiting. Returns false when it was here already.
+    pub async fn adopt_module(&self, sha256: &str, module: &[u8]) -> Result<bool, StorageError> {
+        let mut tx = self.pool().begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO resolver_modules (sha256, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(sha256)
+        .bind(module)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        sqlx::query("DELETE FROM resolver_module_chunks WHERE sha256 = $1")
+            .bind(sha256)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
     pub async fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(
             sqlx::query_scalar("SELECT module FROM resolver_modules WHERE sha256 = $1")
