@@ -85,6 +85,23 @@ pub enum BenchCommand {
     Replication(ReplicationArgs),
     /// Per-call overhead of a resolver, and conflicts resolved per second in one region.
     Resolvers(ResolversArgs),
+    /// Anti-entropy: comparing two regions in sync, and repairing one that misses records.
+    Repair(RepairArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RepairArgs {
+    /// PostgreSQL server URL (no database); scratch databases are created and dropped.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub postgres: String,
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Records each region holds.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: usize,
+    /// Share of the records one region misses, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    pub missing_percent: f64,
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -92,6 +109,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Writes(args) => writes(args).await,
         BenchCommand::Replication(args) => replication(args).await,
         BenchCommand::Resolvers(args) => resolvers(args).await,
+        BenchCommand::Repair(args) => repair(args).await,
     }
 }
 
@@ -756,5 +774,169 @@ async fn resolvers(args: ResolversArgs) -> anyhow::Result<()> {
         .await
         .context("dropping the scratch database")?;
     let _ = crate::replication::delete_streams(&args.nats, &deployment, &["eu"]).await;
+    Ok(())
+}
+
+/// The peak resident memory of this process so far, in MiB (VmHWM).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Seed `count` single-version records straight into a region's table (as replication would
+/// have left them), in multi-row statements.
+async fn seed_records(store: &crate::storage::Store, count: usize) -> anyhow::Result<()> {
+    use crate::clock::version::VersionVector;
+    use crate::record::{digest, Home, RecordState, Version};
+    const BATCH: usize = 5_000;
+    for first in (0..count).step_by(BATCH) {
+        let (mut keys, mut states, mut buckets, mut his, mut los) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for n in first..(first + BATCH).min(count) {
+            let key = format!("k{n:08}");
+            let state = RecordState {
+                home: Home::new("eu"),
+                versions: vec![Version {
+                    value: json!({"n": n, "name": format!("record {n}"), "tags": ["a", "b"]}),
+                    deleted: false,
+                    region: "eu".into(),
+                    hlc: crate::clock::hlc::Hlc::from_parts(1_700_000_000_000 + n as u64, 0),
+                    vector: VersionVector::from([("eu.bench", n as u64 + 1)]),
+                }],
+            };
+            let hash = digest::state_hash(&state);
+            buckets.push(digest::bucket_of(&key));
+            his.push(hash.hi);
+            los.push(hash.lo);
+            states.push(serde_json::to_value(&state)?);
+            keys.push(key);
+        }
+        sqlx::query(
+            "INSERT INTO records (collection, key, rev, state, bucket, hash_hi, hash_lo)
+             SELECT 'bench', k, 1, s, b, h, l
+               FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::bigint[], $5::bigint[])
+                 AS t(k, s, b, h, l)",
+        )
+        .bind(&keys)
+        .bind(&states)
+        .bind(&buckets)
+        .bind(&his)
+        .bind(&los)
+        .execute(store.pool())
+        .await?;
+    }
+    Ok(())
+}
+
+async fn repair(args: RepairArgs) -> anyhow::Result<()> {
+    let deployment = format!("bench{:08x}", rand::random::<u32>());
+    let eu_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let us_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let eu_url = format!("http://{}", eu_listener.local_addr()?);
+    let us_url = format!("http://{}", us_listener.local_addr()?);
+    let peer = |id: &str, url: &str| {
+        vec![crate::config::Peer {
+            id: id.into(),
+            api_url: url.into(),
+        }]
+    };
+    let mut eu_config = scratch_config(
+        &args.postgres,
+        &args.nats,
+        &deployment,
+        "eu",
+        peer("us", &us_url),
+        8,
+    );
+    let mut us_config = scratch_config(
+        &args.postgres,
+        &args.nats,
+        &deployment,
+        "us",
+        peer("eu", &eu_url),
+        8,
+    );
+    // Rounds run only when asked here.
+    eu_config.repair.interval_secs = 86_400;
+    us_config.repair.interval_secs = 86_400;
+    us_config.repair.max_records_per_sec = u64::MAX / 2;
+    println!(
+        "locus bench repair: deployment {deployment}; eu and us each hold {} records",
+        args.records
+    );
+    let eu = crate::app::start(eu_config.clone(), Some(eu_listener)).await?;
+    let us = crate::app::start(us_config.clone(), Some(us_listener)).await?;
+    let seeding = Instant::now();
+    seed_records(&eu.region.store, args.records).await?;
+    seed_records(&us.region.store, args.records).await?;
+    for region in [&eu, &us] {
+        sqlx::query("VACUUM ANALYZE records")
+            .execute(region.region.store.pool())
+            .await?;
+    }
+    println!(
+        "  seeded both regions in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
+    let rss_before = peak_rss_mib();
+
+    let started = Instant::now();
+    let in_sync = crate::replication::repair::round(&us.region, "eu").await?;
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        in_sync.records_fetched == 0,
+        "regions in sync fetch nothing"
+    );
+    println!(
+        "  in sync: compared {} records in {} buckets in {seconds:.2} s = {:.0} records/s",
+        args.records,
+        in_sync.buckets_compared,
+        args.records as f64 / seconds
+    );
+
+    let missing = ((args.records as f64) * args.missing_percent / 100.0) as i64;
+    sqlx::query(
+        "DELETE FROM records WHERE collection = 'bench'
+            AND key IN (SELECT key FROM records WHERE collection = 'bench' ORDER BY md5(key) LIMIT $1)",
+    )
+    .bind(missing)
+    .execute(us.region.store.pool())
+    .await?;
+    let started = Instant::now();
+    let repaired = crate::replication::repair::round(&us.region, "eu").await?;
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        repaired.records_repaired == missing as u64,
+        "repaired {} of {missing}",
+        repaired.records_repaired
+    );
+    println!(
+        "  {missing} missing: {} buckets differed, {} keys compared, {} records repaired in {seconds:.2} s = {:.0} records repaired/s",
+        repaired.buckets_differing,
+        repaired.keys_compared,
+        repaired.records_repaired,
+        repaired.records_repaired as f64 / seconds
+    );
+    println!(
+        "  peak memory of this process (both regions): {:.0} MiB after seeding, {:.0} MiB after both rounds",
+        rss_before,
+        peak_rss_mib()
+    );
+    eu.stop().await?;
+    us.stop().await?;
+    for config in [&eu_config, &us_config] {
+        sqlx::Postgres::force_drop_database(&config.database_url).await?;
+    }
+    crate::replication::delete_streams(&args.nats, &deployment, &["eu", "us"])
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting the bench streams: {e}"))?;
     Ok(())
 }
