@@ -144,30 +144,39 @@ impl PeerClient {
         }
     }
 
+    /// Send a peer API request; a non-2xx answer is an error.
+    async fn send(
+        &self,
+        peer: &str,
+        request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RepairError> {
+        let base = self
+            .urls
+            .get(peer)
+            .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
+        let response = request(&self.client, base)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| peer_failed(peer, e.to_string()))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            return Err(peer_failed(peer, format!("{status}: {text}")));
+        }
+        Ok(response)
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         peer: &str,
         request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<T, RepairError> {
-        let base = self
-            .urls
-            .get(peer)
-            .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
-        let failed = |cause: String| RepairError::Peer {
-            peer: peer.to_owned(),
-            cause,
-        };
-        let response = request(&self.client, base)
-            .bearer_auth(&self.token)
-            .send()
+        let response = self.send(peer, request).await?;
+        response
+            .json()
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let text = response.text().await.unwrap_or_default();
-            return Err(failed(format!("{status}: {text}")));
-        }
-        response.json().await.map_err(|e| failed(e.to_string()))
+            .map_err(|e| peer_failed(peer, e.to_string()))
     }
 
     pub async fn collections(&self, peer: &str) -> Result<Vec<String>, RepairError> {
@@ -185,28 +194,15 @@ impl PeerClient {
     }
 
     pub async fn module(&self, peer: &str, sha256: &str) -> Result<Vec<u8>, RepairError> {
-        let base = self
-            .urls
-            .get(peer)
-            .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
-        let failed = |cause: String| RepairError::Peer {
-            peer: peer.to_owned(),
-            cause,
-        };
         let response = self
-            .client
-            .get(format!("{base}/v1/peer/modules/{sha256}"))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(failed(format!("module {sha256}: {}", response.status())));
-        }
+            .send(peer, |c, base| {
+                c.get(format!("{base}/v1/peer/modules/{sha256}"))
+            })
+            .await?;
         Ok(response
             .bytes()
             .await
-            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| peer_failed(peer, e.to_string()))?
             .to_vec())
     }
 
@@ -261,6 +257,13 @@ impl PeerClient {
             })
             .await?;
         Ok(body.records)
+    }
+}
+
+fn peer_failed(peer: &str, cause: String) -> RepairError {
+    RepairError::Peer {
+        peer: peer.to_owned(),
+        cause,
     }
 }
 
