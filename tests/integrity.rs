@@ -25,6 +25,18 @@ async fn read_value(c: &Cluster, id: &str, key: &str) -> Option<(String, Value)>
     Some((body["value"].to_string(), body["value"].clone()))
 }
 
+/// Run a repair round at `id` from `peer` through the admin API, and return its report.
+async fn repair_at(c: &Cluster, id: &str, peer: &str) -> Value {
+    let response = c
+        .request(id, Method::POST, &format!("/v1/regions/{peer}/repair"))
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
 fn nested(depth: usize) -> String {
     format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
 }
@@ -218,15 +230,7 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
         .unwrap();
     expect_problem(r, StatusCode::UNAUTHORIZED).await;
 
-    let report: Value = c
-        .request("us", Method::POST, path)
-        .bearer_auth(crate::helpers::ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = repair_at(&c, "us", "eu").await;
     // Ten missing records come back; the corrupted one has a different hash, so it is fetched,
     // but its vector equals eu's: the merge keeps one of the two, the same in every region.
     assert_eq!(report["records_fetched"], 11, "{report}");
@@ -277,15 +281,7 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
     assert_eq!(r.status(), StatusCode::OK);
     c.assert_converged().await;
     // Converged regions compare without fetching anything.
-    let again: Value = c
-        .request("us", Method::POST, path)
-        .bearer_auth(crate::helpers::ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = repair_at(&c, "us", "eu").await;
     assert_eq!(again["records_fetched"], 0, "{again}");
     assert_eq!(again["buckets_differing"], 0, "{again}");
     c.teardown().await;
@@ -388,15 +384,7 @@ async fn repair_brings_over_a_resolver_module_a_region_lacks() {
         .execute(us.store.pool())
         .await
         .unwrap();
-    let report: Value = c
-        .request("us", Method::POST, "/v1/regions/eu/repair")
-        .bearer_auth(crate::helpers::ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = repair_at(&c, "us", "eu").await;
     assert_eq!(report["modules_fetched"], 1, "{report}");
     assert!(held().await, "the module is back, under its sha256");
     c.teardown().await;
