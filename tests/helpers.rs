@@ -337,23 +337,7 @@ impl Cluster {
             }
             if std::time::Instant::now() > deadline {
                 for (id, theirs) in &differing {
-                    let ours: std::collections::BTreeMap<_, _> =
-                        reference.iter().map(|(c, k, s)| ((c, k), s)).collect();
-                    let mine: std::collections::BTreeMap<_, _> =
-                        theirs.iter().map(|(c, k, s)| ((c, k), s)).collect();
-                    let keys: std::collections::BTreeSet<_> =
-                        ours.keys().chain(mine.keys()).collect();
-                    for key in keys
-                        .into_iter()
-                        .filter(|k| ours.get(*k) != mine.get(*k))
-                        .take(5)
-                    {
-                        eprintln!(
-                            "{key:?}: {first} has {:?}\n  {id} has {:?}",
-                            ours.get(key),
-                            mine.get(key)
-                        );
-                    }
+                    print_differences(first, &reference, id, theirs);
                 }
                 panic!("regions did not converge within 60s");
             }
@@ -485,6 +469,32 @@ impl Drop for Cluster {
             });
         })
         .join();
+    }
+}
+
+/// Say which records differ between two regions' stored states (the first five), for whoever
+/// reads a failed convergence.
+pub fn print_differences(
+    first: &str,
+    reference: &[(String, String, Value)],
+    id: &str,
+    theirs: &[(String, String, Value)],
+) {
+    let ours: std::collections::BTreeMap<_, _> =
+        reference.iter().map(|(c, k, s)| ((c, k), s)).collect();
+    let mine: std::collections::BTreeMap<_, _> =
+        theirs.iter().map(|(c, k, s)| ((c, k), s)).collect();
+    let keys: std::collections::BTreeSet<_> = ours.keys().chain(mine.keys()).collect();
+    for key in keys
+        .into_iter()
+        .filter(|k| ours.get(*k) != mine.get(*k))
+        .take(5)
+    {
+        eprintln!(
+            "{key:?}: {first} has {:?}\n  {id} has {:?}",
+            ours.get(key),
+            mine.get(key)
+        );
     }
 }
 

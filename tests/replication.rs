@@ -175,22 +175,7 @@ async fn converged(c: &Cluster, collections: &[&str]) -> Vec<(String, String, Va
         if std::time::Instant::now() > deadline {
             // Say exactly which records differ, for whoever reads the failure.
             for (id, theirs) in &differing {
-                let ours: std::collections::BTreeMap<_, _> =
-                    reference.iter().map(|(c, k, s)| ((c, k), s)).collect();
-                let mine: std::collections::BTreeMap<_, _> =
-                    theirs.iter().map(|(c, k, s)| ((c, k), s)).collect();
-                let keys: std::collections::BTreeSet<_> = ours.keys().chain(mine.keys()).collect();
-                for key in keys
-                    .into_iter()
-                    .filter(|k| ours.get(*k) != mine.get(*k))
-                    .take(5)
-                {
-                    eprintln!(
-                        "{key:?}: {first} has {:?}\n  {id} has {:?}",
-                        ours.get(key),
-                        mine.get(key)
-                    );
-                }
+                crate::helpers::print_differences(first, &reference, id, theirs);
                 for region in c.ids() {
                     eprintln!(
                         "{region} regions: {}",
@@ -589,6 +574,23 @@ async fn rehome_moves_the_leader_and_racing_writes_are_neither_lost_nor_bounced(
     c.teardown().await;
 }
 
+/// Wait until `origin` has published its whole outbox, then purge its stream: every event not
+/// yet applied elsewhere is gone.
+async fn publish_then_purge(c: &Cluster, origin: &str) {
+    let region = c.region(origin).region.clone();
+    eventually(20, "the origin publishes its outbox", || async {
+        region.store.outbox_backlog().await.unwrap() == 0
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
+    js.get_stream(locus::replication::stream_name(&c.deployment, origin))
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+}
+
 /// The peer entry for `origin` in `id`'s `/v1/regions`.
 pub async fn peer_status(c: &Cluster, id: &str, origin: &str) -> Value {
     let regions = c.get_json(id, "/v1/regions").await;
@@ -614,19 +616,9 @@ async fn a_region_that_missed_purged_events_while_down_converges_by_repair() {
             StatusCode::CREATED
         );
     }
-    let eu = c.region("eu").region.clone();
-    eventually(20, "eu publishes its outbox", || async {
-        eu.store.outbox_backlog().await.unwrap() == 0
-    })
-    .await;
     // Events us never applied disappear from eu's stream (an operator purged it; a NATS server
     // with the 2.9.10 bug does the same at restart).
-    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
-    let stream = js
-        .get_stream(locus::replication::stream_name(&c.deployment, "eu"))
-        .await
-        .unwrap();
-    stream.purge().await.unwrap();
+    publish_then_purge(&c, "eu").await;
 
     c.restart("us", us_config).await;
     eventually(30, "us repairs what the stream lost", || async {
@@ -692,18 +684,7 @@ async fn a_hole_that_opens_while_the_consumer_runs_is_repaired_not_jumped() {
             StatusCode::CREATED
         );
     }
-    let eu = c.region("eu").region.clone();
-    eventually(20, "eu publishes its outbox", || async {
-        eu.store.outbox_backlog().await.unwrap() == 0
-    })
-    .await;
-    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
-    js.get_stream(locus::replication::stream_name(&c.deployment, "eu"))
-        .await
-        .unwrap()
-        .purge()
-        .await
-        .unwrap();
+    publish_then_purge(&c, "eu").await;
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(locus::storage::apply::APPLY_LOCK)
         .execute(&mut *blocker)

@@ -66,10 +66,7 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(key, hi, lo)| (key, StateHash { hi, lo }))
-            .collect())
+        Ok(rows.into_iter().map(keyed_hash).collect())
     }
 
     /// The hashes of `keys` of `collection` that exist here.
@@ -85,10 +82,7 @@ impl Store {
         .bind(keys)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(key, hi, lo)| (key, StateHash { hi, lo }))
-            .collect())
+        Ok(rows.into_iter().map(keyed_hash).collect())
     }
 
     /// The stored states of `keys` of `collection` (absent keys are left out), in key order,
@@ -156,4 +150,8 @@ impl Store {
             }
         }
     }
+}
+
+fn keyed_hash((key, hi, lo): (String, i64, i64)) -> (String, StateHash) {
+    (key, StateHash { hi, lo })
 }

@@ -48,15 +48,7 @@ impl Store {
     /// its chunks still waiting. Returns false when it was here already.
     pub async fn adopt_module(&self, sha256: &str, module: &[u8]) -> Result<bool, StorageError> {
         let mut tx = self.pool().begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO resolver_modules (sha256, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(sha256)
-        .bind(module)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        let inserted = insert_module_row(&mut tx, sha256, module).await?;
         sqlx::query("DELETE FROM resolver_module_chunks WHERE sha256 = $1")
             .bind(sha256)
             .execute(&mut *tx)
@@ -83,15 +75,7 @@ impl Store {
         chunk_events: &[Vec<u8>],
     ) -> Result<bool, StorageError> {
         let mut tx = self.pool().begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO resolver_modules (sha256, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(sha256)
-        .bind(module)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        let inserted = insert_module_row(&mut tx, sha256, module).await?;
         if inserted {
             sqlx::query("INSERT INTO outbox (event) SELECT unnest($1::bytea[])")
                 .bind(chunk_events)
@@ -213,15 +197,26 @@ impl ApplyTx {
                 sha256: chunk.sha256.clone(),
             });
         }
-        sqlx::query(
-            "INSERT INTO resolver_modules (sha256, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(&chunk.sha256)
-        .bind(&module)
-        .execute(&mut **tx)
-        .await?;
+        insert_module_row(tx, &chunk.sha256, &module).await?;
         Ok(ChunkProgress::Assembled {
             sha256: chunk.sha256.clone(),
         })
     }
+}
+
+/// Store a whole module under its sha256 (checked by the caller); false when it was here already.
+async fn insert_module_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    sha256: &str,
+    module: &[u8],
+) -> Result<bool, StorageError> {
+    let inserted = sqlx::query(
+        "INSERT INTO resolver_modules (sha256, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(sha256)
+    .bind(module)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
 }
