@@ -603,13 +603,23 @@ pub async fn black_hole() -> (String, JoinHandle<()>) {
     (url, task)
 }
 
-/// A port nothing listens on right now (for processes that need their address before they start).
+/// A port nothing listens on right now, for processes that need their address before they start.
+///
+/// Not a port from the kernel's ephemeral range (32768 and up here): between this call and the
+/// process binding it, any outgoing connection of this busy test process could take such a port
+/// (seen as a NATS supercluster without its route port, so without JetStream quorum). Ports below
+/// that range are never handed out implicitly, and none is handed out twice in one test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..32_000u16);
+        if given.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        given.push(port);
+        return port;
+    }
 }
 
 /// A NATS server of the test's own, on a free port with its own JetStream directory, that the test
