@@ -78,7 +78,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
         tracing::info!(region = %config.region, records = hashed, "hashed records written before anti-entropy");
     }
     let region = Arc::new(Region::new(config, store, identity)?);
-    let mut workers = start_replication(&region).await?;
+    // Writes wait until the peers have said whether this database was restored.
+    let mut workers = vec![tokio::spawn(replication::incarnation::run(region.clone()))];
+    workers.extend(start_replication(&region).await?);
     let supervisor = &region.supervisor;
     let r = region.clone();
     workers.push(supervisor.spawn("resolutions", move || {
@@ -202,9 +204,8 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let running = start(config, None).await?;
     let region = &running.region;
     println!(
-        "locus region {} (incarnation {}) listening on {}",
+        "locus region {} listening on {}",
         region.id(),
-        region.identity.incarnation,
         running.url()
     );
     shutdown_signal().await;

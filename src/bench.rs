@@ -742,7 +742,8 @@ async fn resolvers(args: ResolversArgs) -> anyhow::Result<()> {
             .collect();
         sequence += 1;
         let applied =
-            crate::replication::consumer::apply_batch(&shared, "us", &changes, &[sequence]).await?;
+            crate::replication::consumer::apply_batch(&shared, "us", &changes, &[sequence], &[])
+                .await?;
         anyhow::ensure!(
             applied.conflicts == changes.len(),
             "every event is a conflict"

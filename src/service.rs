@@ -113,9 +113,16 @@ pub enum ServiceError {
     /// `max_payload`): refused before anything is stored, or it could never replicate.
     #[error("the value encodes to a replication event of {size} bytes, over the transport's limit of {limit} bytes")]
     EventTooLarge { size: usize, limit: usize },
+    /// The region has not yet settled which incarnation it writes as (see
+    /// [`crate::replication::incarnation`]).
+    #[error("this region is still checking with its peers whether its database was restored; retry shortly")]
+    IncarnationUnsettled,
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
+
+/// How long a write waits for the region's incarnation to be settled at start.
+const INCARNATION_WAIT: Duration = Duration::from_secs(20);
 
 /// The revision and summary of a record, as this process last wrote it.
 #[derive(Debug, Clone)]
@@ -211,7 +218,9 @@ pub struct Region {
     pub config: Config,
     pub store: Store,
     pub identity: RegionIdentity,
-    pub actor: Actor,
+    /// The actor this region writes as: settled once at start, after asking the peers whether the
+    /// database was restored ([`crate::replication::incarnation`]); writes wait for it.
+    actor: tokio::sync::watch::Sender<Option<Actor>>,
     clock: Mutex<HybridClock>,
     cache: WriteCache,
     /// Woken after each committed write, so the publisher ships it at once.
@@ -230,7 +239,6 @@ pub struct Region {
 
 impl Region {
     pub fn new(config: Config, store: Store, identity: RegionIdentity) -> anyhow::Result<Region> {
-        let actor = Actor::new(&identity.region, &identity.incarnation);
         let clock = Mutex::new(HybridClock::new(config.clock.max_drift_ms));
         let registry = prometheus::Registry::new();
         let resolvers = Resolvers::new(&config.resolvers, &registry)?;
@@ -238,7 +246,7 @@ impl Region {
             config,
             store,
             identity,
-            actor,
+            actor: tokio::sync::watch::Sender::new(None),
             clock,
             cache: WriteCache::new(),
             outbox_signal: Notify::new(),
@@ -249,6 +257,36 @@ impl Region {
             supervisor: std::sync::Arc::new(crate::supervisor::Supervisor::new(&registry)),
             registry,
         })
+    }
+
+    /// The actor this region writes as, once settled; writes wait for it (a while).
+    pub async fn actor(&self) -> Result<Actor, ServiceError> {
+        if let Some(actor) = self.settled_actor() {
+            return Ok(actor);
+        }
+        tokio::time::timeout(INCARNATION_WAIT, self.settled())
+            .await
+            .map_err(|_| ServiceError::IncarnationUnsettled)
+    }
+
+    /// The actor this region writes as, waiting as long as it takes to settle.
+    pub async fn settled(&self) -> Actor {
+        let mut settled = self.actor.subscribe();
+        let actor = settled
+            .wait_for(Option::is_some)
+            .await
+            .expect("the region holds the sender");
+        actor.clone().expect("waited for an actor")
+    }
+
+    /// The actor this region writes as, if it is settled yet.
+    pub fn settled_actor(&self) -> Option<Actor> {
+        self.actor.borrow().clone()
+    }
+
+    /// Start writing as `actor`.
+    pub fn settle_actor(&self, actor: Actor) {
+        self.actor.send_replace(Some(actor));
     }
 
     /// Fold a remote event's HLC into this region's clock (unless it is too far ahead).
@@ -388,11 +426,12 @@ impl Region {
                 Decision::Fail(error) => return Err(error),
             };
 
+            let actor = self.actor().await?;
             let hlc = {
                 let mut clock = self.clock.lock().expect("clock lock");
                 clock.stamp_write(wall_clock_ms(), base.summary.max_hlc)
             };
-            let state = base.summary.write(&self.actor, hlc, value);
+            let state = base.summary.write(&actor, hlc, value);
             let version = state.versions[0].clone();
             let event = Event::new(
                 self.id(),

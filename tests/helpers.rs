@@ -171,6 +171,13 @@ impl Setup {
                 .expect("region starts");
             regions.insert(*id, running);
         }
+        // Ready means writable: each region has asked its peers whether its database was
+        // restored, which it can only do once they listen.
+        for (id, running) in &regions {
+            tokio::time::timeout(std::time::Duration::from_secs(20), running.region.settled())
+                .await
+                .unwrap_or_else(|_| panic!("{id} settles its incarnation"));
+        }
         Cluster {
             http: reqwest::Client::new(),
             deployment: format!("test{run}"),

@@ -112,6 +112,7 @@ async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resur
         "eu",
         &[Change::Record(replay)],
         &[1],
+        &[],
     )
     .await
     .unwrap();
@@ -860,7 +861,10 @@ async fn rows_committing_out_of_id_order_are_all_published() {
         deleted: false,
         region: "eu".into(),
         hlc: locus::clock::hlc::Hlc::from_parts(locus::clock::hlc::wall_clock_ms(), 0),
-        vector: locus::clock::version::VersionVector::from([(eu.actor.as_str(), 1)]),
+        vector: locus::clock::version::VersionVector::from([(
+            eu.settled_actor().expect("settled").as_str(),
+            1,
+        )]),
     };
     let state = locus::record::RecordState {
         home: Home::new("eu"),

@@ -266,6 +266,7 @@ async fn hostile_resolvers_fall_back_to_lww_and_the_server_keeps_serving() {
                     "us",
                     &[Change::Record(event)],
                     &[],
+                    &[],
                 )
                 .await
                 .unwrap();
@@ -545,7 +546,7 @@ async fn a_policy_switched_to_a_resolver_recomputes_existing_conflicts() {
         .is_success());
     let remote = concurrent_version("us", json!({"counts": {"us": 3}}));
     let event = Event::new("us", "tally", "t", Home::new("eu"), remote);
-    locus::replication::consumer::apply_batch(&region, "us", &[Change::Record(event)], &[])
+    locus::replication::consumer::apply_batch(&region, "us", &[Change::Record(event)], &[], &[])
         .await
         .unwrap();
     let lww: Value = c.get("eu", "tally", "t").await.json().await.unwrap();
@@ -608,7 +609,7 @@ async fn a_wall_time_interruption_is_retried_never_final() {
         concurrent_version("us", json!(2)),
     );
     let region = c.region("eu").region.clone();
-    locus::replication::consumer::apply_batch(&region, "us", &[Change::Record(event)], &[])
+    locus::replication::consumer::apply_batch(&region, "us", &[Change::Record(event)], &[], &[])
         .await
         .unwrap();
     let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
@@ -652,13 +653,13 @@ async fn a_module_is_used_only_once_every_chunk_is_here_and_it_hashes_right() {
     // Out of order, one of them twice, each batch its own transaction; the last one missing.
     for index in [2usize, 0, 2, 3] {
         let change = Change::ModuleChunk(chunks[index].clone());
-        locus::replication::consumer::apply_batch(&region, "us", &[change], &[])
+        locus::replication::consumer::apply_batch(&region, "us", &[change], &[], &[])
             .await
             .unwrap();
         assert_eq!(region.store.module(&sha256).await.unwrap(), None);
     }
     let last = Change::ModuleChunk(chunks[1].clone());
-    locus::replication::consumer::apply_batch(&region, "us", &[last], &[])
+    locus::replication::consumer::apply_batch(&region, "us", &[last], &[], &[])
         .await
         .unwrap();
     assert_eq!(
@@ -672,7 +673,7 @@ async fn a_module_is_used_only_once_every_chunk_is_here_and_it_hashes_right() {
         .into_iter()
         .map(Change::ModuleChunk)
         .collect();
-    locus::replication::consumer::apply_batch(&region, "us", &forged, &[])
+    locus::replication::consumer::apply_batch(&region, "us", &forged, &[], &[])
         .await
         .unwrap();
     assert_eq!(region.store.module(&forged_sha).await.unwrap(), None);

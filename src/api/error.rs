@@ -147,6 +147,7 @@ impl From<ServiceError> for ApiError {
                 retry_after: 1,
             },
             ServiceError::Contention => ApiError::Contention,
+            ServiceError::IncarnationUnsettled => ApiError::NotReady(error.to_string()),
             ServiceError::Storage(e) => ApiError::Storage(e),
         }
     }

@@ -28,10 +28,15 @@ pub async fn healthz(State(s): State<SharedState>) -> Json<Value> {
     get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "PostgreSQL answers and every worker runs"),
-        (status = 503, description = "PostgreSQL is unreachable, or a worker is down (named in the detail)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable, a worker is down (named in the detail), or the region is still settling its incarnation at start", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn readyz(State(s): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    if s.region.settled_actor().is_none() {
+        return Err(ApiError::NotReady(
+            "checking with the peers whether this region's database was restored".into(),
+        ));
+    }
     let down = s.region.supervisor.down_now();
     if !down.is_empty() {
         let named: Vec<String> = down

@@ -216,11 +216,12 @@ pub fn router(state: SharedState) -> Router {
             "/v1/regions/{peer}/repair",
             axum::routing::post(repair::repair_now),
         )
+        .route("/v1/peer/actors/{actor}", get(repair::actor_seen))
         .route("/v1/peer/collections", get(repair::collections))
         .route("/v1/peer/modules", get(repair::modules))
         .route("/v1/peer/modules/{sha256}", get(repair::module))
         .route("/v1/peer/digests", get(repair::digests))
-        .route("/v1/peer/hashes", get(repair::hashes))
+        .route("/v1/peer/hashes", axum::routing::post(repair::hashes))
         .route("/v1/peer/states", axum::routing::post(repair::states))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

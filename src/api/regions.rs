@@ -42,7 +42,8 @@ pub struct RegionEntry {
 pub struct RegionsBody {
     pub deployment: String,
     pub region: String,
-    pub incarnation: String,
+    /// The incarnation this region writes as; null while it checks with its peers at start.
+    pub incarnation: Option<String>,
     pub regions: Vec<RegionEntry>,
 }
 
@@ -97,7 +98,9 @@ pub async fn list(
     Ok(Json(RegionsBody {
         deployment: region.config.deployment.clone(),
         region: region.id().to_owned(),
-        incarnation: region.identity.incarnation.clone(),
+        incarnation: region
+            .settled_actor()
+            .map(|actor| actor.incarnation().to_owned()),
         regions,
     }))
 }

@@ -13,11 +13,13 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::headers::{bearer, same_secret};
 use super::{ApiState, SharedState};
+use crate::record::digest::BUCKETS;
 use crate::record::names;
 use crate::replication::repair::{
-    self, CollectionsBody, DigestEntry, DigestsBody, HashesBody, ModulesBody, RepairReport,
-    StatesBody, StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
+    self, ActorSeenBody, CollectionsBody, DigestEntry, DigestsBody, HashesBody, HashesRequest,
+    ModulesBody, RepairReport, StatesBody, StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
 };
+use crate::storage::repair::HashCursor;
 
 impl ApiState {
     /// Region-to-region calls: the peer token.
@@ -34,15 +36,6 @@ impl ApiState {
 pub struct CollectionQuery {
     /// A collection, system collections included.
     pub collection: String,
-}
-
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct HashesQuery {
-    pub collection: String,
-    pub bucket: i32,
-    /// List keys after this one.
-    pub after: Option<String>,
-    pub limit: Option<i64>,
 }
 
 fn collection_name(name: &str) -> Result<(), ApiError> {
@@ -112,21 +105,32 @@ pub async fn digests(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/peer/hashes", tag = "peer", params(HashesQuery),
-    responses((status = 200, description = "a page of one bucket's (key, hash) pairs", body = HashesBody),
+#[utoipa::path(post, path = "/v1/peer/hashes", tag = "peer", params(CollectionQuery),
+    request_body = HashesRequest,
+    responses((status = 200, description = "a page of the chosen buckets' (bucket, key, hash) triples", body = HashesBody),
               (status = 400, description = "bad collection, bucket or limit", body = super::error::Problem, content_type = "application/problem+json")))]
 pub async fn hashes(
     State(s): State<SharedState>,
     headers: HeaderMap,
-    Query(query): Query<HashesQuery>,
+    Query(query): Query<CollectionQuery>,
+    body: axum::body::Body,
 ) -> Result<Json<HashesBody>, ApiError> {
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
-    let limit = query.limit.unwrap_or(HASH_PAGE);
+    let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
+    let request: HashesRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("malformed-json", e.to_string()))?;
+    let limit = request.limit.unwrap_or(HASH_PAGE);
     if !(1..=HASH_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
             "bad-limit",
             format!("limit must be 1 to {HASH_PAGE}"),
+        ));
+    }
+    if request.buckets.len() > BUCKETS as usize {
+        return Err(ApiError::bad_request(
+            "too-many-buckets",
+            format!("at most {BUCKETS} buckets per request"),
         ));
     }
     let entries = s
@@ -134,18 +138,23 @@ pub async fn hashes(
         .store
         .bucket_hashes(
             &query.collection,
-            query.bucket,
-            query.after.as_deref(),
+            &request.buckets,
+            request.after.as_ref(),
             limit,
         )
         .await?;
     let next = (entries.len() as i64 == limit)
-        .then(|| entries.last().map(|(key, _)| key.clone()))
+        .then(|| {
+            entries.last().map(|last| HashCursor {
+                bucket: last.bucket,
+                key: last.key.clone(),
+            })
+        })
         .flatten();
     Ok(Json(HashesBody {
         entries: entries
             .into_iter()
-            .map(|(key, hash)| (key, hash.to_hex()))
+            .map(|entry| (entry.bucket, entry.key, entry.hash.to_hex()))
             .collect(),
         next,
     }))
@@ -178,6 +187,22 @@ pub async fn states(
         .states_of(&query.collection, &request.keys, FETCH_BYTES)
         .await?;
     Ok(Json(StatesBody { records }))
+}
+
+#[utoipa::path(get, path = "/v1/peer/actors/{actor}", tag = "peer",
+    params(("actor" = String, Path, description = "a region incarnation, `<region>.<incarnation>`")),
+    responses((status = 200, description = "the highest outbox id applied here from that actor", body = ActorSeenBody)))]
+pub async fn actor_seen(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Path(actor): Path<String>,
+) -> Result<Json<ActorSeenBody>, ApiError> {
+    s.require_peer(&headers)?;
+    let highest_outbox_id = s.region.store.highest_outbox_id_seen(&actor).await?;
+    Ok(Json(ActorSeenBody {
+        actor,
+        highest_outbox_id,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/regions/{peer}/repair", tag = "regions",

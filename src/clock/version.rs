@@ -33,6 +33,13 @@ impl Actor {
         &self.0
     }
 
+    /// The incarnation part of the actor's name.
+    pub fn incarnation(&self) -> &str {
+        self.0
+            .split_once('.')
+            .map_or("", |(_, incarnation)| incarnation)
+    }
+
     /// The region part of the actor's name.
     pub fn region(&self) -> &str {
         self.0

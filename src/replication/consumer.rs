@@ -20,7 +20,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::event::{Change, DecodeError, Event, ModuleChunk};
+use super::event::{Change, DecodeError, Event, MessageId, ModuleChunk};
 use crate::clock::hlc::{wall_clock_ms, Observation};
 use crate::record::policy::{Strategy, POLICY_COLLECTION};
 use crate::record::resolution::{Outcome, Resolution};
@@ -114,6 +114,7 @@ async fn consume(
         }
         let mut events = Vec::with_capacity(messages.len());
         let mut sequences = Vec::with_capacity(messages.len());
+        let mut sent_as = Vec::with_capacity(messages.len());
         let mut unreadable = Vec::new();
         for message in &messages {
             let sequence = message.info().map_err(ConsumeError::Nats)?.stream_sequence;
@@ -121,6 +122,13 @@ async fn consume(
                 Ok(event) => {
                     events.push(event);
                     sequences.push(sequence);
+                    sent_as.extend(
+                        message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                            .and_then(|id| MessageId::parse(id.as_str())),
+                    );
                 }
                 // A newer build's event is no poison: wait for this region's upgrade, without
                 // acknowledging anything, so nothing is lost meanwhile.
@@ -145,7 +153,7 @@ async fn consume(
         }
         // A batch whose conflicts run resolvers can take longer than the ack wait: tell JetStream
         // the batch is in progress, so it is not delivered again while it is being applied.
-        let apply = apply_or_set_aside(region, origin, &events, &sequences);
+        let apply = apply_or_set_aside(region, origin, &events, &sequences, &sent_as);
         tokio::pin!(apply);
         let mut progress = tokio::time::interval(super::ACK_WAIT / 3);
         progress.tick().await;
@@ -177,14 +185,24 @@ async fn apply_or_set_aside(
     origin: &str,
     events: &[Change],
     sequences: &[u64],
+    sent_as: &[MessageId],
 ) -> Result<Applied, StorageError> {
-    match apply_with_retries(region, origin, events, sequences).await {
+    match apply_with_retries(region, origin, events, sequences, sent_as).await {
         Err(error) if !matches!(error, StorageError::Unavailable(_)) && !events.is_empty() => {
             tracing::warn!(region = region.id(), %origin, %error, "batch failed; applying its events one by one");
             let mut total = Applied::default();
             for (event, &sequence) in events.iter().zip(sequences) {
-                match apply_with_retries(region, origin, std::slice::from_ref(event), &[sequence])
-                    .await
+                // The batch's message ids go with the first event: they only say what the
+                // origin has published, whatever became of each event here.
+                let sent_as = if total.events == 0 { sent_as } else { &[] };
+                match apply_with_retries(
+                    region,
+                    origin,
+                    std::slice::from_ref(event),
+                    &[sequence],
+                    sent_as,
+                )
+                .await
                 {
                     Ok(applied) => total.absorb(applied),
                     Err(StorageError::Unavailable(e)) => return Err(StorageError::Unavailable(e)),
@@ -296,10 +314,11 @@ pub async fn apply_with_retries(
     origin: &str,
     events: &[Change],
     sequences: &[u64],
+    sent_as: &[MessageId],
 ) -> Result<Applied, StorageError> {
     let mut attempt = 0;
     loop {
-        match apply_batch(region, origin, events, sequences).await {
+        match apply_batch(region, origin, events, sequences, sent_as).await {
             Err(error) if error.is_retryable() && attempt < 5 => {
                 attempt += 1;
                 tracing::info!(%origin, attempt, %error, "apply aborted by PostgreSQL; running it again");
@@ -336,13 +355,14 @@ impl Applied {
     }
 }
 
-/// Merge `events` from `origin` in one transaction, with the stream `sequences` they came at
-/// (recorded with them; repair merges with none).
+/// Merge `events` from `origin` in one transaction, with the stream `sequences` they came at and
+/// the message ids they were `sent_as` (recorded with them; repair merges with neither).
 pub async fn apply_batch(
     region: &Region,
     origin: &str,
     changes: &[Change],
     sequences: &[u64],
+    sent_as: &[MessageId],
 ) -> Result<Applied, StorageError> {
     let mut by_key: BTreeMap<RecordKey, Vec<&Event>> = BTreeMap::new();
     let mut chunks: Vec<&ModuleChunk> = Vec::new();
@@ -480,10 +500,18 @@ pub async fn apply_batch(
             break;
         }
     }
+    let mut highest_sent: BTreeMap<&str, i64> = BTreeMap::new();
+    for id in sent_as {
+        let highest = highest_sent
+            .entry(id.actor.as_str())
+            .or_insert(id.outbox_id);
+        *highest = (*highest).max(id.outbox_id);
+    }
     let position = (!sequences.is_empty()).then_some(StreamPosition {
         origin,
         sequences,
         newest_hlc: newest.as_u64(),
+        highest_sent,
     });
     tx.commit(position).await?;
     let mut resolution_inputs_changed = modules_arrived;

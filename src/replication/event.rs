@@ -132,6 +132,37 @@ impl Change {
     }
 }
 
+/// The id an event is published under: `<region>.<incarnation>:<outbox id>`. JetStream drops a
+/// repeated id within its dedupe window (a publish retried after a lost ack), and every peer keeps
+/// the highest outbox id it applied per actor, which is how a region learns at start that its
+/// database was restored from a backup (see [`super::incarnation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageId {
+    pub actor: String,
+    pub outbox_id: i64,
+}
+
+impl MessageId {
+    /// Read a message id; ids of the older `<region>:<outbox id>` form name no incarnation and
+    /// give `None`.
+    pub fn parse(text: &str) -> Option<MessageId> {
+        let (actor, id) = text.rsplit_once(':')?;
+        if !actor.contains('.') {
+            return None;
+        }
+        Some(MessageId {
+            actor: actor.to_owned(),
+            outbox_id: id.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.actor, self.outbox_id)
+    }
+}
+
 impl Event {
     pub fn new(origin: &str, collection: &str, key: &str, home: Home, version: Version) -> Event {
         Event {
@@ -163,6 +194,17 @@ impl Event {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn message_ids_read_back_and_old_ones_name_no_actor() {
+        let id = super::MessageId {
+            actor: "eu.3f9a1c07".into(),
+            outbox_id: 42,
+        };
+        assert_eq!(super::MessageId::parse(&id.to_string()), Some(id));
+        assert_eq!(super::MessageId::parse("eu:42"), None);
+        assert_eq!(super::MessageId::parse("eu.a:x"), None);
+    }
+
     use super::*;
     use crate::clock::hlc::Hlc;
     use crate::clock::version::VersionVector;

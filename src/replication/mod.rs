@@ -12,6 +12,7 @@
 
 pub mod consumer;
 pub mod event;
+pub mod incarnation;
 pub mod publisher;
 pub mod repair;
 pub mod status;

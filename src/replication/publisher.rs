@@ -1,7 +1,7 @@
 //! Ships committed outbox rows to the region's JetStream stream.
 //!
 //! Each pass publishes every row visible now, in id order, with many acknowledgements in flight,
-//! and deletes a row only once JetStream acknowledged it. The message id `<region>:<outbox id>`
+//! and deletes a row only once JetStream acknowledged it. The message id `<region>.<incarnation>:<outbox id>`
 //! lets JetStream drop the duplicate when a publisher dies between the acknowledgement and the
 //! delete. Woken by the write path, with a timer as a backstop for rows other processes wrote.
 //! One publisher per region: the holder of an advisory lock; another process takes over when its
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::Publish};
 
+use super::event::MessageId;
 use crate::service::Region;
 use crate::storage::outbox::PublisherLease;
 
@@ -59,6 +60,7 @@ async fn publish_while_leased(
     )
     .await?;
     let subject = super::subject(&config.deployment, &config.region);
+    let actor = region.settled().await.to_string();
     loop {
         let rows = region.store.unpublished(BATCH).await?;
         if rows.is_empty() {
@@ -70,9 +72,13 @@ async fn publish_while_leased(
         }
         let mut pending = Vec::with_capacity(rows.len());
         for (id, bytes) in rows {
-            let message = Publish::build()
-                .payload(bytes.into())
-                .message_id(format!("{}:{id}", config.region));
+            let message = Publish::build().payload(bytes.into()).message_id(
+                MessageId {
+                    actor: actor.clone(),
+                    outbox_id: id,
+                }
+                .to_string(),
+            );
             pending.push((id, js.send_publish(subject.clone(), message).await?));
         }
         let mut published = Vec::with_capacity(pending.len());

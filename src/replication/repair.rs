@@ -26,11 +26,11 @@ use crate::config::Config;
 use crate::record::digest::StateHash;
 use crate::record::RecordState;
 use crate::service::Region;
-use crate::storage::repair::BucketDigest;
+use crate::storage::repair::{BucketDigest, BucketHash, HashCursor};
 use crate::storage::StorageError;
 
-/// `(key, hash)` pairs per page of a bucket listing.
-pub const HASH_PAGE: i64 = 2_000;
+/// `(bucket, key, hash)` triples per page of a listing.
+pub const HASH_PAGE: i64 = 10_000;
 /// Most keys asked for in one fetch of states.
 pub const FETCH_KEYS: usize = 200;
 /// About the most state bytes one fetch answers with.
@@ -90,11 +90,29 @@ pub struct DigestsBody {
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HashesRequest {
+    /// The buckets to list, any order.
+    pub buckets: Vec<i32>,
+    /// List after this place; absent for the first page.
+    pub after: Option<HashCursor>,
+    /// At most this many entries (default and most: 10,000).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HashesBody {
-    /// `[key, hash]` pairs in key order.
-    pub entries: Vec<(String, String)>,
+    /// `[bucket, key, hash]` triples in `(bucket, key)` order; the hash is 32 hex digits.
+    #[schema(value_type = Vec<Vec<Object>>)]
+    pub entries: Vec<(i32, String, String)>,
     /// The `after` of the next page, or null on the last.
-    pub next: Option<String>,
+    pub next: Option<HashCursor>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ActorSeenBody {
+    pub actor: String,
+    /// The highest outbox id applied here from the actor's events; null if none.
+    pub highest_outbox_id: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -186,6 +204,20 @@ impl PeerClient {
         Ok(body.collections)
     }
 
+    /// The highest outbox id `peer` applied from `actor` ([`super::incarnation`]).
+    pub async fn highest_outbox_id(
+        &self,
+        peer: &str,
+        actor: &crate::clock::version::Actor,
+    ) -> Result<Option<i64>, RepairError> {
+        let body: ActorSeenBody = self
+            .call(peer, |c, base| {
+                c.get(format!("{base}/v1/peer/actors/{actor}"))
+            })
+            .await?;
+        Ok(body.highest_outbox_id)
+    }
+
     pub async fn modules(&self, peer: &str) -> Result<Vec<String>, RepairError> {
         let body: ModulesBody = self
             .call(peer, |c, base| c.get(format!("{base}/v1/peer/modules")))
@@ -224,21 +256,30 @@ impl PeerClient {
         &self,
         peer: &str,
         collection: &str,
-        bucket: i32,
-        after: Option<&str>,
-    ) -> Result<HashesBody, RepairError> {
-        self.call(peer, |c, base| {
-            let mut query = vec![
-                ("collection", collection.to_owned()),
-                ("bucket", bucket.to_string()),
-                ("limit", HASH_PAGE.to_string()),
-            ];
-            if let Some(after) = after {
-                query.push(("after", after.to_owned()));
-            }
-            c.get(format!("{base}/v1/peer/hashes")).query(&query)
-        })
-        .await
+        buckets: &[i32],
+        after: Option<HashCursor>,
+    ) -> Result<(Vec<BucketHash>, Option<HashCursor>), RepairError> {
+        let body: HashesBody = self
+            .call(peer, |c, base| {
+                c.post(format!("{base}/v1/peer/hashes"))
+                    .query(&[("collection", collection)])
+                    .json(&HashesRequest {
+                        buckets: buckets.to_vec(),
+                        after,
+                        limit: Some(HASH_PAGE),
+                    })
+            })
+            .await?;
+        let entries = body
+            .entries
+            .into_iter()
+            .map(|(bucket, key, hash)| {
+                let hash = StateHash::from_hex(&hash)
+                    .ok_or_else(|| peer_failed(peer, format!("{hash:?} is not a state hash")))?;
+                Ok(BucketHash { bucket, key, hash })
+            })
+            .collect::<Result<_, RepairError>>()?;
+        Ok((entries, body.next))
     }
 
     pub async fn states(
@@ -325,21 +366,25 @@ async fn pull_everything(
             .into_iter()
             .map(|d| (d.bucket, d))
             .collect();
-        for theirs in client.digests(peer, &collection).await? {
-            report.buckets_compared += 1;
-            let same = ours.get(&theirs.bucket).is_some_and(|d| {
-                d.count == theirs.count && Some(d.hash) == StateHash::from_hex(&theirs.hash)
-            });
-            if same {
-                continue;
-            }
-            report.buckets_differing += 1;
-            pull_bucket(
+        let theirs = client.digests(peer, &collection).await?;
+        report.buckets_compared += theirs.len() as u64;
+        let differing: Vec<i32> = theirs
+            .iter()
+            .filter(|theirs| {
+                !ours.get(&theirs.bucket).is_some_and(|d| {
+                    d.count == theirs.count && Some(d.hash) == StateHash::from_hex(&theirs.hash)
+                })
+            })
+            .map(|theirs| theirs.bucket)
+            .collect();
+        report.buckets_differing += differing.len() as u64;
+        if !differing.is_empty() {
+            pull_buckets(
                 region,
                 client,
                 peer,
                 &collection,
-                theirs.bucket,
+                &differing,
                 report,
                 &throttle,
             )
@@ -349,51 +394,67 @@ async fn pull_everything(
     Ok(())
 }
 
-async fn pull_bucket(
+/// Page through the peer's hashes of the differing buckets, gather the keys that differ here,
+/// and fetch and merge them [`FETCH_KEYS`] at a time.
+async fn pull_buckets(
     region: &Region,
     client: &PeerClient,
     peer: &str,
     collection: &str,
-    bucket: i32,
+    buckets: &[i32],
     report: &mut RepairReport,
     throttle: &Throttle,
 ) -> Result<(), RepairError> {
-    let mut after: Option<String> = None;
+    let mut after: Option<HashCursor> = None;
+    let mut wanted: Vec<String> = Vec::new();
     loop {
-        let page = client
-            .hashes(peer, collection, bucket, after.as_deref())
-            .await?;
-        report.keys_compared += page.entries.len() as u64;
-        let keys: Vec<String> = page.entries.iter().map(|(k, _)| k.clone()).collect();
-        let ours = region.store.hashes_of(collection, &keys).await?;
-        let differing: Vec<String> = page
-            .entries
-            .into_iter()
-            .filter(|(key, hash)| ours.get(key).copied() != StateHash::from_hex(hash))
-            .map(|(key, _)| key)
-            .collect();
-        for chunk in differing.chunks(FETCH_KEYS) {
-            let mut wanted: &[String] = chunk;
-            while !wanted.is_empty() {
-                let states = client.states(peer, collection, wanted).await?;
-                let Some((last, _)) = states.last() else {
-                    break; // the peer no longer holds them
-                };
-                let done = wanted
-                    .iter()
-                    .position(|k| k == last)
-                    .map_or(wanted.len(), |i| i + 1);
-                wanted = &wanted[done..];
-                report.records_fetched += states.len() as u64;
-                report.records_repaired += merge_states(region, peer, collection, states).await?;
-                throttle.pace(report.records_fetched).await;
-            }
+        let (page, next) = client.hashes(peer, collection, buckets, after).await?;
+        report.keys_compared += page.len() as u64;
+        wanted.extend(
+            region
+                .store
+                .differing_keys(collection, buckets, &page)
+                .await?,
+        );
+        while wanted.len() >= FETCH_KEYS || (next.is_none() && !wanted.is_empty()) {
+            let mut batch: Vec<String> = wanted.drain(..wanted.len().min(FETCH_KEYS)).collect();
+            batch.sort_unstable(); // the peer answers in key order, which `pull_records` relies on
+            pull_records(region, client, peer, collection, &batch, report, throttle).await?;
         }
-        match page.next {
+        match next {
             Some(next) => after = Some(next),
             None => return Ok(()),
         }
     }
+}
+
+/// Fetch `keys`' states (sorted) from the peer, in several answers if they are large, and merge
+/// them.
+async fn pull_records(
+    region: &Region,
+    client: &PeerClient,
+    peer: &str,
+    collection: &str,
+    keys: &[String],
+    report: &mut RepairReport,
+    throttle: &Throttle,
+) -> Result<(), RepairError> {
+    let mut wanted = keys;
+    while !wanted.is_empty() {
+        let states = client.states(peer, collection, wanted).await?;
+        let Some((last, _)) = states.last() else {
+            return Ok(()); // the peer no longer holds them
+        };
+        let done = wanted
+            .iter()
+            .position(|k| k == last)
+            .map_or(wanted.len(), |i| i + 1);
+        wanted = &wanted[done..];
+        report.records_fetched += states.len() as u64;
+        report.records_repaired += merge_states(region, peer, collection, states).await?;
+        throttle.pace(report.records_fetched).await;
+    }
+    Ok(())
 }
 
 /// Merge a peer's states through the replicated-event apply; returns how many records changed.
@@ -412,7 +473,7 @@ async fn merge_states(
             })
         })
         .collect();
-    let applied = apply_with_retries(region, peer, &changes, &[]).await?;
+    let applied = apply_with_retries(region, peer, &changes, &[], &[]).await?;
     Ok(applied.records_changed as u64)
 }
 

@@ -71,6 +71,7 @@ struct Metrics {
     published: IntCounter,
     gaps: IntCounterVec,
     integrity: IntCounter,
+    incarnation_rotations: IntCounter,
     nats_version: IntGaugeVec,
     dead_letters: IntCounterVec,
     repair_rounds: IntCounterVec,
@@ -171,6 +172,14 @@ impl ReplicationStatus {
                 IntCounter::new(
                     "locus_integrity_violations_total",
                     "Two different versions found under one version vector",
+                )
+                .unwrap(),
+            ),
+            incarnation_rotations: register(
+                registry,
+                IntCounter::new(
+                    "locus_incarnation_rotations_total",
+                    "Times this process started on a database its peers showed was restored, or that no peer could vouch for",
                 )
                 .unwrap(),
             ),
@@ -343,6 +352,10 @@ impl ReplicationStatus {
 
     pub fn integrity_violation(&self) {
         self.metrics.integrity.inc();
+    }
+
+    pub fn incarnation_rotated(&self) {
+        self.metrics.incarnation_rotations.inc();
     }
 
     pub fn dead_lettered(&self, origin: &str, count: u64) {

@@ -166,13 +166,15 @@ async fn save_ranges(
 }
 
 /// Where a batch from a stream stands: recorded with the batch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StreamPosition<'a> {
     pub origin: &'a str,
     /// The stream sequences of the batch's events.
     pub sequences: &'a [u64],
     /// The HLC of the newest event in the batch.
     pub newest_hlc: u64,
+    /// Per actor, the highest outbox id in the batch's message ids.
+    pub highest_sent: BTreeMap<&'a str, i64>,
 }
 
 impl ApplyTx {
@@ -316,6 +318,19 @@ impl ApplyTx {
         .bind(last_event_hlc as i64)
         .execute(&mut *self.tx)
         .await?;
+        if !position.highest_sent.is_empty() {
+            let (actors, ids): (Vec<&str>, Vec<i64>) = position.highest_sent.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO actors_seen (actor, highest_outbox_id)
+                 SELECT * FROM unnest($1::text[], $2::bigint[])
+                 ON CONFLICT (actor) DO UPDATE
+                   SET highest_outbox_id = GREATEST(actors_seen.highest_outbox_id, EXCLUDED.highest_outbox_id)",
+            )
+            .bind(&actors)
+            .bind(&ids)
+            .execute(&mut *self.tx)
+            .await?;
+        }
         self.tx.commit().await?;
         Ok(())
     }

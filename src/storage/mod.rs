@@ -98,8 +98,48 @@ pub async fn open(
     Ok((Store::new(pool), identity))
 }
 
+impl Store {
+    /// The highest outbox id this region has applied from `actor`'s stream, if any.
+    pub async fn highest_outbox_id_seen(&self, actor: &str) -> Result<Option<i64>, StorageError> {
+        Ok(
+            sqlx::query_scalar("SELECT highest_outbox_id FROM actors_seen WHERE actor = $1")
+                .bind(actor)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// The last outbox id this database handed out (0 if none): every event it ever published
+    /// has an id at most this, unless the database was rewound.
+    pub async fn outbox_sequence(&self) -> Result<i64, StorageError> {
+        Ok(sqlx::query_scalar(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_id_seq",
+        )
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Give the region a new incarnation, unless another process already replaced `current`;
+    /// returns the incarnation now in force either way.
+    pub async fn rotate_incarnation(&self, current: &str) -> Result<String, StorageError> {
+        let fresh = new_incarnation();
+        sqlx::query("UPDATE region_meta SET incarnation = $2 WHERE incarnation = $1")
+            .bind(current)
+            .bind(&fresh)
+            .execute(self.pool())
+            .await?;
+        Ok(sqlx::query_scalar("SELECT incarnation FROM region_meta")
+            .fetch_one(self.pool())
+            .await?)
+    }
+}
+
+fn new_incarnation() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
 async fn ensure_identity(pool: &PgPool, region: &str) -> Result<RegionIdentity, StorageError> {
-    let fresh = format!("{:08x}", rand::random::<u32>());
+    let fresh = new_incarnation();
     sqlx::query(
         "INSERT INTO region_meta (region, incarnation) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )

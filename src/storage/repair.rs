@@ -2,8 +2,7 @@
 //! bucket, and the states of chosen records. All of it rides the `(collection, bucket, key)
 //! INCLUDE (hash)` index, so comparing regions reads no record bodies until a difference is found.
 
-use std::collections::HashMap;
-
+use futures_util::TryStreamExt;
 use sqlx::types::Json;
 use sqlx::Row;
 
@@ -47,42 +46,86 @@ impl Store {
             .collect()
     }
 
-    /// Up to `limit` `(key, hash)` pairs of one bucket, in key order, after `after`.
+    /// Up to `limit` `(bucket, key, hash)` triples of the chosen `buckets`, in `(bucket, key)`
+    /// order, after `after`: one page of a listing that spans many buckets, so a round that finds
+    /// most buckets differing (a small share missing, spread everywhere) pays per page, not per
+    /// bucket.
     pub async fn bucket_hashes(
         &self,
         collection: &str,
-        bucket: i32,
-        after: Option<&str>,
+        buckets: &[i32],
+        after: Option<&HashCursor>,
         limit: i64,
-    ) -> Result<Vec<(String, StateHash)>, StorageError> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT key, hash_hi, hash_lo FROM records
-              WHERE collection = $1 AND bucket = $2 AND ($3::text IS NULL OR key > $3)
-              ORDER BY key LIMIT $4",
+    ) -> Result<Vec<BucketHash>, StorageError> {
+        let (after_bucket, after_key) = after.map_or((-1, ""), |c| (c.bucket, c.key.as_str()));
+        let rows: Vec<(i32, String, i64, i64)> = sqlx::query_as(
+            "SELECT bucket, key, hash_hi, hash_lo FROM records
+              WHERE collection = $1 AND bucket = ANY($2) AND (bucket, key) > ($3, $4)
+              ORDER BY bucket, key LIMIT $5",
         )
         .bind(collection)
-        .bind(bucket)
-        .bind(after)
+        .bind(buckets)
+        .bind(after_bucket)
+        .bind(after_key)
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(keyed_hash).collect())
+        Ok(rows.into_iter().map(BucketHash::from_row).collect())
     }
 
-    /// The hashes of `keys` of `collection` that exist here.
-    pub async fn hashes_of(
+    /// The keys of `theirs` (a peer's page, in `(bucket, key)` order) whose hash here differs or
+    /// that are missing here. A merge join against this region's rows of the same span, streamed,
+    /// so memory stays one page whatever this region holds that the peer lacks.
+    pub async fn differing_keys(
         &self,
         collection: &str,
-        keys: &[String],
-    ) -> Result<HashMap<String, StateHash>, StorageError> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT key, hash_hi, hash_lo FROM records WHERE collection = $1 AND key = ANY($2)",
+        buckets: &[i32],
+        theirs: &[BucketHash],
+    ) -> Result<Vec<String>, StorageError> {
+        let (Some(first), Some(last)) = (theirs.first(), theirs.last()) else {
+            return Ok(Vec::new());
+        };
+        let mut ours = sqlx::query_as::<_, (i32, String, i64, i64)>(
+            "SELECT bucket, key, hash_hi, hash_lo FROM records
+              WHERE collection = $1 AND bucket = ANY($2)
+                AND (bucket, key) >= ($3, $4) AND (bucket, key) <= ($5, $6)
+              ORDER BY bucket, key",
         )
         .bind(collection)
-        .bind(keys)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.into_iter().map(keyed_hash).collect())
+        .bind(buckets)
+        .bind(first.bucket)
+        .bind(&first.key)
+        .bind(last.bucket)
+        .bind(&last.key)
+        .fetch(self.pool());
+        let mut differing = Vec::new();
+        let mut here: Option<BucketHash> = None;
+        for entry in theirs {
+            // Advance our side to the first row at or past the peer's entry.
+            loop {
+                match &here {
+                    Some(row)
+                        if (row.bucket, row.key.as_str()) >= (entry.bucket, entry.key.as_str()) =>
+                    {
+                        break
+                    }
+                    _ => match ours.try_next().await? {
+                        Some(row) => here = Some(BucketHash::from_row(row)),
+                        None => {
+                            here = None;
+                            break;
+                        }
+                    },
+                }
+            }
+            let same = here.as_ref().is_some_and(|row| {
+                row.bucket == entry.bucket && row.key == entry.key && row.hash == entry.hash
+            });
+            if !same {
+                differing.push(entry.key.clone());
+            }
+        }
+        Ok(differing)
     }
 
     /// The stored states of `keys` of `collection` (absent keys are left out), in key order,
@@ -152,6 +195,27 @@ impl Store {
     }
 }
 
-fn keyed_hash((key, hi, lo): (String, i64, i64)) -> (String, StateHash) {
-    (key, StateHash { hi, lo })
+/// Where a listing of `(bucket, key)` pairs stands: the last pair of the previous page.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct HashCursor {
+    pub bucket: i32,
+    pub key: String,
+}
+
+/// One record's place and hash, as anti-entropy lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketHash {
+    pub bucket: i32,
+    pub key: String,
+    pub hash: StateHash,
+}
+
+impl BucketHash {
+    fn from_row((bucket, key, hi, lo): (i32, String, i64, i64)) -> BucketHash {
+        BucketHash {
+            bucket,
+            key,
+            hash: StateHash { hi, lo },
+        }
+    }
 }
