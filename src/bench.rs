@@ -837,6 +837,49 @@ async fn seed_records(store: &crate::storage::Store, count: usize) -> anyhow::Re
     Ok(())
 }
 
+/// Four clients writing at `writer` for a few seconds, and the replication lag `reader` reports
+/// for them, sampled every 50 ms.
+async fn live_writes(
+    writer: &crate::app::RunningRegion,
+    reader: &crate::app::RunningRegion,
+    label: &str,
+) -> anyhow::Result<(Figures, Vec<Duration>)> {
+    let http = reqwest::Client::new();
+    let url = writer.url();
+    let origin = writer.region.id().to_owned();
+    let region = reader.region.clone();
+    let sampler = tokio::spawn(async move {
+        let mut lags = Vec::new();
+        let until = Instant::now() + Duration::from_secs(LIVE_SECONDS);
+        while Instant::now() < until {
+            if let Some(lag) = region.replication.peer(&origin).and_then(|p| p.lag_ms) {
+                lags.push(Duration::from_millis(lag));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        lags
+    });
+    let run = rand::random::<u32>();
+    let figures = drive(label, 4, LIVE_SECONDS, move |client, n| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http
+                .put(format!(
+                    "{url}/v1/collections/live/records/{run}-{client}-{n}"
+                ))
+                .json(&sample_value(client, n))
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((figures, sampler.await?))
+}
+
+const LIVE_SECONDS: u64 = 3;
+
 async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     let deployment = format!("bench{:08x}", rand::random::<u32>());
     let eu_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -911,8 +954,16 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     .bind(missing)
     .execute(us.region.store.pool())
     .await?;
+    // Writes at the repairing region, and their replication to the peer, alone and then while
+    // the round runs.
+    let alone = live_writes(&us, &eu, "writes at us, no repair").await?;
     let started = Instant::now();
-    let repaired = crate::replication::repair::round(&us.region, "eu").await?;
+    let round = {
+        let region = us.region.clone();
+        tokio::spawn(async move { crate::replication::repair::round(&region, "eu").await })
+    };
+    let during = live_writes(&us, &eu, "writes at us during the round").await?;
+    let repaired = round.await??;
     let seconds = started.elapsed().as_secs_f64();
     anyhow::ensure!(
         repaired.records_repaired == missing as u64,
@@ -926,6 +977,20 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
         repaired.records_repaired,
         repaired.records_repaired as f64 / seconds
     );
+    println!(
+        "    of which {:.2} s listing and comparing hashes, {:.2} s fetching and merging records",
+        repaired.seconds_listing, repaired.seconds_merging
+    );
+    for (label, (figures, mut lag)) in [("alone", alone), ("during the round", during)] {
+        println!(
+            "  writes at us {label}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms; replication lag to eu p50 {:.0} ms, max {:.0} ms",
+            figures.throughput(),
+            figures.percentile(0.50),
+            figures.percentile(0.99),
+            percentile_ms(&mut lag, 0.5),
+            percentile_ms(&mut lag, 1.0),
+        );
+    }
     println!(
         "  peak memory of this process (both regions): {:.0} MiB after seeding, {:.0} MiB after both rounds",
         rss_before,

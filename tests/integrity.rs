@@ -513,11 +513,172 @@ async fn a_region_restored_from_an_earlier_dump_loses_nothing_and_reuses_no_vers
             "{id} found two writes under one version"
         );
     }
-    // The rewound "after" writes and the new ones are concurrent: an honest, logged conflict.
-    let conflicts = c.get_json("us", "/v1/conflicts?collection=restored").await;
-    assert!(
-        conflicts.to_string().contains("after"),
-        "the overwritten writes are in the conflict log: {conflicts}"
+    c.teardown().await;
+}
+
+/// The dead letters `id` holds, through the admin API.
+async fn dead_letters(c: &Cluster, id: &str) -> Vec<Value> {
+    let response = c
+        .request(id, Method::GET, "/v1/dead-letters")
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let page: Value = response.json().await.unwrap();
+    page["dead_letters"].as_array().unwrap().clone()
+}
+
+async fn admin_call(c: &Cluster, id: &str, method: Method, path: &str) -> reqwest::Response {
+    c.request(id, method, path)
+        .bearer_auth(crate::helpers::ADMIN)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_an_operator() {
+    let c = cluster(&["eu", "us"]).await;
+    // us refuses one record, as a region with a local fault would (a full disk, a bad index):
+    // the event cannot be applied there even alone.
+    let us_pool = c.region("us").region.store.pool().clone();
+    for statement in [
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN IF NEW.key = 'bad' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON records
+           FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
+    ] {
+        sqlx::query(statement).execute(&us_pool).await.unwrap();
+    }
+    for key in ["good1", "bad", "good2"] {
+        assert_eq!(
+            c.put("eu", "aside", key, &json!(key)).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    // An unreadable event in eu's stream, as a buggy or hostile publisher would leave.
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
+    js.publish(
+        locus::replication::subject(&c.deployment, "eu"),
+        "not an event".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert_eq!(
+        c.put("eu", "aside", "good3", &json!("after"))
+            .await
+            .status(),
+        StatusCode::CREATED
     );
+
+    // The stream goes on past both.
+    eventually(20, "events after the poison ones replicate", || async {
+        c.get("us", "aside", "good3").await.status() == StatusCode::OK
+            && c.get("us", "aside", "good2").await.status() == StatusCode::OK
+    })
+    .await;
+    eventually(20, "both are set aside as dead letters", || async {
+        dead_letters(&c, "us").await.len() >= 2
+    })
+    .await;
+
+    // Repair fetches the refused record, fails to merge it, and marks it rather than failing
+    // every round on it; the next round skips it.
+    let first = repair_at(&c, "us", "eu").await;
+    let marked = first["records_unrepairable"].as_u64().unwrap()
+        + first["records_skipped"].as_u64().unwrap();
+    assert_eq!(
+        marked, 1,
+        "marked by this round or by the one the dead letter woke: {first}"
+    );
+    let round = repair_at(&c, "us", "eu").await;
+    assert_eq!(round["records_skipped"], 1, "{round}");
+    assert_eq!(round["records_fetched"], 0, "{round}");
+    let letters = dead_letters(&c, "us").await;
+    let event = letters
+        .iter()
+        .find(|d| d["stream_sequence"].is_i64() && d["key"].is_null())
+        .expect("the unreadable event is listed");
+    let record = letters
+        .iter()
+        .find(|d| d["stream_sequence"].is_null() && d["key"] == "bad")
+        .expect("the unrepairable record is listed");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused by the test"),
+        "{record}"
+    );
+    let regions = c.get_json("us", "/v1/regions").await;
+    assert_eq!(
+        regions["dead_letters"].as_i64().unwrap(),
+        letters.len() as i64
+    );
+    assert!(c
+        .metrics("us")
+        .await
+        .contains(&format!("locus_dead_letters {}", letters.len())));
+
+    // Retrying while the fault lasts fails again, counted; nothing is lost or looped.
+    let id = record["id"].as_i64().unwrap();
+    let again = admin_call(
+        &c,
+        "us",
+        Method::POST,
+        &format!("/v1/dead-letters/{id}/retry"),
+    )
+    .await;
+    let detail = expect_problem(again, StatusCode::CONFLICT).await;
+    assert!(detail.contains("refused by the test"), "{detail}");
+
+    // The fault is fixed: the operator retries the record, and it is merged.
+    sqlx::query("DROP TRIGGER refuse_bad ON records")
+        .execute(&us_pool)
+        .await
+        .unwrap();
+    let retried = admin_call(
+        &c,
+        "us",
+        Method::POST,
+        &format!("/v1/dead-letters/{id}/retry"),
+    )
+    .await;
+    assert_eq!(retried.status(), StatusCode::OK);
+    let body: Value = c.get("us", "aside", "bad").await.json().await.unwrap();
+    assert_eq!(body["value"], "bad");
+    // The unreadable event stays unreadable: discarded by the operator.
+    let id = event["id"].as_i64().unwrap();
+    expect_problem(
+        admin_call(
+            &c,
+            "us",
+            Method::POST,
+            &format!("/v1/dead-letters/{id}/retry"),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    let discarded = admin_call(&c, "us", Method::DELETE, &format!("/v1/dead-letters/{id}")).await;
+    assert_eq!(discarded.status(), StatusCode::NO_CONTENT);
+    expect_problem(
+        admin_call(&c, "us", Method::DELETE, &format!("/v1/dead-letters/{id}")).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    // The stream's dead letter of "bad" went with the merge of its record.
+    assert_eq!(dead_letters(&c, "us").await, Vec::<Value>::new());
+    expect_problem(
+        c.request("us", Method::GET, "/v1/dead-letters")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
     c.teardown().await;
 }

@@ -62,6 +62,14 @@ pub async fn readyz(State(s): State<SharedState>) -> Result<Json<Value>, ApiErro
 
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
+    // Gauges read from PostgreSQL are refreshed per scrape; an unreachable database leaves them
+    // at their last value (and `/readyz` says why).
+    if let Ok(backlog) = s.region.store.outbox_backlog().await {
+        s.region.replication.set_outbox_backlog(backlog);
+    }
+    if let Ok(held) = s.region.store.dead_letter_count().await {
+        s.region.replication.set_dead_letters_held(held);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

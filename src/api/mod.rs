@@ -7,6 +7,7 @@
 pub mod collections;
 pub mod conflicts;
 pub mod cursor;
+pub mod dead_letters;
 pub mod error;
 pub mod forward;
 pub mod headers;
@@ -139,6 +140,19 @@ impl<S: Send + Sync> FromRequestParts<S> for RecordPath {
     }
 }
 
+/// Path parameters, with a problem document when they do not parse.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(path_error)?;
+        Ok(ApiPath(value))
+    }
+}
+
 /// Query parameters, with a problem document when they do not parse.
 pub struct ApiQuery<T>(pub T);
 
@@ -211,6 +225,15 @@ pub fn router(state: SharedState) -> Router {
             axum::routing::post(resolvers::dry_run),
         )
         .route("/v1/conflicts", get(conflicts::list))
+        .route("/v1/dead-letters", get(dead_letters::list))
+        .route(
+            "/v1/dead-letters/{id}/retry",
+            axum::routing::post(dead_letters::retry),
+        )
+        .route(
+            "/v1/dead-letters/{id}",
+            axum::routing::delete(dead_letters::discard),
+        )
         .route("/v1/regions", get(regions::list))
         .route(
             "/v1/regions/{peer}/repair",

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{collections, conflicts, health, records, regions, repair, resolvers};
+use super::{collections, conflicts, dead_letters, health, records, regions, repair, resolvers};
 
 struct BearerSchemes;
 
@@ -26,7 +26,7 @@ impl Modify for BearerSchemes {
         records::get, records::put, records::delete, records::list, records::rehome,
         collections::configure, collections::show, collections::list,
         resolvers::upload, resolvers::list, resolvers::show, resolvers::remove, resolvers::dry_run,
-        conflicts::list, regions::list, repair::repair_now,
+        conflicts::list, dead_letters::list, dead_letters::retry, dead_letters::discard, regions::list, repair::repair_now,
         repair::actor_seen, repair::collections, repair::modules, repair::module, repair::digests, repair::hashes, repair::states,
         health::healthz, health::readyz, health::metrics,
     ),

@@ -34,7 +34,8 @@ use crate::service::{Route, WriteOp, WriteOutcome, WriteRequest, Written};
 pub struct RecordBody {
     pub collection: String,
     pub key: String,
-    #[schema(value_type = Object)]
+    /// Any JSON value (null for a deleted record).
+    #[schema(value_type = Value)]
     pub value: Value,
     pub home: String,
     #[schema(value_type = Object)]
@@ -76,6 +77,7 @@ pub enum Consistency {
 #[serde(deny_unknown_fields)]
 pub struct ReadParams {
     /// `home` reads at the record's home leader.
+    #[param(inline)]
     pub consistency: Option<Consistency>,
 }
 

@@ -44,6 +44,8 @@ pub struct RegionsBody {
     pub region: String,
     /// The incarnation this region writes as; null while it checks with its peers at start.
     pub incarnation: Option<String>,
+    /// Dead letters held here for an operator (`/v1/dead-letters`).
+    pub dead_letters: i64,
     pub regions: Vec<RegionEntry>,
 }
 
@@ -55,6 +57,8 @@ pub async fn list(
     s.authorize_records(&headers)?;
     let region = &s.region;
     let backlog = region.store.outbox_backlog().await?;
+    let dead_letters = region.store.dead_letter_count().await?;
+    region.replication.set_dead_letters_held(dead_letters);
     region.replication.set_outbox_backlog(backlog);
     let mut regions = vec![RegionEntry {
         id: region.id().to_owned(),
@@ -101,6 +105,7 @@ pub async fn list(
         incarnation: region
             .settled_actor()
             .map(|actor| actor.incarnation().to_owned()),
+        dead_letters,
         regions,
     }))
 }

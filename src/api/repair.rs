@@ -5,14 +5,14 @@
 //! answer whole stored states, which clients have no business reading. Each answer is bounded
 //! (a page of hashes, a byte limit on states), so one call never holds much memory on either side.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
 use super::headers::{bearer, same_secret};
-use super::{ApiState, SharedState};
+use super::{ApiPath, ApiQuery, ApiState, SharedState};
 use crate::record::digest::BUCKETS;
 use crate::record::names;
 use crate::replication::repair::{
@@ -75,7 +75,7 @@ pub async fn modules(
 pub async fn module(
     State(s): State<SharedState>,
     headers: HeaderMap,
-    Path(sha256): Path<String>,
+    ApiPath(sha256): ApiPath<String>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     s.require_peer(&headers)?;
@@ -95,7 +95,7 @@ pub async fn module(
 pub async fn digests(
     State(s): State<SharedState>,
     headers: HeaderMap,
-    Query(query): Query<CollectionQuery>,
+    ApiQuery(query): ApiQuery<CollectionQuery>,
 ) -> Result<Json<DigestsBody>, ApiError> {
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
@@ -112,7 +112,7 @@ pub async fn digests(
 pub async fn hashes(
     State(s): State<SharedState>,
     headers: HeaderMap,
-    Query(query): Query<CollectionQuery>,
+    ApiQuery(query): ApiQuery<CollectionQuery>,
     body: axum::body::Body,
 ) -> Result<Json<HashesBody>, ApiError> {
     s.require_peer(&headers)?;
@@ -167,7 +167,7 @@ pub async fn hashes(
 pub async fn states(
     State(s): State<SharedState>,
     headers: HeaderMap,
-    Query(query): Query<CollectionQuery>,
+    ApiQuery(query): ApiQuery<CollectionQuery>,
     body: axum::body::Body,
 ) -> Result<Json<StatesBody>, ApiError> {
     s.require_peer(&headers)?;
@@ -195,7 +195,7 @@ pub async fn states(
 pub async fn actor_seen(
     State(s): State<SharedState>,
     headers: HeaderMap,
-    Path(actor): Path<String>,
+    ApiPath(actor): ApiPath<String>,
 ) -> Result<Json<ActorSeenBody>, ApiError> {
     s.require_peer(&headers)?;
     let highest_outbox_id = s.region.store.highest_outbox_id_seen(&actor).await?;
@@ -214,7 +214,7 @@ pub async fn actor_seen(
 pub async fn repair_now(
     State(s): State<SharedState>,
     headers: HeaderMap,
-    Path(peer): Path<String>,
+    ApiPath(peer): ApiPath<String>,
 ) -> Result<Json<RepairReport>, ApiError> {
     s.require_admin(&headers)?;
     if !s.region.config.peers.iter().any(|p| p.id == peer) {

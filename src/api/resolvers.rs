@@ -2,7 +2,7 @@
 //! shows what a resolver would make of given versions or of logged conflicts, changing nothing.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
 use super::headers;
-use super::SharedState;
+use super::{ApiPath, SharedState};
 use crate::record::resolution::Outcome;
 use crate::record::view::lww_winner;
 use crate::record::{Home, RecordState, Version};
@@ -74,10 +74,10 @@ pub struct DryRunResult {
     /// The logged conflict replayed, if any.
     pub conflict: Option<i64>,
     /// What a reader saw: the logged outcome, or last-writer-wins for given versions.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub before: Value,
     /// What this resolver makes of the same versions; `null` when it failed.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub after: Option<Value>,
     pub error: Option<String>,
 }
@@ -103,7 +103,7 @@ pub struct DryRunResponse {
 )]
 pub async fn upload(
     State(s): State<SharedState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<ResolverBody>), ApiError> {
@@ -148,7 +148,7 @@ pub async fn list(
 )]
 pub async fn show(
     State(s): State<SharedState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     request_headers: HeaderMap,
 ) -> Result<Json<ResolverDetail>, ApiError> {
     s.authorize_records(&request_headers)?;
@@ -177,7 +177,7 @@ pub async fn show(
 )]
 pub async fn remove(
     State(s): State<SharedState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     request_headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     s.require_admin(&request_headers)?;
@@ -211,7 +211,7 @@ const MAX_REPLAY: u32 = 100;
 )]
 pub async fn dry_run(
     State(s): State<SharedState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Json<DryRunResponse>, ApiError> {

@@ -597,3 +597,69 @@ fn strategy_label(strategy: &Strategy) -> &'static str {
         Strategy::Resolver(_) => "resolver",
     }
 }
+
+/// What an operator's retry of a dead letter did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// Merged at last; the dead letter is gone.
+    Applied,
+    /// Failed again, with this error; the dead letter stays, its attempts counted.
+    StillFails(String),
+}
+
+/// Apply a dead letter's payload again: an event through the replicated-event apply, a record
+/// through repair's merge. `None` if there is no such dead letter.
+pub async fn retry_dead_letter(
+    region: &Region,
+    id: i64,
+) -> Result<Option<RetryOutcome>, StorageError> {
+    let Some(held) = region.store.dead_letter_payload(id).await? else {
+        return Ok(None);
+    };
+    let letter = &held.letter;
+    let origin = letter.origin.as_str();
+    let attempt = match (letter.stream_sequence, &letter.collection, &letter.key) {
+        (None, Some(collection), Some(key)) => {
+            match serde_json::from_slice::<RecordState>(&held.payload) {
+                Ok(state) => super::repair::merge_states(
+                    region,
+                    origin,
+                    collection,
+                    vec![(key.clone(), state)],
+                )
+                .await
+                .map(|_| ()),
+                Err(error) => Err(StorageError::Corrupt(error.to_string())),
+            }
+        }
+        _ => match Change::decode(&held.payload) {
+            Ok(change) => apply_with_retries(region, origin, &[change], &[], &[])
+                .await
+                .map(|_| ()),
+            Err(error) => Err(StorageError::Corrupt(format!("unreadable event: {error}"))),
+        },
+    };
+    match attempt {
+        Ok(()) => {
+            region.store.discard_dead_letter(id).await?;
+            if let (None, Some(collection), Some(key)) =
+                (letter.stream_sequence, &letter.collection, &letter.key)
+            {
+                // The peer's whole state is merged: it covers the record's events set aside
+                // from that peer too.
+                region
+                    .store
+                    .clear_dead_letters(origin, collection, std::slice::from_ref(key))
+                    .await?;
+            }
+            tracing::info!(region = region.id(), id, %origin, "dead letter applied on retry");
+            Ok(Some(RetryOutcome::Applied))
+        }
+        Err(error @ StorageError::Unavailable(_)) => Err(error),
+        Err(error) => {
+            let error = error.to_string();
+            region.store.dead_letter_failed_again(id, &error).await?;
+            Ok(Some(RetryOutcome::StillFails(error)))
+        }
+    }
+}

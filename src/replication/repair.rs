@@ -59,9 +59,18 @@ pub struct RepairReport {
     pub records_fetched: u64,
     /// Records whose state here changed by the merge.
     pub records_repaired: u64,
+    /// Records that failed to merge even alone: marked as dead letters, skipped by later rounds
+    /// until the peer's state changes.
+    pub records_unrepairable: u64,
+    /// Records skipped because they were marked unrepairable at the peer's current state.
+    pub records_skipped: u64,
     /// Resolver modules fetched whole because they were missing here (a lost chunk, say).
     pub modules_fetched: u64,
     pub seconds: f64,
+    /// Of which listing and comparing `(key, hash)` pairs of differing buckets.
+    pub seconds_listing: f64,
+    /// Of which fetching and merging the records that differ.
+    pub seconds_merging: f64,
 }
 
 /// The peer API that repair reads, over HTTP with the peer token.
@@ -368,27 +377,28 @@ async fn pull_everything(
             .collect();
         let theirs = client.digests(peer, &collection).await?;
         report.buckets_compared += theirs.len() as u64;
-        let differing: Vec<i32> = theirs
+        let differing: Vec<&DigestEntry> = theirs
             .iter()
             .filter(|theirs| {
                 !ours.get(&theirs.bucket).is_some_and(|d| {
                     d.count == theirs.count && Some(d.hash) == StateHash::from_hex(&theirs.hash)
                 })
             })
-            .map(|theirs| theirs.bucket)
             .collect();
         report.buckets_differing += differing.len() as u64;
-        if !differing.is_empty() {
-            pull_buckets(
-                region,
-                client,
-                peer,
-                &collection,
-                &differing,
-                report,
-                &throttle,
-            )
-            .await?;
+        // Buckets are listed together in sets of about a page of records (the peer's counts say
+        // how many each holds), so a listing costs per page, and each page's statement reads
+        // about a page of rows.
+        let mut set = Vec::new();
+        let mut records = 0;
+        for (i, entry) in differing.iter().enumerate() {
+            set.push(entry.bucket);
+            records += entry.count;
+            if records >= HASH_PAGE || i + 1 == differing.len() {
+                pull_buckets(region, client, peer, &collection, &set, report, &throttle).await?;
+                set.clear();
+                records = 0;
+            }
         }
     }
     Ok(())
@@ -405,21 +415,28 @@ async fn pull_buckets(
     report: &mut RepairReport,
     throttle: &Throttle,
 ) -> Result<(), RepairError> {
+    let marked = region.store.unrepairable(peer, collection).await?;
     let mut after: Option<HashCursor> = None;
     let mut wanted: Vec<String> = Vec::new();
     loop {
+        let listing = Instant::now();
         let (page, next) = client.hashes(peer, collection, buckets, after).await?;
         report.keys_compared += page.len() as u64;
-        wanted.extend(
-            region
-                .store
-                .differing_keys(collection, buckets, &page)
-                .await?,
-        );
+        let differing = region.store.differing_keys(collection, &page).await?;
+        report.seconds_listing += listing.elapsed().as_secs_f64();
+        for theirs in differing {
+            if marked.get(&theirs.key) == Some(&theirs.hash) {
+                report.records_skipped += 1;
+            } else {
+                wanted.push(theirs.key);
+            }
+        }
         while wanted.len() >= FETCH_KEYS || (next.is_none() && !wanted.is_empty()) {
             let mut batch: Vec<String> = wanted.drain(..wanted.len().min(FETCH_KEYS)).collect();
             batch.sort_unstable(); // the peer answers in key order, which `pull_records` relies on
+            let merging = Instant::now();
             pull_records(region, client, peer, collection, &batch, report, throttle).await?;
+            report.seconds_merging += merging.elapsed().as_secs_f64();
         }
         match next {
             Some(next) => after = Some(next),
@@ -451,14 +468,71 @@ async fn pull_records(
             .map_or(wanted.len(), |i| i + 1);
         wanted = &wanted[done..];
         report.records_fetched += states.len() as u64;
-        report.records_repaired += merge_states(region, peer, collection, states).await?;
+        merge_or_mark(region, peer, collection, states, report).await?;
         throttle.pace(report.records_fetched).await;
     }
     Ok(())
 }
 
+/// Merge fetched states; if the batch fails for a reason other than an unavailable database,
+/// merge them one by one and mark those that fail alone, so one bad record never stalls repair.
+/// Dead letters of the merged keys from this peer are settled: the merge covers their events.
+async fn merge_or_mark(
+    region: &Region,
+    peer: &str,
+    collection: &str,
+    states: Vec<(String, RecordState)>,
+    report: &mut RepairReport,
+) -> Result<(), StorageError> {
+    let keys: Vec<String> = states.iter().map(|(key, _)| key.clone()).collect();
+    match merge_states(region, peer, collection, states.clone()).await {
+        Ok(changed) => report.records_repaired += changed,
+        Err(error @ StorageError::Unavailable(_)) => return Err(error),
+        Err(_) => {
+            let mut merged = Vec::new();
+            for (key, state) in states {
+                let one = vec![(key.clone(), state.clone())];
+                match merge_states(region, peer, collection, one).await {
+                    Ok(changed) => {
+                        report.records_repaired += changed;
+                        merged.push(key);
+                    }
+                    Err(error @ StorageError::Unavailable(_)) => return Err(error),
+                    Err(error) => {
+                        tracing::error!(region = region.id(), %peer, %collection, %key, %error,
+                            "record cannot be merged; marked as a dead letter and skipped until the peer's state changes");
+                        let payload = serde_json::to_vec(&state).expect("states serialize");
+                        region
+                            .store
+                            .mark_unrepairable(
+                                peer,
+                                collection,
+                                &key,
+                                crate::record::digest::state_hash(&state),
+                                &payload,
+                                &error.to_string(),
+                            )
+                            .await?;
+                        region.replication.dead_lettered(peer, 1);
+                        report.records_unrepairable += 1;
+                    }
+                }
+            }
+            region
+                .store
+                .clear_dead_letters(peer, collection, &merged)
+                .await?;
+            return Ok(());
+        }
+    }
+    region
+        .store
+        .clear_dead_letters(peer, collection, &keys)
+        .await
+}
+
 /// Merge a peer's states through the replicated-event apply; returns how many records changed.
-async fn merge_states(
+pub async fn merge_states(
     region: &Region,
     peer: &str,
     collection: &str,

@@ -78,6 +78,7 @@ struct Metrics {
     repair_buckets: IntCounterVec,
     repair_records: IntCounterVec,
     pub(crate) outbox_backlog: IntGauge,
+    dead_letters_held: IntGauge,
     pub(crate) publish_batch: Histogram,
 }
 
@@ -257,6 +258,14 @@ impl ReplicationStatus {
                 )
                 .unwrap(),
             ),
+            dead_letters_held: register(
+                registry,
+                IntGauge::new(
+                    "locus_dead_letters",
+                    "Dead letters held for an operator (events and records set aside)",
+                )
+                .unwrap(),
+            ),
             outbox_backlog: register(
                 registry,
                 IntGauge::new(
@@ -282,6 +291,10 @@ impl ReplicationStatus {
 
     pub fn set_outbox_backlog(&self, backlog: i64) {
         self.metrics.outbox_backlog.set(backlog);
+    }
+
+    pub fn set_dead_letters_held(&self, held: i64) {
+        self.metrics.dead_letters_held.set(held);
     }
 
     fn with_peer(&self, origin: &str, f: impl FnOnce(&mut PeerStatus)) {

@@ -83,37 +83,6 @@ impl Store {
         Ok(())
     }
 
-    /// Set aside an event that cannot be read or applied.
-    pub async fn dead_letter(
-        &self,
-        origin: &str,
-        stream_sequence: u64,
-        key: Option<(&str, &str)>,
-        event: &[u8],
-        error: &str,
-    ) -> Result<(), StorageError> {
-        sqlx::query(
-            "INSERT INTO dead_letters (origin, stream_sequence, collection, key, event, error)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(origin)
-        .bind(stream_sequence as i64)
-        .bind(key.map(|(c, _)| c))
-        .bind(key.map(|(_, k)| k))
-        .bind(event)
-        .bind(error)
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
-    /// How many dead letters wait for an operator.
-    pub async fn dead_letter_count(&self) -> Result<i64, StorageError> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM dead_letters")
-            .fetch_one(self.pool())
-            .await?)
-    }
-
     /// Forget every range of `origin`: its stream was recreated and numbers its events anew.
     pub async fn reset_ranges(&self, origin: &str) -> Result<(), StorageError> {
         let mut tx = self.begin_apply().await?;

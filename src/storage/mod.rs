@@ -13,6 +13,7 @@
 //! ([`Store::lock`]): lock waiters are served in order, so every write makes progress.
 
 pub mod apply;
+pub mod dead_letters;
 pub mod outbox;
 pub mod records;
 pub mod repair;

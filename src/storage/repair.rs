@@ -47,9 +47,10 @@ impl Store {
     }
 
     /// Up to `limit` `(bucket, key, hash)` triples of the chosen `buckets`, in `(bucket, key)`
-    /// order, after `after`: one page of a listing that spans many buckets, so a round that finds
-    /// most buckets differing (a small share missing, spread everywhere) pays per page, not per
-    /// bucket.
+    /// order, after `after`: one page of a listing that spans several buckets, so a round that
+    /// finds most buckets differing (a small share missing, spread everywhere) pays per page, not
+    /// per bucket. Callers choose buckets holding about a page together: the statement reads
+    /// every row of the chosen buckets past `after` before its limit applies.
     pub async fn bucket_hashes(
         &self,
         collection: &str,
@@ -73,18 +74,19 @@ impl Store {
         Ok(rows.into_iter().map(BucketHash::from_row).collect())
     }
 
-    /// The keys of `theirs` (a peer's page, in `(bucket, key)` order) whose hash here differs or
-    /// that are missing here. A merge join against this region's rows of the same span, streamed,
-    /// so memory stays one page whatever this region holds that the peer lacks.
+    /// The entries of `theirs` (a peer's page, in `(bucket, key)` order) whose hash here differs
+    /// or that are missing here: a merge join against this region's rows of the same buckets and
+    /// span, streamed, so memory stays one page whatever this region holds that the peer lacks.
     pub async fn differing_keys(
         &self,
         collection: &str,
-        buckets: &[i32],
         theirs: &[BucketHash],
-    ) -> Result<Vec<String>, StorageError> {
+    ) -> Result<Vec<BucketHash>, StorageError> {
         let (Some(first), Some(last)) = (theirs.first(), theirs.last()) else {
             return Ok(Vec::new());
         };
+        let mut buckets: Vec<i32> = theirs.iter().map(|entry| entry.bucket).collect();
+        buckets.dedup(); // in bucket order already
         let mut ours = sqlx::query_as::<_, (i32, String, i64, i64)>(
             "SELECT bucket, key, hash_hi, hash_lo FROM records
               WHERE collection = $1 AND bucket = ANY($2)
@@ -92,7 +94,7 @@ impl Store {
               ORDER BY bucket, key",
         )
         .bind(collection)
-        .bind(buckets)
+        .bind(&buckets)
         .bind(first.bucket)
         .bind(&first.key)
         .bind(last.bucket)
@@ -122,7 +124,7 @@ impl Store {
                 row.bucket == entry.bucket && row.key == entry.key && row.hash == entry.hash
             });
             if !same {
-                differing.push(entry.key.clone());
+                differing.push(entry.clone());
             }
         }
         Ok(differing)
