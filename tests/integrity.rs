@@ -682,3 +682,20 @@ async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_
     .await;
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn sql_and_code_put_a_key_in_the_same_bucket() {
+    let c = cluster(&["eu"]).await;
+    let pool = c.region("eu").region.store.pool().clone();
+    for key in ["", "a", "user:42", "ünïcødé ✓", "k/with/slashes"] {
+        let in_sql: i32 = sqlx::query_scalar(
+            "SELECT (get_byte(sha256(convert_to($1, 'UTF8')), 2) << 8) | get_byte(sha256(convert_to($1, 'UTF8')), 3)",
+        )
+        .bind(key)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(in_sql, locus::record::digest::bucket_of(key), "{key:?}");
+    }
+    c.teardown().await;
+}

@@ -925,3 +925,37 @@ async fn rows_committing_out_of_id_order_are_all_published() {
     );
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn an_apply_finds_a_record_a_local_write_created_after_its_lock() {
+    let c = cluster(&["eu", "us"]).await;
+    let eu = c.region("eu").region.clone();
+    let key = ("raced".to_owned(), "k".to_owned());
+    let mut tx = eu.store.begin_apply().await.unwrap();
+    let loaded = tx.lock(std::slice::from_ref(&key)).await.unwrap();
+    assert_eq!(loaded[&key].rev, 0, "absent at lock time");
+    // A local write creates it meanwhile (local writes do not wait for applies).
+    assert_eq!(
+        c.put("eu", "raced", "k", &json!("local")).await.status(),
+        StatusCode::CREATED
+    );
+    let state = locus::record::RecordState::new(Home::new("us"));
+    let raced = tx
+        .store_all(&[locus::storage::apply::MergedWrite {
+            key: &key,
+            rev: 0,
+            state: &state,
+            resolution: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(
+        raced,
+        vec![key.clone()],
+        "the write must be merged again, not lost"
+    );
+    drop(tx);
+    let body: Value = c.get("eu", "raced", "k").await.json().await.unwrap();
+    assert_eq!(body["value"], "local");
+    c.teardown().await;
+}

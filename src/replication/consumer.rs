@@ -28,7 +28,7 @@ use crate::record::view::{materialized_view, View};
 use crate::record::{MergeOutcome, RecordState};
 use crate::resolve::{self, RESOLVER_COLLECTION};
 use crate::service::Region;
-use crate::storage::apply::{ConflictEntry, RecordKey, StreamPosition};
+use crate::storage::apply::{ConflictEntry, MergedWrite, RecordKey, StreamPosition};
 use crate::storage::resolvers::ChunkProgress;
 use crate::storage::StorageError;
 
@@ -328,6 +328,16 @@ pub async fn apply_with_retries(
     }
 }
 
+/// One key's merge within a batch, waiting to be written.
+struct Merged<'k> {
+    key: &'k RecordKey,
+    rev: i64,
+    state: RecordState,
+    resolution: Option<Resolution>,
+    strategy: Strategy,
+    detected: Vec<RecordState>,
+}
+
 /// What one applied batch did.
 #[derive(Debug, Default, Clone)]
 pub struct Applied {
@@ -407,9 +417,14 @@ pub async fn apply_batch(
     let mut conflicts = 0;
     let mut records_changed = 0;
     let mut conflicts_by_strategy = BTreeMap::new();
-    for (key, batch) in &by_key {
-        let mut violations_logged = false;
-        loop {
+    let mut violations_logged = std::collections::BTreeSet::new();
+    // Merge every key, write all that changed in two statements, and merge again only the keys a
+    // local write created after the lock (rare: the insert found a row).
+    let mut todo: Vec<&RecordKey> = by_key.keys().collect();
+    while !todo.is_empty() {
+        let mut merged = Vec::with_capacity(todo.len());
+        for key in todo {
+            let batch = &by_key[key];
             let current = &loaded[key];
             let mut state = current
                 .state
@@ -427,8 +442,7 @@ pub async fn apply_batch(
                     MergeOutcome::AlreadyCovered | MergeOutcome::Superseded => {}
                 }
             }
-            if !violations_logged {
-                violations_logged = true;
+            if violations_logged.insert(key) {
                 for incoming in diverged {
                     tracing::error!(region = region.id(), %origin, collection = %key.0, key = %key.1,
                         vector = ?incoming.vector, "integrity violation: two different versions under one version vector; keeping the larger content hash");
@@ -438,7 +452,7 @@ pub async fn apply_batch(
                 }
             }
             if current.state.as_ref() == Some(&state) {
-                break; // replays: nothing new
+                continue; // replays: nothing new
             }
             // Only a record that has (or had, within this batch) concurrent versions needs its
             // collection's strategy; the common single-version apply skips decoding the policy.
@@ -462,42 +476,62 @@ pub async fn apply_batch(
                 ),
                 _ => None,
             };
-            if !tx
-                .store(key, current.rev, &state, resolution.as_ref())
-                .await?
-            {
-                // A local write created the record after the lock: merge into what it wrote.
-                let again = tx.lock(std::slice::from_ref(key)).await?;
-                loaded.extend(again);
+            merged.push(Merged {
+                key,
+                rev: current.rev,
+                state,
+                resolution,
+                strategy,
+                detected,
+            });
+        }
+        let writes: Vec<MergedWrite> = merged
+            .iter()
+            .map(|m| MergedWrite {
+                key: m.key,
+                rev: m.rev,
+                state: &m.state,
+                resolution: m.resolution.as_ref(),
+            })
+            .collect();
+        let raced = tx.store_all(&writes).await?;
+        todo = Vec::new();
+        for m in &merged {
+            if raced.contains(m.key) {
+                todo.push(m.key);
                 continue;
             }
-            region.forget_cached(&key.0, &key.1);
+            region.forget_cached(&m.key.0, &m.key.1);
             records_changed += 1;
-            if !detected.is_empty() {
-                for found in &detected {
-                    // Each detected set is logged with the outcome a reader saw for it.
-                    let found_resolution = match &strategy {
-                        Strategy::Resolver(name) if *found == state => resolution.clone(),
-                        Strategy::Resolver(name) => {
-                            Some(resolve::resolve(region, &key.0, &key.1, found, name, None).await)
-                        }
-                        _ => None,
-                    };
-                    tx.log_conflict(&conflict_entry(
-                        region.id(),
-                        key,
-                        found,
-                        &strategy,
-                        found_resolution.as_ref(),
-                    ))
-                    .await?;
-                }
-                *conflicts_by_strategy
-                    .entry(strategy_label(&strategy))
-                    .or_insert(0) += detected.len();
-                conflicts += detected.len();
+            for found in &m.detected {
+                // Each detected set is logged with the outcome a reader saw for it.
+                let found_resolution = match &m.strategy {
+                    Strategy::Resolver(_) if *found == m.state => m.resolution.clone(),
+                    Strategy::Resolver(name) => {
+                        Some(resolve::resolve(region, &m.key.0, &m.key.1, found, name, None).await)
+                    }
+                    _ => None,
+                };
+                tx.log_conflict(&conflict_entry(
+                    region.id(),
+                    m.key,
+                    found,
+                    &m.strategy,
+                    found_resolution.as_ref(),
+                ))
+                .await?;
             }
-            break;
+            if !m.detected.is_empty() {
+                *conflicts_by_strategy
+                    .entry(strategy_label(&m.strategy))
+                    .or_insert(0) += m.detected.len();
+                conflicts += m.detected.len();
+            }
+        }
+        if !raced.is_empty() {
+            // Local writes created these records after the lock: merge into what they wrote.
+            let again = tx.lock(&raced).await?;
+            loaded.extend(again);
         }
     }
     let mut highest_sent: BTreeMap<&str, i64> = BTreeMap::new();

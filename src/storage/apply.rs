@@ -134,6 +134,16 @@ async fn save_ranges(
     Ok(())
 }
 
+/// One record's merged state, to be written by [`ApplyTx::store_all`].
+#[derive(Debug, Clone, Copy)]
+pub struct MergedWrite<'a> {
+    pub key: &'a RecordKey,
+    /// The revision locked; 0 when the record did not exist.
+    pub rev: i64,
+    pub state: &'a RecordState,
+    pub resolution: Option<&'a Resolution>,
+}
+
 /// Where a batch from a stream stands: recorded with the batch.
 #[derive(Debug, Clone)]
 pub struct StreamPosition<'a> {
@@ -210,37 +220,60 @@ impl ApplyTx {
             .collect())
     }
 
-    /// Write a merged state and its resolution. Returns false when the record did not exist at
-    /// lock time and a local write created it since: the caller reloads it with
-    /// [`ApplyTx::lock`] and merges again.
-    pub async fn store(
+    /// Write the merged states of a batch: one statement for the records new here and one for
+    /// those that changed, whatever the batch's size. Returns the keys that could not be written:
+    /// a local write created the record after the lock (the caller merges into it and tries again).
+    pub async fn store_all(
         &mut self,
-        key: &RecordKey,
-        rev: i64,
-        state: &RecordState,
-        resolution: Option<&Resolution>,
-    ) -> Result<bool, StorageError> {
-        let hash = state_hash(state);
-        let sql = if rev == 0 {
-            "INSERT INTO records (collection, key, rev, state, resolution, bucket, hash_hi, hash_lo)
-             VALUES ($1, $2, 1, $3, $4, $5, $6, $7)
-             ON CONFLICT (collection, key) DO NOTHING"
-        } else {
-            "UPDATE records SET rev = rev + 1, state = $3, resolution = $4, updated_at = now(),
-                    bucket = $5, hash_hi = $6, hash_lo = $7
-              WHERE collection = $1 AND key = $2"
-        };
-        let written = sqlx::query(sql)
-            .bind(&key.0)
-            .bind(&key.1)
-            .bind(Json(state))
-            .bind(resolution.map(Json))
-            .bind(bucket_of(&key.1))
-            .bind(hash.hi)
-            .bind(hash.lo)
-            .execute(&mut *self.tx)
-            .await?;
-        Ok(written.rows_affected() == 1)
+        writes: &[MergedWrite<'_>],
+    ) -> Result<Vec<RecordKey>, StorageError> {
+        let mut written: std::collections::BTreeSet<RecordKey> = std::collections::BTreeSet::new();
+        for new in [true, false] {
+            let part: Vec<&MergedWrite> = writes.iter().filter(|w| (w.rev == 0) == new).collect();
+            if part.is_empty() {
+                continue;
+            }
+            let collections: Vec<&str> = part.iter().map(|w| w.key.0.as_str()).collect();
+            let keys: Vec<&str> = part.iter().map(|w| w.key.1.as_str()).collect();
+            let states: Vec<Json<&RecordState>> = part.iter().map(|w| Json(w.state)).collect();
+            let resolutions: Vec<Option<Json<&Resolution>>> =
+                part.iter().map(|w| w.resolution.map(Json)).collect();
+            let buckets: Vec<i32> = part.iter().map(|w| bucket_of(&w.key.1)).collect();
+            let hashes: Vec<_> = part.iter().map(|w| state_hash(w.state)).collect();
+            let his: Vec<i64> = hashes.iter().map(|h| h.hi).collect();
+            let los: Vec<i64> = hashes.iter().map(|h| h.lo).collect();
+            let sql = if new {
+                "INSERT INTO records (collection, key, rev, state, resolution, bucket, hash_hi, hash_lo)
+                 SELECT c, k, 1, s, r, b, h, l
+                   FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::int[], $6::bigint[], $7::bigint[])
+                     AS u(c, k, s, r, b, h, l)
+                 ON CONFLICT (collection, key) DO NOTHING
+                 RETURNING collection, key"
+            } else {
+                "UPDATE records SET rev = records.rev + 1, state = u.s, resolution = u.r, updated_at = now(),
+                        bucket = u.b, hash_hi = u.h, hash_lo = u.l
+                   FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::int[], $6::bigint[], $7::bigint[])
+                     AS u(c, k, s, r, b, h, l)
+                  WHERE records.collection = u.c AND records.key = u.k
+                 RETURNING records.collection, records.key"
+            };
+            let rows: Vec<(String, String)> = sqlx::query_as(sql)
+                .bind(&collections)
+                .bind(&keys)
+                .bind(&states)
+                .bind(&resolutions)
+                .bind(&buckets)
+                .bind(&his)
+                .bind(&los)
+                .fetch_all(&mut *self.tx)
+                .await?;
+            written.extend(rows);
+        }
+        Ok(writes
+            .iter()
+            .filter(|w| !written.contains(w.key))
+            .map(|w| w.key.clone())
+            .collect())
     }
 
     pub async fn log_conflict(&mut self, entry: &ConflictEntry) -> Result<(), StorageError> {
