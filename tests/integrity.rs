@@ -699,3 +699,56 @@ async fn sql_and_code_put_a_key_in_the_same_bucket() {
     }
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn the_peer_hash_listing_pages_through_every_key_of_the_chosen_buckets_once() {
+    let c = cluster(&["eu"]).await;
+    let keys: Vec<String> = (0..9).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        assert_eq!(
+            c.put("eu", "paged", key, &json!(1)).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    // Every bucket but one of those holding a key.
+    let mut buckets: Vec<i32> = keys
+        .iter()
+        .map(|k| locus::record::digest::bucket_of(k))
+        .collect();
+    buckets.sort_unstable();
+    buckets.dedup();
+    let left_out = buckets.remove(buckets.len() / 2);
+    let mut listed = Vec::new();
+    let mut after = Value::Null;
+    for _ in 0..20 {
+        let response = c
+            .request("eu", Method::POST, "/v1/peer/hashes?collection=paged")
+            .bearer_auth(crate::helpers::PEER)
+            .json(&json!({ "buckets": buckets, "after": after, "limit": 2 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let page: Value = response.json().await.unwrap();
+        let entries = page["entries"].as_array().unwrap();
+        assert!(entries.len() <= 2);
+        for entry in entries {
+            listed.push((
+                entry[0].as_i64().unwrap() as i32,
+                entry[1].as_str().unwrap().to_owned(),
+            ));
+        }
+        after = page["next"].clone();
+        if after.is_null() {
+            break;
+        }
+    }
+    let mut expected: Vec<(i32, String)> = keys
+        .iter()
+        .map(|k| (locus::record::digest::bucket_of(k), k.clone()))
+        .filter(|(bucket, _)| *bucket != left_out)
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected, "in (bucket, key) order, each once");
+    c.teardown().await;
+}

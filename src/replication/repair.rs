@@ -368,14 +368,13 @@ async fn pull_everything(
     }
     for collection in client.collections(peer).await? {
         report.collections += 1;
-        let ours: BTreeMap<i32, BucketDigest> = region
-            .store
-            .bucket_digests(&collection)
-            .await?
-            .into_iter()
-            .map(|d| (d.bucket, d))
-            .collect();
-        let theirs = client.digests(peer, &collection).await?;
+        // Both sides scan their collection at once.
+        let (ours, theirs) = tokio::join!(
+            region.store.bucket_digests(&collection),
+            client.digests(peer, &collection)
+        );
+        let ours: BTreeMap<i32, BucketDigest> = ours?.into_iter().map(|d| (d.bucket, d)).collect();
+        let theirs = theirs?;
         report.buckets_compared += theirs.len() as u64;
         let differing: Vec<&DigestEntry> = theirs
             .iter()
@@ -391,14 +390,17 @@ async fn pull_everything(
         // about a page of rows.
         let mut set = Vec::new();
         let mut records = 0;
-        for (i, entry) in differing.iter().enumerate() {
-            set.push(entry.bucket);
-            records += entry.count;
-            if records >= HASH_PAGE || i + 1 == differing.len() {
+        for entry in differing {
+            if !set.is_empty() && records + entry.count > HASH_PAGE {
                 pull_buckets(region, client, peer, &collection, &set, report, &throttle).await?;
                 set.clear();
                 records = 0;
             }
+            set.push(entry.bucket);
+            records += entry.count;
+        }
+        if !set.is_empty() {
+            pull_buckets(region, client, peer, &collection, &set, report, &throttle).await?;
         }
     }
     Ok(())

@@ -48,9 +48,10 @@ impl Store {
 
     /// Up to `limit` `(bucket, key, hash)` triples of the chosen `buckets`, in `(bucket, key)`
     /// order, after `after`: one page of a listing that spans several buckets, so a round that
-    /// finds most buckets differing (a small share missing, spread everywhere) pays per page, not
-    /// per bucket. Callers choose buckets holding about a page together: the statement reads
-    /// every row of the chosen buckets past `after` before its limit applies.
+    /// finds many buckets differing pays per page, not per bucket. Callers choose buckets holding
+    /// about a page together (the statement sorts the chosen buckets' rows). No row comparison
+    /// on `(bucket, key)`: with a set of buckets, PostgreSQL cannot use it as an index bound and
+    /// scans the whole collection.
     pub async fn bucket_hashes(
         &self,
         collection: &str,
@@ -58,47 +59,65 @@ impl Store {
         after: Option<&HashCursor>,
         limit: i64,
     ) -> Result<Vec<BucketHash>, StorageError> {
-        let (after_bucket, after_key) = after.map_or((-1, ""), |c| (c.bucket, c.key.as_str()));
-        let rows: Vec<(i32, String, i64, i64)> = sqlx::query_as(
-            "SELECT bucket, key, hash_hi, hash_lo FROM records
-              WHERE collection = $1 AND bucket = ANY($2) AND (bucket, key) > ($3, $4)
-              ORDER BY bucket, key LIMIT $5",
-        )
-        .bind(collection)
-        .bind(buckets)
-        .bind(after_bucket)
-        .bind(after_key)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.into_iter().map(BucketHash::from_row).collect())
+        let mut rest = buckets.to_vec();
+        rest.sort_unstable();
+        rest.dedup();
+        let mut page = Vec::new();
+        if let Some(cursor) = after {
+            if rest.binary_search(&cursor.bucket).is_ok() {
+                let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+                    "SELECT key, hash_hi, hash_lo FROM records
+                      WHERE collection = $1 AND bucket = $2 AND key > $3 ORDER BY key LIMIT $4",
+                )
+                .bind(collection)
+                .bind(cursor.bucket)
+                .bind(&cursor.key)
+                .bind(limit)
+                .fetch_all(self.pool())
+                .await?;
+                page.extend(
+                    rows.into_iter()
+                        .map(|(key, hi, lo)| BucketHash::from_row((cursor.bucket, key, hi, lo))),
+                );
+            }
+            rest.retain(|bucket| *bucket > cursor.bucket);
+        }
+        if (page.len() as i64) < limit && !rest.is_empty() {
+            let rows: Vec<(i32, String, i64, i64)> = sqlx::query_as(
+                "SELECT bucket, key, hash_hi, hash_lo FROM records
+                  WHERE collection = $1 AND bucket = ANY($2)
+                  ORDER BY bucket, key LIMIT $3",
+            )
+            .bind(collection)
+            .bind(&rest)
+            .bind(limit - page.len() as i64)
+            .fetch_all(self.pool())
+            .await?;
+            page.extend(rows.into_iter().map(BucketHash::from_row));
+        }
+        Ok(page)
     }
 
     /// The entries of `theirs` (a peer's page, in `(bucket, key)` order) whose hash here differs
-    /// or that are missing here: a merge join against this region's rows of the same buckets and
-    /// span, streamed, so memory stays one page whatever this region holds that the peer lacks.
+    /// or that are missing here: a merge join against this region's rows of the page's buckets
+    /// (whole buckets: a row comparison bound would not narrow the index scan), streamed.
     pub async fn differing_keys(
         &self,
         collection: &str,
         theirs: &[BucketHash],
     ) -> Result<Vec<BucketHash>, StorageError> {
-        let (Some(first), Some(last)) = (theirs.first(), theirs.last()) else {
+        if theirs.is_empty() {
             return Ok(Vec::new());
-        };
+        }
         let mut buckets: Vec<i32> = theirs.iter().map(|entry| entry.bucket).collect();
         buckets.dedup(); // in bucket order already
         let mut ours = sqlx::query_as::<_, (i32, String, i64, i64)>(
             "SELECT bucket, key, hash_hi, hash_lo FROM records
               WHERE collection = $1 AND bucket = ANY($2)
-                AND (bucket, key) >= ($3, $4) AND (bucket, key) <= ($5, $6)
               ORDER BY bucket, key",
         )
         .bind(collection)
         .bind(&buckets)
-        .bind(first.bucket)
-        .bind(&first.key)
-        .bind(last.bucket)
-        .bind(&last.key)
         .fetch(self.pool());
         let mut differing = Vec::new();
         let mut here: Option<BucketHash> = None;
