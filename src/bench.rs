@@ -146,6 +146,28 @@ impl Figures {
     }
 }
 
+/// PUT `sample_value(client, n)` to `key` of `collection` at the region at `url`; anything but a
+/// 2xx is an error.
+async fn put_sample(
+    http: &reqwest::Client,
+    url: &str,
+    collection: &str,
+    key: &str,
+    (client, n): (usize, usize),
+) -> anyhow::Result<()> {
+    let response = http
+        .put(format!("{url}/v1/collections/{collection}/records/{key}"))
+        .json(&sample_value(client, n))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "PUT answered {}",
+        response.status()
+    );
+    Ok(())
+}
+
 fn sample_value(client: usize, n: usize) -> serde_json::Value {
     json!({
         "name": format!("client {client} item {n}"),
@@ -306,13 +328,7 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
         drive("max rate", args.clients, args.seconds, move |client, n| {
             let (http, url) = (http.clone(), url.clone());
             async move {
-                let r = http
-                    .put(format!("{url}/v1/collections/max/records/c{client}-{n}"))
-                    .json(&sample_value(client, n))
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
-                Ok(())
+                put_sample(&http, &url, "max", &format!("c{client}-{n}"), (client, n)).await
             }
         })
         .await?
@@ -338,12 +354,7 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
             while Instant::now() < deadline {
                 tick.tick().await;
                 let key = format!("c{client}-{n}");
-                let r = http
-                    .put(format!("{url}/v1/collections/lag/records/{key}"))
-                    .json(&sample_value(client, n))
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
+                put_sample(&http, &url, "lag", &key, (client, n)).await?;
                 let acknowledged = Instant::now();
                 if n % 10 == 0 {
                     let (lags, us_region) = (lags.clone(), us_region.clone());
@@ -393,14 +404,14 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
             let (http, url) = (http.clone(), url.clone());
             tasks.push(tokio::spawn(async move {
                 for n in 0..per_client {
-                    let r = http
-                        .put(format!(
-                            "{url}/v1/collections/backlog/records/c{client}-{n}"
-                        ))
-                        .json(&sample_value(client, n))
-                        .send()
-                        .await?;
-                    anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
+                    put_sample(
+                        &http,
+                        &url,
+                        "backlog",
+                        &format!("c{client}-{n}"),
+                        (client, n),
+                    )
+                    .await?;
                 }
                 anyhow::Ok(per_client)
             }));
@@ -574,20 +585,8 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
             drive("locus PUT", clients, args.seconds, move |client, n| {
                 let (http, url) = (http.clone(), url.clone());
                 async move {
-                    let response = http
-                        .put(format!(
-                            "{url}/v1/collections/bench/records/c{client}-k{}",
-                            n % keys
-                        ))
-                        .json(&sample_value(client, n))
-                        .send()
-                        .await?;
-                    anyhow::ensure!(
-                        response.status().is_success(),
-                        "PUT answered {}",
-                        response.status()
-                    );
-                    Ok(())
+                    let key = format!("c{client}-k{}", n % keys);
+                    put_sample(&http, &url, "bench", &key, (client, n)).await
                 }
             })
             .await?
@@ -863,15 +862,14 @@ async fn live_writes(
     let figures = drive(label, 4, LIVE_SECONDS, move |client, n| {
         let (http, url) = (http.clone(), url.clone());
         async move {
-            let r = http
-                .put(format!(
-                    "{url}/v1/collections/live/records/{run}-{client}-{n}"
-                ))
-                .json(&sample_value(client, n))
-                .send()
-                .await?;
-            anyhow::ensure!(r.status().is_success(), "PUT answered {}", r.status());
-            Ok(())
+            put_sample(
+                &http,
+                &url,
+                "live",
+                &format!("{run}-{client}-{n}"),
+                (client, n),
+            )
+            .await
         }
     })
     .await?;

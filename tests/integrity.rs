@@ -25,14 +25,18 @@ async fn read_value(c: &Cluster, id: &str, key: &str) -> Option<(String, Value)>
     Some((body["value"].to_string(), body["value"].clone()))
 }
 
-/// Run a repair round at `id` from `peer` through the admin API, and return its report.
-async fn repair_at(c: &Cluster, id: &str, peer: &str) -> Value {
-    let response = c
-        .request(id, Method::POST, &format!("/v1/regions/{peer}/repair"))
+/// A request with the admin token.
+async fn admin_call(c: &Cluster, id: &str, method: Method, path: &str) -> reqwest::Response {
+    c.request(id, method, path)
         .bearer_auth(crate::helpers::ADMIN)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Run a repair round at `id` from `peer` through the admin API, and return its report.
+async fn repair_at(c: &Cluster, id: &str, peer: &str) -> Value {
+    let response = admin_call(c, id, Method::POST, &format!("/v1/regions/{peer}/repair")).await;
     assert_eq!(response.status(), StatusCode::OK);
     response.json().await.unwrap()
 }
@@ -216,12 +220,7 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
     let path = "/v1/regions/eu/repair";
     let r = c.request("us", Method::POST, path).send().await.unwrap();
     expect_problem(r, StatusCode::UNAUTHORIZED).await;
-    let r = c
-        .request("us", Method::POST, "/v1/regions/mars/repair")
-        .bearer_auth(crate::helpers::ADMIN)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_call(&c, "us", Method::POST, "/v1/regions/mars/repair").await;
     expect_problem(r, StatusCode::NOT_FOUND).await;
     let r = c
         .request("eu", Method::GET, "/v1/peer/digests?collection=kept")
@@ -272,13 +271,7 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
         conflicts["conflicts"][0]["strategy"], "integrity",
         "{conflicts}"
     );
-    let r = c
-        .request("eu", Method::POST, "/v1/regions/us/repair")
-        .bearer_auth(crate::helpers::ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    repair_at(&c, "eu", "us").await;
     c.assert_converged().await;
     // Converged regions compare without fetching anything.
     let again = repair_at(&c, "us", "eu").await;
@@ -518,23 +511,10 @@ async fn a_region_restored_from_an_earlier_dump_loses_nothing_and_reuses_no_vers
 
 /// The dead letters `id` holds, through the admin API.
 async fn dead_letters(c: &Cluster, id: &str) -> Vec<Value> {
-    let response = c
-        .request(id, Method::GET, "/v1/dead-letters")
-        .bearer_auth(crate::helpers::ADMIN)
-        .send()
-        .await
-        .unwrap();
+    let response = admin_call(c, id, Method::GET, "/v1/dead-letters").await;
     assert_eq!(response.status(), StatusCode::OK);
     let page: Value = response.json().await.unwrap();
     page["dead_letters"].as_array().unwrap().clone()
-}
-
-async fn admin_call(c: &Cluster, id: &str, method: Method, path: &str) -> reqwest::Response {
-    c.request(id, method, path)
-        .bearer_auth(crate::helpers::ADMIN)
-        .send()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

@@ -43,13 +43,7 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Json<ConflictPage>, ApiError> {
     s.authorize_records(&headers)?;
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "bad-query",
-            "limit must be between 1 and 1000",
-        ));
-    }
+    let limit = super::id_page_limit(params.limit)?;
     let rows = s
         .region
         .store
@@ -60,12 +54,6 @@ pub async fn list(
             i64::from(limit) + 1,
         )
         .await?;
-    let more = rows.len() > limit as usize;
-    let conflicts: Vec<LoggedConflict> = rows.into_iter().take(limit as usize).collect();
-    let next = if more {
-        conflicts.last().map(|c| c.id)
-    } else {
-        None
-    };
+    let (conflicts, next) = super::id_page(rows, limit, |c: &LoggedConflict| c.id);
     Ok(Json(ConflictPage { conflicts, next }))
 }

@@ -50,22 +50,13 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     s.require_admin(&headers)?;
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "bad-query",
-            "limit must be between 1 and 1000",
-        ));
-    }
-    let mut dead_letters = s
+    let limit = super::id_page_limit(params.limit)?;
+    let rows = s
         .region
         .store
         .dead_letters(params.after.unwrap_or(0), i64::from(limit) + 1)
         .await?;
-    let next = (dead_letters.len() > limit as usize).then(|| {
-        dead_letters.truncate(limit as usize);
-        dead_letters.last().map(|d| d.id).unwrap_or_default()
-    });
+    let (dead_letters, next) = super::id_page(rows, limit, |d: &DeadLetter| d.id);
     Ok(Json(DeadLetterPage { dead_letters, next }))
 }
 

@@ -121,8 +121,8 @@ pub async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     read_body(headers, body, limit).await
 }
 
-/// Parse a JSON body; the error says where it broke.
-pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+/// Parse a JSON body (a value, or a request type); the error says where it broke.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
     })

@@ -140,6 +140,30 @@ impl<S: Send + Sync> FromRequestParts<S> for RecordPath {
     }
 }
 
+/// The page size of a listing paged by entry id (the conflict log, dead letters): 1 to 1000,
+/// 100 when not given.
+pub fn id_page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "bad-query",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    Ok(limit)
+}
+
+/// Cut rows fetched as `limit + 1` to a page of `limit`, and the `next` cursor (the last id of the
+/// page) when there are more.
+pub fn id_page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> i64) -> (Vec<T>, Option<i64>) {
+    if rows.len() <= limit as usize {
+        return (rows, None);
+    }
+    rows.truncate(limit as usize);
+    let next = rows.last().map(id);
+    (rows, next)
+}
+
 /// Path parameters, with a problem document when they do not parse.
 pub struct ApiPath<T>(pub T);
 

@@ -118,8 +118,7 @@ pub async fn hashes(
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
     let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
-    let request: HashesRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("malformed-json", e.to_string()))?;
+    let request: HashesRequest = super::headers::parse_json(&bytes)?;
     let limit = request.limit.unwrap_or(HASH_PAGE);
     if !(1..=HASH_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -173,8 +172,7 @@ pub async fn states(
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
     let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
-    let request: StatesRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("malformed-json", e.to_string()))?;
+    let request: StatesRequest = super::headers::parse_json(&bytes)?;
     if request.keys.len() > FETCH_KEYS {
         return Err(ApiError::bad_request(
             "too-many-keys",

@@ -655,14 +655,11 @@ pub async fn retry_dead_letter(
     let attempt = match (letter.stream_sequence, &letter.collection, &letter.key) {
         (None, Some(collection), Some(key)) => {
             match serde_json::from_slice::<RecordState>(&held.payload) {
-                Ok(state) => super::repair::merge_states(
-                    region,
-                    origin,
-                    collection,
-                    vec![(key.clone(), state)],
-                )
-                .await
-                .map(|_| ()),
+                Ok(state) => {
+                    super::repair::merge_states(region, origin, collection, &[(key.clone(), state)])
+                        .await
+                        .map(|_| ())
+                }
                 Err(error) => Err(StorageError::Corrupt(error.to_string())),
             }
         }

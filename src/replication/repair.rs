@@ -487,17 +487,17 @@ async fn merge_or_mark(
     report: &mut RepairReport,
 ) -> Result<(), StorageError> {
     let keys: Vec<String> = states.iter().map(|(key, _)| key.clone()).collect();
-    match merge_states(region, peer, collection, states.clone()).await {
+    match merge_states(region, peer, collection, &states).await {
         Ok(changed) => report.records_repaired += changed,
         Err(error @ StorageError::Unavailable(_)) => return Err(error),
         Err(_) => {
             let mut merged = Vec::new();
-            for (key, state) in states {
-                let one = vec![(key.clone(), state.clone())];
+            for one in states.chunks(1) {
+                let (key, state) = &one[0];
                 match merge_states(region, peer, collection, one).await {
                     Ok(changed) => {
                         report.records_repaired += changed;
-                        merged.push(key);
+                        merged.push(key.clone());
                     }
                     Err(error @ StorageError::Unavailable(_)) => return Err(error),
                     Err(error) => {
@@ -509,8 +509,8 @@ async fn merge_or_mark(
                             .mark_unrepairable(
                                 peer,
                                 collection,
-                                &key,
-                                crate::record::digest::state_hash(&state),
+                                key,
+                                crate::record::digest::state_hash(state),
                                 &payload,
                                 &error.to_string(),
                             )
@@ -538,14 +538,19 @@ pub async fn merge_states(
     region: &Region,
     peer: &str,
     collection: &str,
-    states: Vec<(String, RecordState)>,
+    states: &[(String, RecordState)],
 ) -> Result<u64, StorageError> {
     let changes: Vec<Change> = states
-        .into_iter()
+        .iter()
         .flat_map(|(key, state)| {
-            let home = state.home.clone();
-            state.versions.into_iter().map(move |version| {
-                Change::Record(Event::new(peer, collection, &key, home.clone(), version))
+            state.versions.iter().map(move |version| {
+                Change::Record(Event::new(
+                    peer,
+                    collection,
+                    key,
+                    state.home.clone(),
+                    version.clone(),
+                ))
             })
         })
         .collect();

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use sqlx::{FromRow, Row};
+
 use super::{StorageError, Store};
 use crate::record::digest::StateHash;
 
@@ -155,8 +157,8 @@ impl Store {
 
     /// One dead letter with its payload.
     pub async fn dead_letter_payload(&self, id: i64) -> Result<Option<HeldPayload>, StorageError> {
-        let Some(letter) = sqlx::query_as::<_, DeadLetter>(&format!(
-            "SELECT {COLUMNS} FROM dead_letters WHERE id = $1"
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {COLUMNS}, event FROM dead_letters WHERE id = $1"
         ))
         .bind(id)
         .fetch_optional(self.pool())
@@ -164,11 +166,10 @@ impl Store {
         else {
             return Ok(None);
         };
-        let payload: Vec<u8> = sqlx::query_scalar("SELECT event FROM dead_letters WHERE id = $1")
-            .bind(id)
-            .fetch_one(self.pool())
-            .await?;
-        Ok(Some(HeldPayload { letter, payload }))
+        Ok(Some(HeldPayload {
+            letter: DeadLetter::from_row(&row)?,
+            payload: row.try_get("event")?,
+        }))
     }
 
     /// A retry failed again: keep the newest error and count the attempt.
