@@ -25,7 +25,7 @@ use crate::record::{Home, RecordState, Summary};
 use crate::replication::event::Event;
 use crate::replication::status::ReplicationStatus;
 use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
-use crate::storage::{RegionIdentity, StorageError, Store};
+use crate::storage::{OutboxEvent, RegionIdentity, StorageError, Store};
 
 /// NATS's default `max_payload`, assumed until the server says otherwise.
 const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -448,6 +448,11 @@ impl Region {
                     limit,
                 });
             }
+            let actor = actor.to_string();
+            let event = OutboxEvent {
+                bytes: &event,
+                actor: &actor,
+            };
             let saved = match lock {
                 Some(locked) => locked.save(collection, key, &state, &event).await?,
                 None => {
@@ -595,6 +600,11 @@ impl Region {
                     .clone();
                 let event =
                     Event::new(self.id(), collection, key, state.home.clone(), carried).encode();
+                let actor = self.actor().await?.to_string();
+                let event = OutboxEvent {
+                    bytes: &event,
+                    actor: &actor,
+                };
                 if !locked.save(collection, key, &state, &event).await? {
                     continue;
                 }

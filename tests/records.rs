@@ -271,8 +271,13 @@ async fn seed_siblings(c: &crate::helpers::Cluster, collection: &str, key: &str)
         state.home.clone(),
         state.versions[0].clone(),
     );
+    let bytes = event.encode();
+    let event = locus::storage::OutboxEvent {
+        bytes: &bytes,
+        actor: "eu.00000000",
+    };
     assert!(store
-        .save(collection, key, 0, &state, &event.encode())
+        .save(collection, key, 0, &state, &event)
         .await
         .unwrap());
 }

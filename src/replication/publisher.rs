@@ -3,7 +3,8 @@
 //! Each pass publishes every row visible now, in id order, with many acknowledgements in flight,
 //! and deletes a row only once JetStream acknowledged it. The message id `<region>.<incarnation>:<outbox id>`
 //! lets JetStream drop the duplicate when a publisher dies between the acknowledgement and the
-//! delete. Woken by the write path, with a timer as a backstop for rows other processes wrote.
+//! delete; it names the actor that wrote the row, so it is the same after a restart that rotated
+//! the incarnation. Woken by the write path, with a timer as a backstop for rows other processes wrote.
 //! One publisher per region: the holder of an advisory lock; another process takes over when its
 //! session dies.
 
@@ -71,10 +72,10 @@ async fn publish_while_leased(
             continue;
         }
         let mut pending = Vec::with_capacity(rows.len());
-        for (id, bytes) in rows {
+        for (id, bytes, written_by) in rows {
             let message = Publish::build().payload(bytes.into()).message_id(
                 MessageId {
-                    actor: actor.clone(),
+                    actor: written_by.unwrap_or_else(|| actor.clone()),
                     outbox_id: id,
                 }
                 .to_string(),

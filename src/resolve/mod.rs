@@ -380,7 +380,12 @@ pub async fn upload(region: &Region, name: &str, body: Vec<u8>) -> Result<Upload
         .iter()
         .map(ModuleChunk::encode)
         .collect();
-    if region.store.insert_module(&sha256, &bytes, &chunks).await? {
+    let actor = region.actor().await?.to_string();
+    if region
+        .store
+        .insert_module(&sha256, &bytes, &chunks, &actor)
+        .await?
+    {
         region.outbox_signal.notify_one();
     }
     resolvers.sandbox.remember(&sha256, compiled);

@@ -25,7 +25,7 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
-pub use records::{Loaded, LockedRecord, Store};
+pub use records::{Loaded, LockedRecord, OutboxEvent, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -13,10 +13,14 @@ use super::{StorageError, Store};
 const PUBLISHER_LOCK: i64 = 0x6c6f_6375_7370_7562; // "locuspub"
 
 impl Store {
-    /// Up to `limit` unpublished events, oldest first: `(outbox id, wire bytes)`.
-    pub async fn unpublished(&self, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, StorageError> {
+    /// Up to `limit` unpublished events, oldest first: `(outbox id, wire bytes, the actor that
+    /// wrote it)`; the actor is unknown for rows queued before the outbox recorded it.
+    pub async fn unpublished(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<u8>, Option<String>)>, StorageError> {
         Ok(
-            sqlx::query_as("SELECT id, event FROM outbox ORDER BY id LIMIT $1")
+            sqlx::query_as("SELECT id, event, actor FROM outbox ORDER BY id LIMIT $1")
                 .bind(limit)
                 .fetch_all(self.pool())
                 .await?,

@@ -58,15 +58,16 @@ impl Store {
         load(&self.pool, collection, key).await
     }
 
-    /// Commit `state` and its outbox `event` (wire bytes) if the record is still at `expected_rev` (0: still
-    /// absent). Returns false when another writer got there first; nothing was written then.
+    /// Commit `state` and its outbox `event` (wire bytes, written by `actor`) if the record is
+    /// still at `expected_rev` (0: still absent). Returns false when another writer got there
+    /// first; nothing was written then.
     pub async fn save(
         &self,
         collection: &str,
         key: &str,
         expected_rev: i64,
         state: &RecordState,
-        event: &[u8],
+        event: &OutboxEvent<'_>,
     ) -> Result<bool, StorageError> {
         save(&self.pool, collection, key, expected_rev, state, event).await
     }
@@ -185,7 +186,7 @@ impl LockedRecord {
         collection: &str,
         key: &str,
         state: &RecordState,
-        event: &[u8],
+        event: &OutboxEvent<'_>,
     ) -> Result<bool, StorageError> {
         let written = save(
             &mut *self.tx,
@@ -227,13 +228,20 @@ async fn load<'e>(
     })
 }
 
+/// An event for the outbox: its wire bytes and the actor that wrote it (its message id names it).
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxEvent<'a> {
+    pub bytes: &'a [u8],
+    pub actor: &'a str,
+}
+
 async fn save<'e>(
     executor: impl PgExecutor<'e>,
     collection: &str,
     key: &str,
     expected_rev: i64,
     state: &RecordState,
-    event: &[u8],
+    event: &OutboxEvent<'_>,
 ) -> Result<bool, StorageError> {
     let sql = if expected_rev == 0 {
         "WITH written AS (
@@ -241,7 +249,7 @@ async fn save<'e>(
              VALUES ($1, $2, 1, $3, $6, $7, $8)
              ON CONFLICT (collection, key) DO NOTHING
              RETURNING 1),
-         queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
+         queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written)
          SELECT count(*) FROM written WHERE $5::bigint = 0"
     } else {
         "WITH written AS (
@@ -250,7 +258,7 @@ async fn save<'e>(
                     bucket = $6, hash_hi = $7, hash_lo = $8
               WHERE collection = $1 AND key = $2 AND rev = $5
              RETURNING 1),
-         queued AS (INSERT INTO outbox (event) SELECT $4 FROM written)
+         queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written)
          SELECT count(*) FROM written"
     };
     let hash = state_hash(state);
@@ -258,11 +266,12 @@ async fn save<'e>(
         .bind(collection)
         .bind(key)
         .bind(Json(state))
-        .bind(event)
+        .bind(event.bytes)
         .bind(expected_rev)
         .bind(bucket_of(key))
         .bind(hash.hi)
         .bind(hash.lo)
+        .bind(event.actor)
         .fetch_one(executor)
         .await?;
     Ok(written == 1)

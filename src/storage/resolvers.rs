@@ -66,19 +66,21 @@ impl Store {
         )
     }
 
-    /// Store an uploaded module and queue its chunk events, in one transaction. Returns false
+    /// Store an uploaded module and queue its chunk events (written by `actor`), in one transaction. Returns false
     /// when the module was here already (then its chunks went out, or came in, before).
     pub async fn insert_module(
         &self,
         sha256: &str,
         module: &[u8],
         chunk_events: &[Vec<u8>],
+        actor: &str,
     ) -> Result<bool, StorageError> {
         let mut tx = self.pool().begin().await?;
         let inserted = insert_module_row(&mut tx, sha256, module).await?;
         if inserted {
-            sqlx::query("INSERT INTO outbox (event) SELECT unnest($1::bytea[])")
+            sqlx::query("INSERT INTO outbox (event, actor) SELECT unnest($1::bytea[]), $2")
                 .bind(chunk_events)
+                .bind(actor)
                 .execute(&mut *tx)
                 .await?;
         }
