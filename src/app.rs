@@ -12,6 +12,7 @@ use sqlx::migrate::MigrateDatabase;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
@@ -51,8 +52,17 @@ impl RunningRegion {
     }
 }
 
-/// Open the region's storage and serve its API on `listener` (or on `config.listen`).
+/// Open the region's storage and serve its API on `listener` (or on `config.listen`). Everything
+/// the region does, its workers and its requests, runs in its log span.
 pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Result<RunningRegion> {
+    let span = crate::logging::region_span(&config.region);
+    start_in_span(config, listener).instrument(span).await
+}
+
+async fn start_in_span(
+    config: Config,
+    listener: Option<TcpListener>,
+) -> anyhow::Result<RunningRegion> {
     let listener = match listener {
         Some(l) => l,
         None => TcpListener::bind(&config.listen).await.with_context(|| {
@@ -79,7 +89,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
     }
     let region = Arc::new(Region::new(config, store, identity)?);
     // Writes wait until the peers have said whether this database was restored.
-    let mut workers = vec![tokio::spawn(replication::incarnation::run(region.clone()))];
+    let mut workers = vec![tokio::spawn(
+        replication::incarnation::run(region.clone()).in_current_span(),
+    )];
     workers.extend(start_replication(&region).await?);
     let supervisor = &region.supervisor;
     let r = region.clone();
@@ -89,7 +101,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
     let r = region.clone();
     workers.push(supervisor.spawn("repair", move || replication::repair::run(r.clone())));
     let api = Arc::new(ApiState::new(region.clone()));
-    let router = api::router(api.clone());
+    let router = api::router(api.clone()).layer(axum::middleware::from_fn_with_state(
+        tracing::Span::current(),
+        in_region_span,
+    ));
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -106,6 +121,16 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> anyhow::Res
         server,
         workers,
     })
+}
+
+/// Serve each request in the region's log span (axum runs connections in tasks of their own,
+/// which do not inherit it).
+async fn in_region_span(
+    axum::extract::State(span): axum::extract::State<tracing::Span>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    next.run(request).instrument(span).await
 }
 
 /// `locus health`: whether the region at `url` answers its liveness check within 3 s.

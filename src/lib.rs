@@ -15,6 +15,7 @@
 //! - [`api`]: the REST API (axum): records, collections, resolvers, conflicts, regions, health,
 //!   metrics, OpenAPI, forwarding.
 //! - [`supervisor`]: background workers restarted when they end or panic, shown in readiness.
+//! - [`logging`]: text or JSON log lines, each labelled with its region.
 //! - [`app`]: builds a region from its config and runs it until shutdown; `locus dev`.
 //! - [`nats_server`]: a current nats-server for `locus dev` and the tests, installed on first use.
 //! - [`bench`]: the benchmark programs behind `locus bench`.
@@ -24,6 +25,7 @@ pub mod app;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod logging;
 pub mod nats_server;
 pub mod record;
 pub mod replication;

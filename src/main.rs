@@ -56,13 +56,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    locus::logging::init().map_err(anyhow::Error::msg)?;
     match Cli::parse().command {
         Command::Serve { config } => locus::app::serve(&config).await,
         Command::Dev {

@@ -54,20 +54,24 @@ impl Supervisor {
         }
     }
 
-    /// Run `make()`'s future as worker `name`, again and again whenever it ends. Returns the
-    /// supervising task (abort it to stop the worker for good).
+    /// Run `make()`'s future as worker `name`, again and again whenever it ends, in the caller's
+    /// log span. Returns the supervising task (abort it to stop the worker for good).
     pub fn spawn<F, Fut>(self: &Arc<Self>, name: impl Into<String>, make: F) -> JoinHandle<()>
     where
         F: Fn() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        use tracing::Instrument;
         let name = name.into();
         let supervisor = self.clone();
+        let span = tracing::Span::current();
+        let worker_span = span.clone();
         tokio::spawn(async move {
             let mut backoff = FIRST_BACKOFF;
             loop {
                 let started = Instant::now();
-                let mut task = AbortOnDrop(tokio::spawn(make()));
+                let mut task =
+                    AbortOnDrop(tokio::spawn(make().instrument(worker_span.clone())));
                 supervisor.running(&name, task.0.abort_handle());
                 let why = match (&mut task.0).await {
                     Ok(()) => "it ended".to_owned(),
@@ -82,7 +86,8 @@ impl Supervisor {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-        })
+        }
+        .instrument(span))
     }
 
     fn running(&self, name: &str, handle: AbortHandle) {

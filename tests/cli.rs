@@ -380,6 +380,8 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
     // Without --nats, locus dev starts a current nats-server of its own (its data under the
     // working directory's target/dev-nats) and points every region at it.
     let nats_port = crate::helpers::free_port();
+    // Logs as JSON, into a file read at the end.
+    let log_file = dir.join("locus-dev.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
         .args([
             "dev",
@@ -391,9 +393,10 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
         .arg(&dir)
         .current_dir(&dir)
         .env("LOCUS_NATS_SERVER", crate::helpers::nats_server_binary())
-        .env("RUST_LOG", "warn")
+        .env("LOCUS_LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn,locus::api=debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(&log_file).unwrap())
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -440,6 +443,18 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
         http.get(&at_ap).send().await.unwrap().status() == StatusCode::OK
     })
     .await;
+    // A client error at us: logged at debug, as JSON, labelled with the region that answered.
+    let bad = http
+        .put(format!(
+            "http://127.0.0.1:{}/v1/collections/users/records/bob",
+            ports[1]
+        ))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 
     // Ctrl-C: every region stops and the command exits cleanly.
     let status = Command::new("kill")
@@ -463,5 +478,22 @@ async fn locus_dev_runs_three_replicating_regions_and_stops_on_ctrl_c() {
     }
     // Its nats-server ended with it.
     assert!(std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err());
+
+    // Every log line is a JSON object; the bad request's line names its region and level.
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let answered = lines
+        .iter()
+        .find(|line| line["status"] == 400)
+        .unwrap_or_else(|| panic!("no line for the 400 in {log}"));
+    assert_eq!(answered["level"], "DEBUG", "{answered}");
+    assert_eq!(answered["span"]["region"], "us", "{answered}");
+    assert!(
+        answered["error"].as_str().unwrap().contains("JSON"),
+        "{answered}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

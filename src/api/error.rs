@@ -102,6 +102,25 @@ impl ApiError {
         }
     }
 
+    /// How loudly to log it. A 4xx is the client's business. A 503 the design promises (the
+    /// home is unreachable under `reject`, a rehome is under way, a session write has not arrived,
+    /// the region is starting) is part of normal operation: worth a line at `info`, not a
+    /// warning. A peer that failed or timed out, or a database that is unreachable, is trouble an
+    /// operator should see.
+    fn severity(&self) -> Severity {
+        match self {
+            ApiError::HomeUnavailable { .. }
+            | ApiError::Contention
+            | ApiError::NotReady(_)
+            | ApiError::SessionNotApplied { .. } => Severity::Notable,
+            ApiError::GatewayTimeout { .. }
+            | ApiError::BadGateway { .. }
+            | ApiError::PeerFailed(_)
+            | ApiError::Storage(_) => Severity::Trouble,
+            _ => Severity::Expected,
+        }
+    }
+
     /// The problem type's last segment and its title.
     fn kind(&self) -> (&'static str, &'static str) {
         match self {
@@ -166,6 +185,13 @@ impl From<ResolverError> for ApiError {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Severity {
+    Expected,
+    Notable,
+    Trouble,
+}
+
 /// An RFC 9457 problem document.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
@@ -184,8 +210,16 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
             "the region could not complete the request; the cause is in its log".to_owned()
         } else {
-            if status.is_server_error() {
-                tracing::warn!(error = %self, "request not completed");
+            match self.severity() {
+                Severity::Expected => {
+                    tracing::debug!(status = status.as_u16(), error = %self, "request answered with an error")
+                }
+                Severity::Notable => {
+                    tracing::info!(status = status.as_u16(), error = %self, "request not completed")
+                }
+                Severity::Trouble => {
+                    tracing::warn!(status = status.as_u16(), error = %self, "request not completed")
+                }
             }
             self.to_string()
         };
@@ -222,5 +256,47 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_answers_are_not_warnings() {
+        let expected = [
+            ApiError::bad_request("bad-json", "no"),
+            ApiError::NotFound("no such record".into()),
+            ApiError::PreconditionFailed("stale".into()),
+        ];
+        for error in expected {
+            assert_eq!(error.severity(), Severity::Expected, "{error}");
+        }
+        let notable = [
+            ApiError::HomeUnavailable {
+                home: "us".into(),
+                retry_after: 1,
+                detail: "unreachable".into(),
+            },
+            ApiError::Contention,
+            ApiError::NotReady("starting".into()),
+            ApiError::SessionNotApplied {
+                written_at: "us".into(),
+                retry_after: 1,
+            },
+        ];
+        for error in notable {
+            assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(error.severity(), Severity::Notable, "{error}");
+        }
+        let trouble = [
+            ApiError::GatewayTimeout { home: "us".into() },
+            ApiError::PeerFailed("refused".into()),
+            ApiError::Storage(StorageError::Unavailable(sqlx::Error::PoolTimedOut)),
+        ];
+        for error in trouble {
+            assert_eq!(error.severity(), Severity::Trouble, "{error}");
+        }
     }
 }

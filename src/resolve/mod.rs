@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use crate::clock::hlc::Hlc;
@@ -194,9 +195,12 @@ impl Resolvers {
             .expect("the slot semaphore is never closed");
         let sandbox = self.sandbox.clone();
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || sandbox.call(&compiled, &input))
-            .await
-            .unwrap_or_else(|e| Err(CallError::Busy(format!("call thread failed: {e}"))));
+        // The call's own log lines (`locus.log`) go out in the caller's span.
+        let span = tracing::Span::current();
+        let result =
+            tokio::task::spawn_blocking(move || span.in_scope(|| sandbox.call(&compiled, &input)))
+                .await
+                .unwrap_or_else(|e| Err(CallError::Busy(format!("call thread failed: {e}"))));
         self.metrics
             .seconds
             .with_label_values(&[resolver])
@@ -337,7 +341,13 @@ pub async fn resolve(
         Err(error) => return kept(binding.sha256, format!("storage: {error}")),
     };
     let input = abi::encode_input(collection, key, &state.versions);
-    match region.resolvers.call(name, compiled, input).await {
+    let span = tracing::info_span!("resolver", name = %name, %collection, %key);
+    match region
+        .resolvers
+        .call(name, compiled, input)
+        .instrument(span)
+        .await
+    {
         Ok(outcome) => Resolution {
             resolver: name.to_owned(),
             sha256: binding.sha256,
