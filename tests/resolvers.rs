@@ -7,8 +7,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    cluster, eventually, example_resolver, expect_problem, record_path, Cluster, Setup, TestNats,
-    ADMIN,
+    cluster, eventually, example_resolver, expect_problem, header, record_path, Cluster, Setup,
+    TestNats, ADMIN,
 };
 use locus::clock::hlc::Hlc;
 use locus::clock::version::VersionVector;
@@ -311,6 +311,88 @@ async fn hostile_resolvers_fall_back_to_lww_and_the_server_keeps_serving() {
     }
     assert_eq!(c.get_status("eu", "/readyz").await, StatusCode::OK);
     // The conflicting versions were put into eu alone, past replication: repair brings them to us.
+    c.repair_everywhere().await;
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_record_resolved_to_deleted_says_so_and_a_write_brings_it_back() {
+    let c = Setup::regions(&["eu", "us"]).start().await;
+    let wat = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/resolvers/wat/hide-conflicts.wat"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.upload_resolver("eu", "hide", wat).await.status(),
+        StatusCode::CREATED
+    );
+    let policy =
+        json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "hide"}});
+    assert!(c
+        .configure("eu", "hidden", &policy)
+        .await
+        .status()
+        .is_success());
+    assert!(c
+        .put("eu", "hidden", "k", &json!({"from": "eu"}))
+        .await
+        .status()
+        .is_success());
+    // A concurrent version from us reaches eu: the resolver answers "deleted".
+    let event = Event::new(
+        "us",
+        "hidden",
+        "k",
+        Home::new("eu"),
+        concurrent_version("us", json!({"from": "us"})),
+    );
+    let eu = c.region("eu").region.clone();
+    locus::replication::consumer::apply_batch(&eu, "us", &[Change::Record(event)], &[], &[])
+        .await
+        .unwrap();
+
+    let read = c.get("eu", "hidden", "k").await;
+    assert_eq!(read.status(), StatusCode::NOT_FOUND);
+    assert_eq!(header(&read, "locus-resolved"), Some("deleted"));
+    assert_eq!(header(&read, "locus-resolver"), Some("hide"));
+    assert_eq!(header(&read, "locus-siblings"), Some("2"));
+    let conflict = header(&read, "locus-conflict").unwrap().to_owned();
+    let etag = header(&read, "etag").unwrap().to_owned();
+    let problem: Value = read.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:locus:problem:resolved-deleted");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("conflict {conflict}")),
+        "{problem}"
+    );
+    let log = c
+        .get_json("eu", "/v1/conflicts?collection=hidden&key=k")
+        .await;
+    let entry = log["conflicts"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(entry["id"].to_string(), conflict);
+    assert_eq!(entry["outcome"], json!({"deleted": true}));
+
+    // A record that never existed, or one deleted by a write, is a plain 404.
+    let absent = c.get("eu", "hidden", "never").await;
+    assert_eq!(header(&absent, "locus-resolved"), None);
+    let detail = expect_problem(absent, StatusCode::NOT_FOUND).await;
+    assert_eq!(detail, "no such record");
+
+    // A write with the ETag supersedes both versions, and the record reads again.
+    let rewrite = c
+        .request("eu", Method::PUT, &record_path("hidden", "k"))
+        .header("if-match", &etag)
+        .json(&json!({"from": "a human"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(rewrite.status().is_success(), "{}", rewrite.status());
+    let read: Value = c.get("eu", "hidden", "k").await.json().await.unwrap();
+    assert_eq!(read["value"], json!({"from": "a human"}));
+    // The concurrent version was put into eu alone, past replication: repair brings it to us.
     c.repair_everywhere().await;
     c.teardown().await;
 }

@@ -6,7 +6,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::headers::{LOCUS_HOME, RETRY_AFTER};
+use super::headers::{
+    LOCUS_CONFLICT, LOCUS_HOME, LOCUS_RESOLVED, LOCUS_RESOLVER, LOCUS_SIBLINGS, RETRY_AFTER,
+};
 use crate::resolve::ResolverError;
 use crate::service::ServiceError;
 use crate::storage::StorageError;
@@ -21,6 +23,16 @@ pub enum ApiError {
     Forbidden,
     #[error("{0}")]
     NotFound(String),
+    /// The record's concurrent versions are still stored, but its resolver resolved them to
+    /// deleted: a 404 that says so, with what a client needs to look or to supersede them.
+    #[error("resolver {resolver:?} resolved the record's {siblings} concurrent versions to deleted{}; a write with the ETag supersedes them",
+        conflict.map(|id| format!(" (conflict {id} in /v1/conflicts)")).unwrap_or_default())]
+    ResolvedDeleted {
+        resolver: String,
+        siblings: usize,
+        conflict: Option<i64>,
+        etag: HeaderValue,
+    },
     #[error("{0}")]
     MethodNotAllowed(String),
     #[error("{0}")]
@@ -83,7 +95,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::ResolvedDeleted { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -128,6 +140,7 @@ impl ApiError {
             ApiError::Unauthorized => ("unauthorized", "Unauthorized"),
             ApiError::Forbidden => ("forbidden", "Forbidden"),
             ApiError::NotFound(_) => ("not-found", "Not found"),
+            ApiError::ResolvedDeleted { .. } => ("resolved-deleted", "Deleted by the resolver"),
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             ApiError::PreconditionFailed(_) => ("precondition-failed", "Precondition failed"),
             ApiError::Conflict(_) => ("conflict", "Conflict"),
@@ -246,6 +259,22 @@ impl IntoResponse for ApiError {
                 if let Ok(value) = HeaderValue::from_str(home) {
                     headers.insert(LOCUS_HOME, value);
                 }
+            }
+            ApiError::ResolvedDeleted {
+                resolver,
+                siblings,
+                conflict,
+                etag,
+            } => {
+                headers.insert(LOCUS_RESOLVED, HeaderValue::from_static("deleted"));
+                if let Ok(value) = HeaderValue::from_str(resolver) {
+                    headers.insert(LOCUS_RESOLVER, value);
+                }
+                headers.insert(LOCUS_SIBLINGS, HeaderValue::from(*siblings));
+                if let Some(id) = conflict {
+                    headers.insert(LOCUS_CONFLICT, HeaderValue::from(*id));
+                }
+                headers.insert(header::ETAG, etag.clone());
             }
             ApiError::SessionNotApplied { retry_after, .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));

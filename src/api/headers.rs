@@ -16,6 +16,12 @@ pub const LOCUS_FAILOVER: HeaderName = HeaderName::from_static("locus-failover")
 pub const LOCUS_SESSION: HeaderName = HeaderName::from_static("locus-session");
 pub const LOCUS_FORWARDED_BY: HeaderName = HeaderName::from_static("locus-forwarded-by");
 pub const LOCUS_SIBLINGS: HeaderName = HeaderName::from_static("locus-siblings");
+/// `deleted` on a read whose resolver resolved the record's concurrent versions to deleted.
+pub const LOCUS_RESOLVED: HeaderName = HeaderName::from_static("locus-resolved");
+/// The resolver that made the view a read got.
+pub const LOCUS_RESOLVER: HeaderName = HeaderName::from_static("locus-resolver");
+/// The id of the conflict-log entry behind a read's view.
+pub const LOCUS_CONFLICT: HeaderName = HeaderName::from_static("locus-conflict");
 pub const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
 
 fn text<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h str>, ApiError> {

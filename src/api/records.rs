@@ -139,7 +139,7 @@ fn view_json(
     strategy: &Strategy,
 ) -> Option<Value> {
     let json = match materialized_view(state, strategy, resolution) {
-        View::Absent | View::Deleted => return None,
+        View::Absent | View::Deleted | View::ResolvedDeleted { .. } => return None,
         View::Value(v) => serde_json::to_value(record_body(collection, key, &state.home.region, v)),
         View::Resolved(value) => serde_json::to_value(resolved_body(collection, key, state, value)),
         View::Siblings(vs) => serde_json::to_value(SiblingsBody {
@@ -152,7 +152,8 @@ fn view_json(
     Some(json.expect("records serialize"))
 }
 
-fn render(
+async fn render(
+    region: &crate::service::Region,
     collection: &str,
     key: &str,
     state: Option<&RecordState>,
@@ -164,6 +165,16 @@ fn render(
     };
     let mut response = match materialized_view(state, strategy, resolution) {
         View::Absent | View::Deleted => return Err(ApiError::NotFound("no such record".into())),
+        View::ResolvedDeleted { resolver, siblings } => {
+            // Rare, and worth a query: the conflict-log entry that holds the versions it hid.
+            let conflict = region.store.latest_conflict_id(collection, key).await?;
+            return Err(ApiError::ResolvedDeleted {
+                resolver: resolver.to_owned(),
+                siblings,
+                conflict,
+                etag: etag_header(state),
+            });
+        }
         View::Value(v) => Json(record_body(collection, key, &state.home.region, v)).into_response(),
         View::Resolved(value) => {
             let mut response = Json(resolved_body(collection, key, state, value)).into_response();
@@ -217,7 +228,7 @@ fn forward_error(error: ForwardError, retry_after: u64) -> ApiError {
     responses(
         (status = 200, description = "the record", body = RecordBody),
         (status = 300, description = "concurrent versions (siblings strategy)", body = SiblingsBody),
-        (status = 404, description = "absent or deleted", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "absent or deleted; a record whose resolver resolved its concurrent versions to deleted answers the problem type `resolved-deleted` with `Locus-Resolved: deleted`, `Locus-Resolver`, `Locus-Siblings`, `Locus-Conflict` (the conflict-log entry) and an `ETag` whose write supersedes the versions", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the home is unreachable (consistency=home), or a forwarded read's session write is not applied here yet", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -279,12 +290,14 @@ pub async fn get(
         }
     }
     render(
+        &s.region,
         &collection,
         &key,
         state.as_ref(),
         resolution.as_ref(),
         &policy.strategy(),
     )
+    .await
 }
 
 #[utoipa::path(

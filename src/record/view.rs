@@ -20,6 +20,10 @@ pub enum View<'a> {
     Siblings(Vec<&'a Version>),
     /// Several concurrent versions, and the value the collection's resolver made of them.
     Resolved(&'a Value),
+    /// Several concurrent versions, which the collection's resolver (named) resolved to deleted:
+    /// reads answer 404, but say so, since the versions are still there and a write supersedes
+    /// them.
+    ResolvedDeleted { resolver: &'a str, siblings: usize },
 }
 
 impl View<'_> {
@@ -69,7 +73,12 @@ pub fn materialized_view<'a>(
         if state.versions.len() > 1 && resolution.resolver == *name {
             match &resolution.outcome {
                 Some(Outcome::Value { value }) => return View::Resolved(value),
-                Some(Outcome::Deleted { .. }) => return View::Deleted,
+                Some(Outcome::Deleted { .. }) => {
+                    return View::ResolvedDeleted {
+                        resolver: &resolution.resolver,
+                        siblings: state.versions.len(),
+                    }
+                }
                 None => {}
             }
         }
@@ -164,11 +173,17 @@ mod tests {
             materialized_view(&siblings, &cart, Some(&resolved)),
             View::Resolved(&merged)
         );
+        // Resolved to deleted: not live, and not the same as a record deleted by a write.
         let deleted = resolution("cart", Some(Outcome::deleted()));
+        let view = materialized_view(&siblings, &cart, Some(&deleted));
         assert_eq!(
-            materialized_view(&siblings, &cart, Some(&deleted)),
-            View::Deleted
+            view,
+            View::ResolvedDeleted {
+                resolver: "cart",
+                siblings: 2
+            }
         );
+        assert!(!view.is_live());
         // Another resolver's output, a failure, or no resolution: last-writer-wins.
         let lww = View::Value(&siblings.versions[1]);
         let other = resolution("other", Some(Outcome::value(merged.clone())));

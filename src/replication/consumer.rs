@@ -583,7 +583,7 @@ fn conflict_entry(
         View::Siblings(siblings) => json!({ "siblings": siblings.len() }),
         View::Value(v) => json!(Outcome::value(v.value.clone())),
         View::Resolved(value) => json!(Outcome::value(value.clone())),
-        View::Deleted | View::Absent => json!(Outcome::deleted()),
+        View::Deleted | View::ResolvedDeleted { .. } | View::Absent => json!(Outcome::deleted()),
     };
     ConflictEntry {
         collection: key.0.clone(),

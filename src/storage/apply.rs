@@ -384,6 +384,21 @@ impl Store {
         .await?)
     }
 
+    /// The id of the newest conflict-log entry of one record, if any.
+    pub async fn latest_conflict_id(
+        &self,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<i64>, StorageError> {
+        Ok(
+            sqlx::query_scalar("SELECT max(id) FROM conflicts WHERE collection = $1 AND key = $2")
+                .bind(collection)
+                .bind(key)
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+
     /// The newest `limit` conflict-log entries of a collection, newest first.
     pub async fn recent_conflicts(
         &self,
