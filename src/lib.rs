@@ -18,6 +18,7 @@
 //! - [`logging`]: text or JSON log lines, each labelled with its region.
 //! - [`app`]: builds a region from its config and runs it until shutdown; `locus dev`.
 //! - [`nats_server`]: a current nats-server for `locus dev` and the tests, installed on first use.
+//! - [`scaffold`]: `locus resolver new`, a standalone resolver crate to start from.
 //! - [`bench`]: the benchmark programs behind `locus bench`.
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod nats_server;
 pub mod record;
 pub mod replication;
 pub mod resolve;
+pub mod scaffold;
 pub mod service;
 pub mod storage;
 pub mod supervisor;

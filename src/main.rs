@@ -49,9 +49,24 @@ enum Command {
         )]
         url: String,
     },
+    /// Resolver authoring.
+    #[command(subcommand)]
+    Resolver(ResolverCommand),
     /// Benchmarks that print measured figures.
     #[command(subcommand)]
     Bench(locus::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ResolverCommand {
+    /// Write a standalone resolver crate, ready to test, build and upload.
+    New {
+        /// The resolver's name: the crate's, and the name to upload it under.
+        name: String,
+        /// The folder to create it in.
+        #[arg(long, default_value = ".")]
+        path: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -66,6 +81,14 @@ async fn main() -> anyhow::Result<()> {
             nats_port,
         } => locus::app::dev(&regions, reset, nats, nats_port).await,
         Command::Health { url } => locus::app::health(&url).await,
+        Command::Resolver(ResolverCommand::New { name, path }) => {
+            let root = locus::scaffold::create(&name, &path)?;
+            println!(
+                "created {}: its README says how to test, build and upload it",
+                root.display()
+            );
+            Ok(())
+        }
         Command::Bench(command) => locus::bench::run(command).await,
     }
 }

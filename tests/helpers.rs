@@ -698,16 +698,20 @@ pub async fn hang_up() -> (String, JoinHandle<()>) {
 
 /// The example resolvers, built for wasm32-unknown-unknown once per test run (in their own target
 /// directory, so the build does not wait on the lock of the `cargo test` that runs this).
+/// The toolchain file names the WebAssembly target, but rustup adds a file's targets only when it
+/// installs the toolchain: add it here, a no-op once present.
+pub fn add_wasm_target() {
+    let _ = std::process::Command::new("rustup")
+        .args(["target", "add", "wasm32-unknown-unknown"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status();
+}
+
 pub fn example_resolver(name: &str) -> Vec<u8> {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let root = env!("CARGO_MANIFEST_DIR");
     BUILT.get_or_init(|| {
-        // The toolchain file names the target, but rustup adds a file's targets only when it
-        // installs the toolchain: add it here, a no-op once present.
-        let _ = std::process::Command::new("rustup")
-            .args(["target", "add", "wasm32-unknown-unknown"])
-            .current_dir(root)
-            .status();
+        add_wasm_target();
         let status = std::process::Command::new(env!("CARGO"))
             .current_dir(root)
             .args([

@@ -397,6 +397,85 @@ async fn a_record_resolved_to_deleted_says_so_and_a_write_brings_it_back() {
     c.teardown().await;
 }
 
+#[tokio::test]
+async fn a_scaffolded_resolver_builds_outside_the_workspace_and_serves_its_view() {
+    // `locus resolver new`, as a user runs it, into a folder outside this repository.
+    let parent = std::env::temp_dir().join(format!("locus-scaffold-it-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(&parent).unwrap();
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["resolver", "new", "newest-live", "--path"])
+        .arg(&parent)
+        .output()
+        .expect("the locus binary runs");
+    assert!(created.status.success(), "{created:?}");
+    let root = parent.join("newest-live");
+    assert!(String::from_utf8_lossy(&created.stdout).contains(&root.display().to_string()));
+
+    // Its own tests pass natively, and it builds for WebAssembly. A target folder inside this
+    // repository's keeps later runs fast; the crate itself knows nothing of this repository. One
+    // job, so the other tests running meanwhile keep a core.
+    crate::helpers::add_wasm_target();
+    let target_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/scaffolded");
+    for args in [
+        &["test", "--quiet", "--jobs", "1"][..],
+        &[
+            "build",
+            "--quiet",
+            "--jobs",
+            "1",
+            "--release",
+            "--target",
+            "wasm32-unknown-unknown",
+        ][..],
+    ] {
+        let status = std::process::Command::new(env!("CARGO"))
+            .current_dir(&root)
+            .args(args)
+            .env("CARGO_TARGET_DIR", target_dir)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo {args:?} in the scaffolded crate");
+    }
+    let module = std::fs::read(format!(
+        "{target_dir}/wasm32-unknown-unknown/release/newest_live.wasm"
+    ))
+    .unwrap();
+    std::fs::remove_dir_all(&parent).unwrap();
+
+    let c = Setup::regions(&["eu", "us"]).start().await;
+    let upload = c.upload_resolver("eu", "newest-live", module).await;
+    assert_eq!(upload.status(), StatusCode::CREATED);
+    let policy = json!({"homing": "anywhere",
+                        "conflicts": {"strategy": "resolver", "resolver": "newest-live"}});
+    assert!(c
+        .configure("eu", "notes", &policy)
+        .await
+        .status()
+        .is_success());
+    assert!(c
+        .put("eu", "notes", "k", &json!({"text": "kept"}))
+        .await
+        .status()
+        .is_success());
+    // A concurrent, newer delete from us: last-writer-wins would hide the record; the scaffold's
+    // rule keeps the newest live value.
+    let mut delete = concurrent_version("us", Value::Null);
+    delete.deleted = true;
+    let event = Event::new("us", "notes", "k", Home::new("eu"), delete);
+    let eu = c.region("eu").region.clone();
+    locus::replication::consumer::apply_batch(&eu, "us", &[Change::Record(event)], &[], &[])
+        .await
+        .unwrap();
+    let read = c.get("eu", "notes", "k").await;
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(header(&read, "locus-siblings"), Some("2"));
+    let read: Value = read.json().await.unwrap();
+    assert_eq!(read["value"], json!({"text": "kept"}));
+    c.repair_everywhere().await;
+    c.teardown().await;
+}
+
 /// `module` with a custom section of `padding` bytes appended: still the same resolver, but
 /// several replication chunks long.
 fn padded(mut module: Vec<u8>, padding: usize) -> Vec<u8> {

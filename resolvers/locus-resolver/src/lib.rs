@@ -1,5 +1,7 @@
 //! Write a locus conflict resolver in Rust.
 //!
+//! `json!` and [`Value`] are `serde_json`'s, re-exported so a resolver needs no other dependency.
+//!
 //! ```
 //! use locus_resolver::{resolver, Conflict, Resolution};
 //!
@@ -18,9 +20,52 @@
 //! last-writer-wins and logs the error.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 pub use serde_json::{self, json, Value};
+
+// The guide's snippets (resolvers/README.md in the locus repository) are compiled as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeSnippets;
+
+/// A hybrid logical clock reading: milliseconds since the Unix epoch in the upper 48 bits, a
+/// counter in the lower 16. Orders versions as locus does (ties broken by region). On the wire
+/// it is the decimal string of the number, since JSON numbers lose precision past 2^53; a string
+/// that is not one fails the input's decoding rather than reading as 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Hlc(pub u64);
+
+impl Hlc {
+    /// The wall-clock milliseconds part.
+    pub fn millis(self) -> u64 {
+        self.0 >> 16
+    }
+}
+
+impl TryFrom<String> for Hlc {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Hlc, String> {
+        text.parse()
+            .map(Hlc)
+            .map_err(|_| format!("{text:?} is not an HLC (a decimal u64)"))
+    }
+}
+
+impl From<Hlc> for String {
+    fn from(hlc: Hlc) -> String {
+        hlc.0.to_string()
+    }
+}
+
+impl fmt::Display for Hlc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// One concurrent version of the record.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -31,8 +76,8 @@ pub struct Version {
     pub deleted: bool,
     /// The region that wrote it.
     pub region: String,
-    /// Its hybrid logical clock (milliseconds << 16 | counter), as a decimal string.
-    pub hlc: String,
+    /// Its hybrid logical clock.
+    pub hlc: Hlc,
     /// Its version vector.
     pub version: BTreeMap<String, u64>,
 }
@@ -45,14 +90,9 @@ impl Version {
             deleted: value.is_none(),
             value: value.unwrap_or(Value::Null),
             region: region.to_owned(),
-            hlc: hlc.to_string(),
+            hlc: Hlc(hlc),
             version: [(format!("{region}.1"), 1)].into(),
         }
-    }
-
-    /// The HLC as a number.
-    pub fn hlc(&self) -> u64 {
-        self.hlc.parse().unwrap_or(0)
     }
 }
 
@@ -70,7 +110,7 @@ impl Conflict {
     /// The conflict locus would hand a resolver for these versions: sorted by (HLC, region). For
     /// testing a resolver natively.
     pub fn new(collection: &str, key: &str, mut versions: Vec<Version>) -> Conflict {
-        versions.sort_by(|a, b| (a.hlc(), &a.region).cmp(&(b.hlc(), &b.region)));
+        versions.sort_by(|a, b| (a.hlc, &a.region).cmp(&(b.hlc, &b.region)));
         Conflict {
             abi: 1,
             collection: collection.to_owned(),
@@ -163,7 +203,24 @@ mod tests {
                 {"value":null,"deleted":true,"region":"us","hlc":"7","version":{"us.1":1}}]}"#,
         )
         .unwrap();
-        assert_eq!(conflict.versions[1].hlc(), 7);
+        assert_eq!(conflict.versions[1].hlc, Hlc(7));
         assert_eq!(conflict.live_values().collect::<Vec<_>>(), [&json!(1)]);
+    }
+
+    #[test]
+    fn an_hlc_that_is_not_a_number_fails_the_input() {
+        let bad = serde_json::from_str::<Version>(
+            r#"{"value":1,"deleted":false,"region":"eu","hlc":"soon","version":{"eu.1":1}}"#,
+        );
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("\"soon\" is not an HLC"));
+        let hlc = Hlc((1_700_000_000_000 << 16) | 3);
+        assert_eq!(hlc.millis(), 1_700_000_000_000);
+        assert_eq!(
+            serde_json::to_string(&hlc).unwrap(),
+            format!("\"{}\"", hlc.0)
+        );
     }
 }
