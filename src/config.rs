@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file or an environment variable does not fit the config's shape: every problem found,
+    /// each naming its field and where the value came from.
     #[error("{0}")]
-    Load(#[from] Box<figment::Error>),
-    #[error("config field `{field}`: {problem}")]
+    Load(String),
+    #[error("field {field}: {problem}")]
     Invalid {
         field: &'static str,
         problem: String,
@@ -256,7 +258,10 @@ impl Config {
                 .iter()
                 .any(|field| top.eq_ignore_ascii_case(field))
         });
-        let config: Config = base.merge(env).extract().map_err(Box::new)?;
+        let config: Config = base
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Load(describe(e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -379,6 +384,52 @@ impl Config {
     }
 }
 
+/// figment's own messages name a profile (`default.listen`), repeat themselves through their
+/// source chain, and quote the environment provider in backticks; this names what an operator
+/// edits instead: the field, and the file or variable that holds it.
+fn describe(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let field = e.path.join(".");
+            let from_file = e.metadata.as_ref().and_then(|m| match &m.source {
+                Some(figment::Source::File(path)) => Some(shown_path(path)),
+                _ => None,
+            });
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let place = match (from_file, from_env) {
+                (Some(file), _) => format!(" in {file}"),
+                (None, true) => format!(
+                    " (environment variable LOCUS_{})",
+                    e.path.join("__").to_uppercase()
+                ),
+                (None, false) => String::new(),
+            };
+            let what = if field.is_empty() {
+                "config".to_owned()
+            } else {
+                format!("field {field}")
+            };
+            format!("{what}{place}: {}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A path as the user would write it: relative to the working directory when it is inside it.
+fn shown_path(path: &Path) -> String {
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf));
+    relative
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn validate_region_id(field: &'static str, id: &str) -> Result<(), ConfigError> {
     let ok = !id.is_empty()
         && id.len() <= 16
@@ -457,7 +508,9 @@ mod tests {
             jail.set_env("LOCUS_LIMITS__RECORD_BODY_BYTES", "lots");
             let err = Config::load(Path::new("eu.toml")).unwrap_err().to_string();
             assert!(
-                err.to_lowercase().contains("limits.record_body_bytes"),
+                err.starts_with(
+                    "field limits.record_body_bytes (environment variable LOCUS_LIMITS__RECORD_BODY_BYTES): "
+                ),
                 "{err}"
             );
             Ok(())
@@ -494,10 +547,16 @@ mod tests {
     #[test]
     fn errors_name_the_bad_field() {
         let err = load(&GOOD.replace("127.0.0.1:7101", "nowhere")).unwrap_err();
-        assert!(err.contains("listen"), "{err}");
+        assert!(err.starts_with("field listen: "), "{err}");
 
         let err = load(&format!("{GOOD}\n[limits]\nrecord_body_bytes = \"big\"\n")).unwrap_err();
-        assert!(err.contains("record_body_bytes"), "{err}");
+        // The field and the file as given, once, without figment's profile prefix.
+        assert!(
+            err.starts_with("field limits.record_body_bytes in region.toml: invalid type"),
+            "{err}"
+        );
+        assert!(!err.contains("default."), "{err}");
+        assert_eq!(err.matches("record_body_bytes").count(), 1, "{err}");
 
         let err =
             load(&GOOD.replace("region = \"eu\"", "region = \"eu\"\nregoin = \"us\"")).unwrap_err();
