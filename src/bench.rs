@@ -945,15 +945,47 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     );
 
     let missing = ((args.records as f64) * args.missing_percent / 100.0) as i64;
-    sqlx::query(
-        "DELETE FROM records WHERE collection = 'bench'
-            AND key IN (SELECT key FROM records WHERE collection = 'bench' ORDER BY md5(key) LIMIT $1)",
-    )
-    .bind(missing)
-    .execute(us.region.store.pool())
-    .await?;
+    let remove_share = || async {
+        sqlx::query(
+            "DELETE FROM records WHERE collection = 'bench'
+                AND key IN (SELECT key FROM records WHERE collection = 'bench' ORDER BY md5(key) LIMIT $1)",
+        )
+        .bind(missing)
+        .execute(us.region.store.pool())
+        .await
+    };
+    let report_round = |label: &str, repaired: &crate::replication::repair::RepairReport| {
+        println!(
+            "  {label}: {missing} missing, {} buckets differed, {} keys compared, {} records repaired in {:.2} s = {:.0} records repaired/s",
+            repaired.buckets_differing,
+            repaired.keys_compared,
+            repaired.records_repaired,
+            repaired.seconds,
+            repaired.records_repaired as f64 / repaired.seconds
+        );
+        println!(
+            "    listing and comparing hashes {:.2} s, merging {:.2} s (the stages overlap)",
+            repaired.seconds_listing, repaired.seconds_merging
+        );
+    };
+    let check_round = |repaired: &crate::replication::repair::RepairReport| {
+        anyhow::ensure!(
+            repaired.records_repaired == missing as u64,
+            "repaired {} of {missing}",
+            repaired.records_repaired
+        );
+        Ok(())
+    };
+
+    // The round alone: what repair costs when it has the machine to itself.
+    remove_share().await?;
+    let quiet = crate::replication::repair::round(&us.region, "eu").await?;
+    check_round(&quiet)?;
+    report_round("round alone", &quiet);
+
     // Writes at the repairing region, and their replication to the peer, alone and then while
-    // the round runs.
+    // a round runs.
+    remove_share().await?;
     let alone = live_writes(&us, &eu, "writes at us, no repair").await?;
     let round = {
         let region = us.region.clone();
@@ -961,23 +993,8 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     };
     let during = live_writes(&us, &eu, "writes at us during the round").await?;
     let repaired = round.await??;
-    let seconds = repaired.seconds; // the round's own time: the writers may run longer
-    anyhow::ensure!(
-        repaired.records_repaired == missing as u64,
-        "repaired {} of {missing}",
-        repaired.records_repaired
-    );
-    println!(
-        "  {missing} missing: {} buckets differed, {} keys compared, {} records repaired in {seconds:.2} s = {:.0} records repaired/s",
-        repaired.buckets_differing,
-        repaired.keys_compared,
-        repaired.records_repaired,
-        repaired.records_repaired as f64 / seconds
-    );
-    println!(
-        "    of which {:.2} s listing and comparing hashes, {:.2} s fetching and merging records",
-        repaired.seconds_listing, repaired.seconds_merging
-    );
+    check_round(&repaired)?;
+    report_round("round under 4 writing clients", &repaired);
     for (label, (figures, mut lag)) in [("alone", alone), ("during the round", during)] {
         println!(
             "  writes at us {label}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms; replication lag to eu p50 {:.0} ms, max {:.0} ms",
