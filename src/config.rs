@@ -450,9 +450,59 @@ fn validate_region_id(field: &'static str, id: &str) -> Result<(), ConfigError> 
 }
 
 #[cfg(test)]
-#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+    use std::sync::{Mutex, MutexGuard};
+
+    /// Tests that read or set `LOCUS_*` variables run one at a time, each in a folder of its own,
+    /// and leave no variable behind.
+    struct Sandbox {
+        dir: PathBuf,
+        set: Vec<String>,
+        _one_at_a_time: MutexGuard<'static, ()>,
+    }
+
+    static ENVIRONMENT: Mutex<()> = Mutex::new(());
+
+    impl Sandbox {
+        fn new() -> Sandbox {
+            let guard = ENVIRONMENT
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let dir = std::env::temp_dir().join(format!(
+                "locus-config-test-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Sandbox {
+                dir,
+                set: Vec::new(),
+                _one_at_a_time: guard,
+            }
+        }
+
+        fn file(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+
+        fn set_env(&mut self, name: &str, value: &str) {
+            std::env::set_var(name, value);
+            self.set.push(name.to_owned());
+        }
+    }
+
+    impl Drop for Sandbox {
+        fn drop(&mut self) {
+            for name in &self.set {
+                std::env::remove_var(name);
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 
     const GOOD: &str = r#"
         deployment = "dev"
@@ -467,16 +517,14 @@ mod tests {
         api_url = "http://127.0.0.1:7102"
     "#;
 
-    /// Load `text` as a config file inside figment's jail, which serializes every test that
-    /// touches the process environment and gives each a clean one.
+    /// Load `text` as a config file named region.toml; the error as the operator would read it.
     fn load(text: &str) -> Result<Config, String> {
-        let mut result = Err(String::new());
-        figment::Jail::expect_with(|jail| {
-            jail.create_file("region.toml", text)?;
-            result = Config::load(Path::new("region.toml")).map_err(|e| e.to_string());
-            Ok(())
-        });
-        result
+        let sandbox = Sandbox::new();
+        let path = sandbox.file("region.toml", text);
+        Config::load(&path).map_err(|e| {
+            e.to_string()
+                .replace(&*path.to_string_lossy(), "region.toml")
+        })
     }
 
     #[test]
@@ -489,36 +537,35 @@ mod tests {
 
     #[test]
     fn environment_variables_override_fields_nested_ones_included() {
-        figment::Jail::expect_with(|jail| {
-            jail.create_file("eu.toml", GOOD)?;
-            jail.set_env("LOCUS_ADMIN_TOKEN", "from-the-environment");
-            jail.set_env("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048");
-            jail.set_env("LOCUS_FORWARDING__REQUEST_TIMEOUT_MS", "750");
-            jail.set_env(
-                "LOCUS_PEERS",
-                r#"[{id="ap",api_url="http://127.0.0.1:7103"}]"#,
-            );
-            jail.set_env("LOCUS_SOMETHING_ELSE", "not a config field: ignored");
-            let config = Config::load(Path::new("eu.toml")).map_err(|e| e.to_string())?;
-            assert_eq!(config.admin_token, "from-the-environment");
-            assert_eq!(config.limits.record_body_bytes, 2048);
-            assert_eq!(config.forwarding.request_timeout_ms, 750);
-            assert_eq!(config.regions().collect::<Vec<_>>(), ["eu", "ap"]);
+        let mut sandbox = Sandbox::new();
+        let path = sandbox.file("eu.toml", GOOD);
+        sandbox.set_env("LOCUS_ADMIN_TOKEN", "from-the-environment");
+        sandbox.set_env("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048");
+        sandbox.set_env("LOCUS_FORWARDING__REQUEST_TIMEOUT_MS", "750");
+        sandbox.set_env(
+            "LOCUS_PEERS",
+            r#"[{id="ap",api_url="http://127.0.0.1:7103"}]"#,
+        );
+        sandbox.set_env("LOCUS_SOMETHING_ELSE", "not a config field: ignored");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.admin_token, "from-the-environment");
+        assert_eq!(config.limits.record_body_bytes, 2048);
+        assert_eq!(config.forwarding.request_timeout_ms, 750);
+        assert_eq!(config.regions().collect::<Vec<_>>(), ["eu", "ap"]);
 
-            jail.set_env("LOCUS_LIMITS__RECORD_BODY_BYTES", "lots");
-            let err = Config::load(Path::new("eu.toml")).unwrap_err().to_string();
-            assert!(
-                err.starts_with(
-                    "field limits.record_body_bytes (environment variable LOCUS_LIMITS__RECORD_BODY_BYTES): "
-                ),
-                "{err}"
-            );
-            Ok(())
-        });
+        sandbox.set_env("LOCUS_LIMITS__RECORD_BODY_BYTES", "lots");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "field limits.record_body_bytes (environment variable LOCUS_LIMITS__RECORD_BODY_BYTES): "
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn the_shipped_region_files_load_and_agree() {
+        let _no_overrides_meanwhile = Sandbox::new();
         for folder in ["regions", "regions/compose"] {
             let mut fingerprints = Vec::new();
             for region in ["eu", "us", "ap"] {
