@@ -193,6 +193,39 @@ fn concurrent_version(region: &str, value: Value) -> Version {
     }
 }
 
+/// A conflict under a resolver, made certain: upload `module` as resolver `name` at eu, bind
+/// `collection` to it (homing anywhere), write `ours` to its record `k` at eu, and apply `theirs`,
+/// a concurrent version from us, at eu directly, past replication (a repair round brings it to
+/// us).
+async fn conflict_at_eu(
+    c: &Cluster,
+    name: &str,
+    module: Vec<u8>,
+    collection: &str,
+    ours: Value,
+    theirs: Version,
+) {
+    let upload = c.upload_resolver("eu", name, module).await;
+    assert!(upload.status().is_success(), "{}", upload.status());
+    let policy =
+        json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": name}});
+    assert!(c
+        .configure("eu", collection, &policy)
+        .await
+        .status()
+        .is_success());
+    assert!(c
+        .put("eu", collection, "k", &ours)
+        .await
+        .status()
+        .is_success());
+    let event = Event::new("us", collection, "k", Home::new("eu"), theirs);
+    let eu = c.region("eu").region.clone();
+    locus::replication::consumer::apply_batch(&eu, "us", &[Change::Record(event)], &[], &[])
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn hostile_resolvers_fall_back_to_lww_and_the_server_keeps_serving() {
     let c = Setup::regions(&["eu", "us"])
@@ -323,34 +356,16 @@ async fn a_record_resolved_to_deleted_says_so_and_a_write_brings_it_back() {
         "/resolvers/wat/hide-conflicts.wat"
     ))
     .unwrap();
-    assert_eq!(
-        c.upload_resolver("eu", "hide", wat).await.status(),
-        StatusCode::CREATED
-    );
-    let policy =
-        json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "hide"}});
-    assert!(c
-        .configure("eu", "hidden", &policy)
-        .await
-        .status()
-        .is_success());
-    assert!(c
-        .put("eu", "hidden", "k", &json!({"from": "eu"}))
-        .await
-        .status()
-        .is_success());
     // A concurrent version from us reaches eu: the resolver answers "deleted".
-    let event = Event::new(
-        "us",
+    conflict_at_eu(
+        &c,
+        "hide",
+        wat,
         "hidden",
-        "k",
-        Home::new("eu"),
+        json!({"from": "eu"}),
         concurrent_version("us", json!({"from": "us"})),
-    );
-    let eu = c.region("eu").region.clone();
-    locus::replication::consumer::apply_batch(&eu, "us", &[Change::Record(event)], &[], &[])
-        .await
-        .unwrap();
+    )
+    .await;
 
     let read = c.get("eu", "hidden", "k").await;
     assert_eq!(read.status(), StatusCode::NOT_FOUND);
@@ -444,29 +459,19 @@ async fn a_scaffolded_resolver_builds_outside_the_workspace_and_serves_its_view(
     std::fs::remove_dir_all(&parent).unwrap();
 
     let c = Setup::regions(&["eu", "us"]).start().await;
-    let upload = c.upload_resolver("eu", "newest-live", module).await;
-    assert_eq!(upload.status(), StatusCode::CREATED);
-    let policy = json!({"homing": "anywhere",
-                        "conflicts": {"strategy": "resolver", "resolver": "newest-live"}});
-    assert!(c
-        .configure("eu", "notes", &policy)
-        .await
-        .status()
-        .is_success());
-    assert!(c
-        .put("eu", "notes", "k", &json!({"text": "kept"}))
-        .await
-        .status()
-        .is_success());
     // A concurrent, newer delete from us: last-writer-wins would hide the record; the scaffold's
     // rule keeps the newest live value.
     let mut delete = concurrent_version("us", Value::Null);
     delete.deleted = true;
-    let event = Event::new("us", "notes", "k", Home::new("eu"), delete);
-    let eu = c.region("eu").region.clone();
-    locus::replication::consumer::apply_batch(&eu, "us", &[Change::Record(event)], &[], &[])
-        .await
-        .unwrap();
+    conflict_at_eu(
+        &c,
+        "newest-live",
+        module,
+        "notes",
+        json!({"text": "kept"}),
+        delete,
+    )
+    .await;
     let read = c.get("eu", "notes", "k").await;
     assert_eq!(read.status(), StatusCode::OK);
     assert_eq!(header(&read, "locus-siblings"), Some("2"));
@@ -746,33 +751,15 @@ async fn a_wall_time_interruption_is_retried_never_final() {
         .start()
         .await;
     let module = two_faced("(loop $l (br $l)) (unreachable)", "");
-    assert_eq!(
-        c.upload_resolver("eu", "slow", module).await.status(),
-        StatusCode::CREATED
-    );
-    let policy =
-        json!({"homing": "anywhere", "conflicts": {"strategy": "resolver", "resolver": "slow"}});
-    assert!(c
-        .configure("eu", "slow", &policy)
-        .await
-        .status()
-        .is_success());
-    assert!(c
-        .put("eu", "slow", "k", &json!(1))
-        .await
-        .status()
-        .is_success());
-    let event = Event::new(
-        "us",
+    conflict_at_eu(
+        &c,
         "slow",
-        "k",
-        Home::new("eu"),
+        module,
+        "slow",
+        json!(1),
         concurrent_version("us", json!(2)),
-    );
-    let region = c.region("eu").region.clone();
-    locus::replication::consumer::apply_batch(&region, "us", &[Change::Record(event)], &[], &[])
-        .await
-        .unwrap();
+    )
+    .await;
     let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
     let error = log["conflicts"][0]["error"]
         .as_str()
