@@ -18,14 +18,16 @@ use tokio::sync::Notify;
 use crate::clock::hlc::{wall_clock_ms, Hlc, HybridClock, Observation};
 use crate::clock::version::{Actor, SessionToken, VersionVector};
 use crate::config::Config;
-use crate::record::policy::{Homing, Policy, POLICY_COLLECTION, SYSTEM_PREFIX};
+use crate::record::policy::{
+    Homing, Policy, DELETION_COLLECTION, POLICY_COLLECTION, SYSTEM_PREFIX,
+};
 use crate::record::resolution::Resolution;
 use crate::record::view::lww_winner;
 use crate::record::{Home, RecordState, Summary};
 use crate::replication::event::Event;
 use crate::replication::status::ReplicationStatus;
 use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
-use crate::storage::{OutboxEvent, RegionIdentity, StorageError, Store};
+use crate::storage::{Loaded, OutboxEvent, RegionIdentity, StorageError, Store};
 
 /// NATS's default `max_payload`, assumed until the server says otherwise.
 const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -136,6 +138,8 @@ struct Base {
     rev: i64,
     summary: Summary,
     policy: Policy,
+    /// The horizon of the collection's deletion, if it was ever deleted.
+    deleted_before: Option<Hlc>,
 }
 
 enum Decision {
@@ -151,8 +155,11 @@ enum Decision {
 /// this region takes effect here within that time. Bounded: when full, it starts over empty.
 struct WriteCache {
     records: Mutex<HashMap<(String, String), Known>>,
-    policies: Mutex<HashMap<String, (Instant, Policy)>>,
+    policies: Mutex<HashMap<String, CachedPolicy>>,
 }
+
+/// A collection's policy and deletion horizon, and when they were read.
+type CachedPolicy = (Instant, Policy, Option<Hlc>);
 
 const RECORD_CACHE_ENTRIES: usize = 100_000;
 const POLICY_TTL: Duration = Duration::from_secs(1);
@@ -168,8 +175,10 @@ impl WriteCache {
     fn base(&self, collection: &str, key: &str) -> Option<Base> {
         let policy = {
             let policies = self.policies.lock().expect("policy cache lock");
-            let (at, policy) = policies.get(collection)?;
-            if at.elapsed() > POLICY_TTL {
+            let (at, policy, deleted_before) = policies.get(collection)?;
+            // A deleted collection's writes always read their record: whether it is a new one
+            // (and so takes the counter floor) depends on what the deletion left of it.
+            if at.elapsed() > POLICY_TTL || deleted_before.is_some() {
                 return None;
             }
             policy.clone()
@@ -180,6 +189,7 @@ impl WriteCache {
             rev: known.rev,
             summary: known.summary.clone(),
             policy,
+            deleted_before: None,
         })
     }
 
@@ -198,11 +208,11 @@ impl WriteCache {
             .remove(&(collection.to_owned(), key.to_owned()));
     }
 
-    fn remember_policy(&self, collection: &str, policy: &Policy) {
-        self.policies
-            .lock()
-            .expect("policy cache lock")
-            .insert(collection.to_owned(), (Instant::now(), policy.clone()));
+    fn remember_policy(&self, collection: &str, policy: &Policy, deleted_before: Option<Hlc>) {
+        self.policies.lock().expect("policy cache lock").insert(
+            collection.to_owned(),
+            (Instant::now(), policy.clone(), deleted_before),
+        );
     }
 
     fn forget_policy(&self, collection: &str) {
@@ -227,6 +237,8 @@ pub struct Region {
     pub outbox_signal: Notify,
     /// Wakes the repair worker for a round against every peer now.
     pub repair_wanted: Notify,
+    /// Wakes the purge worker: a collection was deleted ([`crate::deletion`]).
+    pub purge_wanted: Notify,
     /// The largest event the transport carries: NATS's `max_payload`, learnt at connect.
     max_event_bytes: std::sync::atomic::AtomicUsize,
     pub replication: ReplicationStatus,
@@ -251,6 +263,7 @@ impl Region {
             cache: WriteCache::new(),
             outbox_signal: Notify::new(),
             repair_wanted: Notify::new(),
+            purge_wanted: Notify::new(),
             max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
             replication: ReplicationStatus::new(&registry),
             resolvers,
@@ -344,7 +357,10 @@ impl Region {
     ) -> Result<(Option<RecordState>, Option<Resolution>, Policy), ServiceError> {
         let loaded = self.store.load(collection, key).await?;
         let policy = self.policy_of(collection, loaded.policy.as_ref());
-        Ok((loaded.state, loaded.resolution, policy))
+        let state = loaded.visible_state();
+        // A resolution made of versions a deletion removed describes nothing any more.
+        let resolution = loaded.resolution.filter(|_| state == loaded.state);
+        Ok((state, resolution, policy))
     }
 
     pub async fn policy(&self, collection: &str) -> Result<Option<Policy>, ServiceError> {
@@ -355,6 +371,53 @@ impl Region {
             .and_then(lww_winner)
             .is_some_and(|v| !v.deleted);
         Ok(live.then(|| self.policy_of(collection, loaded.state.as_ref())))
+    }
+
+    /// The horizon of `collection`'s deletion, if it was ever deleted.
+    pub async fn deletion_horizon(&self, collection: &str) -> Result<Option<Hlc>, StorageError> {
+        let marker = self.store.load(DELETION_COLLECTION, collection).await?;
+        Ok(marker.state.and_then(|state| state.max_hlc()))
+    }
+
+    /// Delete a collection: one replicated marker whose HLC is the deletion's horizon (every
+    /// version of the collection stamped at or below it is gone, in every region, whatever order
+    /// events arrive in), and a tombstone for its policy. Cheap whatever the collection's size:
+    /// each region's purge worker removes the rows afterwards. Returns the horizon.
+    pub async fn delete_collection(&self, collection: &str) -> Result<Hlc, ServiceError> {
+        let marker = WriteRequest {
+            collection: DELETION_COLLECTION.to_owned(),
+            key: collection.to_owned(),
+            op: WriteOp::Put(serde_json::json!({})),
+            precondition: Precondition::None,
+            home_hint: None,
+            route: Route::Client,
+        };
+        let horizon = match self.write(&marker).await? {
+            WriteOutcome::Written(written) => written.state.versions[0].hlc,
+            WriteOutcome::Forward { .. } => {
+                unreachable!("system collections are writable in every region")
+            }
+        };
+        let policy = WriteRequest {
+            collection: POLICY_COLLECTION.to_owned(),
+            key: collection.to_owned(),
+            op: WriteOp::Delete,
+            ..marker
+        };
+        match self.write(&policy).await {
+            Ok(_) | Err(ServiceError::NotFound) => {}
+            Err(error) => return Err(error),
+        }
+        self.deletion_applied(collection);
+        tracing::info!(%collection, %horizon, "collection deleted; its rows are purged in the background");
+        Ok(horizon)
+    }
+
+    /// A deletion of `collection` was written or applied here: writes must read their records
+    /// again, and the purge worker has rows to remove.
+    pub fn deletion_applied(&self, collection: &str) {
+        self.cache.forget_policy(collection);
+        self.purge_wanted.notify_one();
     }
 
     /// Every configured collection's policy, in name order.
@@ -397,15 +460,17 @@ impl Region {
                         loaded
                     };
                     let policy = self.policy_of(collection, loaded.policy.as_ref());
-                    self.cache.remember_policy(collection, &policy);
-                    let summary = match &loaded.state {
+                    self.cache
+                        .remember_policy(collection, &policy, loaded.deleted_before);
+                    let summary = match loaded.visible_state() {
                         Some(state) => state.summary(),
-                        None => Summary::absent(Home::new(self.placement(request, &policy))),
+                        None => Summary::absent(self.new_home(request, &policy, &loaded)),
                     };
                     Base {
                         rev: loaded.rev,
                         summary,
                         policy,
+                        deleted_before: loaded.deleted_before,
                     }
                 }
             };
@@ -431,7 +496,13 @@ impl Region {
                 let mut clock = self.clock.lock().expect("clock lock");
                 clock.stamp_write(wall_clock_ms(), base.summary.max_hlc)
             };
-            let state = base.summary.write(&actor, hlc, value);
+            // A record made anew in a deleted collection: its counter starts above any its
+            // region may have issued before (see `Summary::write_above`).
+            let counter_floor = match base.deleted_before {
+                Some(_) if !base.summary.exists => self.store.outbox_sequence().await? as u64 + 1,
+                _ => 0,
+            };
+            let state = base.summary.write_above(&actor, hlc, value, counter_floor);
             let version = state.versions[0].clone();
             let event = Event::new(
                 self.id(),
@@ -564,7 +635,7 @@ impl Region {
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let locked = self.store.lock(collection, key).await?;
             let policy = self.policy_of(collection, locked.loaded.policy.as_ref());
-            let Some(mut state) = locked.loaded.state.clone() else {
+            let Some(mut state) = locked.loaded.visible_state() else {
                 return Err(ServiceError::NotFound);
             };
             // A rehome is never a failover write: only the home may move the home.
@@ -625,6 +696,19 @@ impl Region {
 
     /// Where a new record lives: the writer's `Locus-Home`, else the collection's default home,
     /// else this region.
+    /// The home of a record this write creates. In a collection that was deleted, a region that
+    /// has not applied the deletion yet may still hold the old record under an old home; the new
+    /// home's epoch (the deletion's wall-clock milliseconds) outranks every old one, whose epochs
+    /// count rehomes or are older deletions' milliseconds.
+    fn new_home(&self, request: &WriteRequest, policy: &Policy, loaded: &Loaded) -> Home {
+        let region = self.placement(request, policy);
+        let epoch = loaded.deleted_before.map_or(0, |horizon| {
+            let old = loaded.state.as_ref().map_or(0, |s| s.home.epoch + 1);
+            horizon.millis().max(old)
+        });
+        Home { epoch, region }
+    }
+
     fn placement(&self, request: &WriteRequest, policy: &Policy) -> String {
         request
             .home_hint

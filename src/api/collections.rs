@@ -1,6 +1,7 @@
-//! Collection policies. A policy is a record of the system collection `_collections`, written
-//! through the ordinary write path, so it is versioned and replicated like data. A collection that
-//! was never configured still exists, with the default policy, once it holds a record.
+//! Collection policies, and deleting a collection. A policy is a record of the system collection
+//! `_collections`, written through the ordinary write path, so it is versioned and replicated like
+//! data. A collection that was never configured still exists, with the default policy, once it
+//! holds a record. Deleting one writes a replicated horizon ([`crate::deletion`]).
 
 use std::collections::BTreeMap;
 
@@ -14,7 +15,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Problem};
 use super::headers;
 use super::{CollectionPath, SharedState};
-use crate::record::policy::{Policy, POLICY_COLLECTION, SYSTEM_PREFIX};
+use crate::record::policy::{Policy, DELETION_COLLECTION, POLICY_COLLECTION, SYSTEM_PREFIX};
 use crate::resolve;
 use crate::service::{Precondition, Route, WriteOp, WriteOutcome, WriteRequest};
 
@@ -24,6 +25,16 @@ pub struct CollectionBody {
     /// Whether a policy was set; `false` means the defaults apply.
     pub configured: bool,
     pub policy: Policy,
+}
+
+/// What a deletion did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeletedBody {
+    pub collection: String,
+    /// The deletion's horizon (an HLC, as a decimal string): every version written at or before
+    /// it is gone in every region; writes after it survive. Each region purges the rows in the
+    /// background.
+    pub deleted_before: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -119,7 +130,7 @@ pub async fn show(
             policy,
         }));
     }
-    if s.region.store.collection_has_records(&name).await? {
+    if has_records(&s, &name, s.region.deletion_horizon(&name).await?).await? {
         return Ok(Json(CollectionBody {
             name,
             configured: false,
@@ -139,8 +150,18 @@ pub async fn list(
 ) -> Result<Json<CollectionList>, ApiError> {
     s.authorize_records(&request_headers)?;
     let mut by_name = BTreeMap::new();
+    let deleted: BTreeMap<String, crate::clock::hlc::Hlc> = s
+        .region
+        .store
+        .list_all(DELETION_COLLECTION)
+        .await?
+        .into_iter()
+        .filter_map(|(name, marker)| marker.max_hlc().map(|horizon| (name, horizon)))
+        .collect();
     for name in s.region.store.collections_with_records().await? {
-        if !name.starts_with(SYSTEM_PREFIX) {
+        let shown = !name.starts_with(SYSTEM_PREFIX)
+            && has_records(&s, &name, deleted.get(&name).copied()).await?;
+        if shown {
             by_name.insert(
                 name.clone(),
                 CollectionBody {
@@ -164,4 +185,45 @@ pub async fn list(
     Ok(Json(CollectionList {
         collections: by_name.into_values().collect(),
     }))
+}
+
+#[utoipa::path(
+    delete, path = "/v1/collections/{c}", tag = "collections",
+    params(("c" = String, Path, description = "collection")),
+    security(("admin" = [])),
+    responses(
+        (status = 202, description = "deleted: every record written up to the horizon is gone in every region, and the policy with them; the rows are purged in the background", body = DeletedBody),
+        (status = 400, description = "bad or reserved name", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "wrong admin token", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn delete(
+    State(s): State<SharedState>,
+    CollectionPath(name): CollectionPath,
+    request_headers: HeaderMap,
+) -> Result<(StatusCode, Json<DeletedBody>), ApiError> {
+    s.require_admin(&request_headers)?;
+    let horizon = s.region.delete_collection(&name).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(DeletedBody {
+            collection: name,
+            deleted_before: horizon.as_u64().to_string(),
+        }),
+    ))
+}
+
+/// Whether a reader would find records in `collection`: any row, or, once it was deleted, any
+/// row the deletion left (the purge may not have removed the others yet).
+async fn has_records(
+    s: &SharedState,
+    collection: &str,
+    deleted_before: Option<crate::clock::hlc::Hlc>,
+) -> Result<bool, ApiError> {
+    let store = &s.region.store;
+    Ok(match deleted_before {
+        None => store.collection_has_records(collection).await?,
+        Some(horizon) => store.has_records_after(collection, horizon).await?,
+    })
 }

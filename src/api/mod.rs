@@ -226,7 +226,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/collections", get(collections::list))
         .route(
             "/v1/collections/{c}",
-            get(collections::show).put(collections::configure),
+            get(collections::show)
+                .put(collections::configure)
+                .delete(collections::delete),
         )
         .route("/v1/collections/{c}/records", get(records::list))
         .route(

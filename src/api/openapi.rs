@@ -24,7 +24,7 @@ impl Modify for BearerSchemes {
     info(title = "locus", description = "A multi-leader geo-replicated JSON record store: the REST API of one region."),
     paths(
         records::get, records::put, records::delete, records::list, records::rehome,
-        collections::configure, collections::show, collections::list,
+        collections::configure, collections::show, collections::list, collections::delete,
         resolvers::upload, resolvers::list, resolvers::show, resolvers::remove, resolvers::dry_run,
         conflicts::list, dead_letters::list, dead_letters::retry, dead_letters::discard, regions::list, repair::repair_now,
         repair::actor_seen, repair::collections, repair::modules, repair::module, repair::digests, repair::hashes, repair::states,

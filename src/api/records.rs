@@ -490,6 +490,7 @@ pub async fn list(
         .await?
         .unwrap_or_default()
         .strategy();
+    let deleted_before = s.region.deletion_horizon(&collection).await?;
     let upper = prefix_upper_bound(&prefix);
 
     let mut records = Vec::with_capacity(limit);
@@ -508,7 +509,13 @@ pub async fn list(
             )
             .await?;
         let exhausted = (rows.len() as i64) < batch;
-        for (key, state, resolution) in rows {
+        for (key, stored, resolution) in rows {
+            // What a deletion of the collection removed is not listed, purged or not yet.
+            let state = match deleted_before {
+                Some(horizon) => stored.after_horizon(horizon),
+                None => stored.clone(),
+            };
+            let resolution = resolution.filter(|_| state == stored);
             if let Some(json) = view_json(&collection, &key, &state, resolution.as_ref(), &strategy)
             {
                 if records.len() == limit {

@@ -89,7 +89,13 @@ impl VersionVector {
 
     /// Bump `actor`'s counter by one: what a write does after joining everything it supersedes.
     pub fn increment(&mut self, actor: &Actor) {
-        *self.0.entry(actor.as_str().to_owned()).or_insert(0) += 1;
+        self.increment_to_at_least(actor, 0);
+    }
+
+    /// Increment `actor`'s entry, raising it to `floor` if it is still below.
+    pub fn increment_to_at_least(&mut self, actor: &Actor, floor: u64) {
+        let entry = self.0.entry(actor.as_str().to_owned()).or_insert(0);
+        *entry = (*entry + 1).max(floor);
     }
 
     /// The least upper bound: the entry-wise maximum.

@@ -158,6 +158,23 @@ impl RecordState {
         }
     }
 
+    /// The state without the versions that deleting its collection at `horizon` removed: those
+    /// stamped at or below it. A write is stamped above every version it supersedes, so a version
+    /// that dominates another has the greater HLC; dropping therefore commutes with the merge, and
+    /// a region that drops before a late version arrives ends where one that drops after does
+    /// (property-tested below).
+    pub fn after_horizon(&self, horizon: Hlc) -> RecordState {
+        RecordState {
+            home: self.home.clone(),
+            versions: self
+                .versions
+                .iter()
+                .filter(|v| v.hlc > horizon)
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// What a local write needs to know of this state.
     pub fn summary(&self) -> Summary {
         Summary {
@@ -217,9 +234,25 @@ impl Summary {
     /// held version plus one for the writer, so it supersedes everything this region holds. The
     /// caller stamps `hlc` above [`Summary::max_hlc`].
     pub fn write(&self, actor: &Actor, hlc: Hlc, value: Option<Value>) -> RecordState {
+        self.write_above(actor, hlc, value, 0)
+    }
+
+    /// [`Summary::write`] with the writer's entry raised to at least `counter_floor`. A record
+    /// created anew in a deleted collection may still be held, under its old versions, by a
+    /// region that has not applied the deletion yet; there the new version must not look
+    /// superseded by them. The writer's entry in an old version is at most the number of writes
+    /// its region ever made (each queued one outbox row), so a floor above the outbox sequence
+    /// guarantees it.
+    pub fn write_above(
+        &self,
+        actor: &Actor,
+        hlc: Hlc,
+        value: Option<Value>,
+        counter_floor: u64,
+    ) -> RecordState {
         debug_assert!(self.max_hlc.is_none_or(|max| hlc > max));
         let mut vector = self.context.clone();
-        vector.increment(actor);
+        vector.increment_to_at_least(actor, counter_floor);
         let version = Version {
             deleted: value.is_none(),
             value: value.unwrap_or(Value::Null),
@@ -276,6 +309,40 @@ pub(crate) mod tests {
 
     fn arb_versions() -> impl Strategy<Value = Vec<Version>> {
         proptest::collection::vec(arb_vector().prop_map(version_for), 0..8)
+    }
+
+    /// Versions as the write path makes them: each write, at one of three regions, supersedes what
+    /// its region has seen (its own earlier writes and some of the others') and is stamped above
+    /// all of it, so causality and HLC order agree. Concurrent versions may tie on the HLC.
+    fn arb_causal_history() -> impl Strategy<Value = Vec<Version>> {
+        let step = (
+            0usize..3,
+            proptest::collection::vec(any::<bool>(), 8),
+            0u64..3,
+        );
+        proptest::collection::vec(step, 1..9).prop_map(|steps| {
+            let regions = ["eu", "us", "ap"];
+            let mut history: Vec<Version> = Vec::new();
+            for (i, (writer, seen, gap)) in steps.into_iter().enumerate() {
+                let mut vector = VersionVector::new();
+                let mut above = 0;
+                for (j, earlier) in history.iter().enumerate() {
+                    if earlier.region == regions[writer] || seen[j % seen.len()] {
+                        vector.join(&earlier.vector);
+                        above = above.max(earlier.hlc.as_u64());
+                    }
+                }
+                vector.increment(&Actor::new(regions[writer], "a"));
+                history.push(Version {
+                    value: serde_json::json!(i),
+                    deleted: i % 4 == 3,
+                    region: regions[writer].to_owned(),
+                    hlc: Hlc::from_u64(above + 1 + gap),
+                    vector,
+                });
+            }
+            history
+        })
     }
 
     fn state_of(home: Home, versions: &[Version]) -> RecordState {
@@ -427,6 +494,40 @@ pub(crate) mod tests {
             }
             prop_assert_eq!(summary.exists, !versions.is_empty());
             prop_assert_eq!(summary.context, state.causal_context());
+        }
+
+        /// A deletion at any horizon gives the same state whether it drops from the merged state
+        /// or from each version as it arrives, in any order.
+        #[test]
+        fn dropping_up_to_a_horizon_commutes_with_the_merge(
+            history in arb_causal_history(), horizon in 0u64..24, seed: u64,
+        ) {
+            let horizon = Hlc::from_u64(horizon);
+            let merged_then_dropped = state_of(Home::new("eu"), &history).after_horizon(horizon);
+            let mut arrivals = history.clone();
+            let len = arrivals.len();
+            for i in (1..len).rev() {
+                arrivals.swap(i, (seed.wrapping_mul(i as u64 + 7) % (i as u64 + 1)) as usize);
+            }
+            let kept: Vec<Version> = arrivals.into_iter().filter(|v| v.hlc > horizon).collect();
+            prop_assert_eq!(merged_then_dropped, state_of(Home::new("eu"), &kept));
+        }
+
+        /// A region that still holds a deleted collection's old versions keeps a new write made
+        /// above the counter floor: it never takes it for superseded, and once it drops the old
+        /// versions it holds exactly the new one.
+        #[test]
+        fn a_write_above_the_counter_floor_survives_old_versions(history in arb_causal_history()) {
+            let outbox_sequence = history.len() as u64; // at least every region's own writes
+            let old = state_of(Home::new("eu"), &history);
+            let horizon = old.max_hlc().unwrap();
+            let fresh = Summary::absent(Home::new("eu")).write_above(
+                &Actor::new("eu", "a"), Hlc::from_u64(horizon.as_u64() + 1), Some(serde_json::json!("new")),
+                outbox_sequence + 1,
+            );
+            let mut lagging = old.clone();
+            prop_assert_ne!(lagging.merge_version(fresh.versions[0].clone()), MergeOutcome::AlreadyCovered);
+            prop_assert_eq!(lagging.after_horizon(horizon), fresh);
         }
 
         #[test]

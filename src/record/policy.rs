@@ -12,6 +12,11 @@ use utoipa::ToSchema;
 /// The system collection that holds one record per configured collection.
 pub const POLICY_COLLECTION: &str = "_collections";
 
+/// The system collection that holds one record per deleted collection: the greatest HLC among its
+/// versions is the deletion's horizon (every version of the collection stamped at or below it is
+/// gone). Never deleted itself, so a horizon only rises.
+pub const DELETION_COLLECTION: &str = "_deletions";
+
 /// Collection names starting with this are reserved for the system.
 pub const SYSTEM_PREFIX: char = '_';
 

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::event::{Change, DecodeError, Event, MessageId, ModuleChunk};
 use crate::clock::hlc::{wall_clock_ms, Observation};
-use crate::record::policy::{Strategy, POLICY_COLLECTION};
+use crate::record::policy::{Strategy, DELETION_COLLECTION, POLICY_COLLECTION};
 use crate::record::resolution::{Outcome, Resolution};
 use crate::record::view::{materialized_view, View};
 use crate::record::{MergeOutcome, RecordState};
@@ -424,17 +424,29 @@ pub async fn apply_batch(
     while !todo.is_empty() {
         let mut merged = Vec::with_capacity(todo.len());
         for key in todo {
-            let batch = &by_key[key];
             let current = &loaded[key];
-            let mut state = current
-                .state
-                .clone()
-                .unwrap_or_else(|| RecordState::new(batch[0].home.clone()));
+            // Versions a deletion of the collection removed are left out, held or arriving: the
+            // same set then remains in every region, whatever it applied first.
+            let batch: Vec<&Event> = by_key[key]
+                .iter()
+                .copied()
+                .filter(|e| current.deleted_before.is_none_or(|h| e.version.hlc > h))
+                .collect();
+            let visible = current.visible_state();
+            if batch.is_empty() && visible == current.state {
+                continue;
+            }
+            let mut state = match (visible, batch.first()) {
+                (Some(state), _) => state,
+                (None, Some(first)) => RecordState::new(first.home.clone()),
+                // Everything here was deleted and nothing new arrived: the purge removes the row.
+                (None, None) => continue,
+            };
             // Each merge that kept concurrent versions is a conflict, logged with the versions
             // it found, even if a later event of the same batch supersedes them.
             let mut detected = Vec::new();
             let mut diverged = Vec::new();
-            for event in batch {
+            for event in &batch {
                 state.merge_home(&event.home);
                 match state.merge_version(event.version.clone()) {
                     MergeOutcome::Conflict => detected.push(state.clone()),
@@ -555,6 +567,9 @@ pub async fn apply_batch(
         }
         if collection == RESOLVER_COLLECTION {
             region.resolvers.forget_binding(key);
+        }
+        if collection == DELETION_COLLECTION {
+            region.deletion_applied(key);
         }
         resolution_inputs_changed |=
             collection == POLICY_COLLECTION || collection == RESOLVER_COLLECTION;

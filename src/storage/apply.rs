@@ -11,7 +11,7 @@ use super::records::{decode_resolution, Loaded};
 use super::{StorageError, Store};
 use crate::clock::ranges::RangeSet;
 use crate::record::digest::{bucket_of, state_hash};
-use crate::record::policy::POLICY_COLLECTION;
+use crate::record::policy::{DELETION_COLLECTION, POLICY_COLLECTION};
 use crate::record::resolution::Resolution;
 use crate::record::RecordState;
 
@@ -162,7 +162,7 @@ impl ApplyTx {
     }
 
     /// Lock and load `keys` (sorted, so every batch locks in the same order), with each
-    /// collection's policy record. Absent records have no row to lock: their creation serializes
+    /// collection's policy record and deletion horizon. Absent records have no row to lock: their creation serializes
     /// on the primary key in [`ApplyTx::store`].
     pub async fn lock(
         &mut self,
@@ -191,16 +191,24 @@ impl ApplyTx {
         let mut distinct: Vec<&str> = collections.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        let policy_rows =
-            sqlx::query("SELECT key, state FROM records WHERE collection = $1 AND key = ANY($2)")
-                .bind(POLICY_COLLECTION)
-                .bind(&distinct)
-                .fetch_all(&mut *self.tx)
-                .await?;
+        let system_rows = sqlx::query(
+            "SELECT collection, key, state FROM records
+              WHERE collection = ANY($1) AND key = ANY($2)",
+        )
+        .bind([POLICY_COLLECTION, DELETION_COLLECTION])
+        .bind(&distinct)
+        .fetch_all(&mut *self.tx)
+        .await?;
         let mut policies = BTreeMap::new();
-        for row in policy_rows {
+        let mut deletions = BTreeMap::new();
+        for row in system_rows {
             let Json(state): Json<RecordState> = row.try_get("state")?;
-            policies.insert(row.try_get::<String, _>("key")?, state);
+            let key: String = row.try_get("key")?;
+            if row.try_get::<String, _>("collection")? == POLICY_COLLECTION {
+                policies.insert(key, state);
+            } else {
+                deletions.insert(key, state);
+            }
         }
         Ok(keys
             .iter()
@@ -214,6 +222,9 @@ impl ApplyTx {
                     rev,
                     policy: policies.get(&key.0).cloned(),
                     resolution,
+                    deleted_before: super::records::deletion_horizon(
+                        deletions.get(&key.0).cloned(),
+                    ),
                 };
                 (key.clone(), loaded)
             })

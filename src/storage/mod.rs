@@ -14,6 +14,7 @@
 
 pub mod apply;
 pub mod dead_letters;
+pub mod deletions;
 pub mod outbox;
 pub mod records;
 pub mod repair;

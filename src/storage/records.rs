@@ -5,8 +5,9 @@ use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Row};
 
 use super::StorageError;
+use crate::clock::hlc::Hlc;
 use crate::record::digest::{bucket_of, state_hash};
-use crate::record::policy::POLICY_COLLECTION;
+use crate::record::policy::{DELETION_COLLECTION, POLICY_COLLECTION};
 use crate::record::resolution::Resolution;
 use crate::record::RecordState;
 
@@ -19,6 +20,27 @@ pub struct Loaded {
     pub policy: Option<RecordState>,
     /// The resolver's materialised view of the record's concurrent versions, if any.
     pub resolution: Option<Resolution>,
+    /// The horizon of the collection's deletion, if it was ever deleted: versions stamped at or
+    /// below it are gone, whether or not the purge has removed them from this row yet.
+    pub deleted_before: Option<Hlc>,
+}
+
+impl Loaded {
+    /// The record as readers and writers see it: without what a deletion of its collection
+    /// removed, and `None` when nothing is left.
+    pub fn visible_state(&self) -> Option<RecordState> {
+        let state = self.state.as_ref()?;
+        let state = match self.deleted_before {
+            Some(horizon) => state.after_horizon(horizon),
+            None => state.clone(),
+        };
+        (!state.versions.is_empty()).then_some(state)
+    }
+}
+
+/// A deletion marker's horizon: the greatest HLC among its versions.
+pub(super) fn deletion_horizon(marker: Option<RecordState>) -> Option<Hlc> {
+    marker.and_then(|state| state.max_hlc())
 }
 
 #[derive(Debug, Clone)]
@@ -210,14 +232,16 @@ async fn load<'e>(
     key: &str,
 ) -> Result<Loaded, StorageError> {
     let row = sqlx::query(
-        "SELECT r.rev, r.state, r.resolution, p.state AS policy
+        "SELECT r.rev, r.state, r.resolution, p.state AS policy, d.state AS deletion
            FROM (SELECT 1) AS one
            LEFT JOIN records r ON r.collection = $1 AND r.key = $2
-           LEFT JOIN records p ON p.collection = $3 AND p.key = $1",
+           LEFT JOIN records p ON p.collection = $3 AND p.key = $1
+           LEFT JOIN records d ON d.collection = $4 AND d.key = $1",
     )
     .bind(collection)
     .bind(key)
     .bind(POLICY_COLLECTION)
+    .bind(DELETION_COLLECTION)
     .fetch_one(executor)
     .await?;
     Ok(Loaded {
@@ -225,6 +249,7 @@ async fn load<'e>(
         state: decode_state(row.try_get("state").map_err(corrupt)?),
         policy: decode_state(row.try_get("policy").map_err(corrupt)?),
         resolution: decode_resolution(row.try_get("resolution")?),
+        deleted_before: deletion_horizon(decode_state(row.try_get("deletion").map_err(corrupt)?)),
     })
 }
 
