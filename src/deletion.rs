@@ -92,20 +92,28 @@ pub async fn purge(
         }
     }
     let mut rewritten = 0;
-    for (key, rev, state) in region
-        .store
-        .straddling(collection, horizon, PURGE_BATCH)
-        .await?
-    {
-        // A writer or an apply that changed the row since wrote what it saw, which already left
-        // the removed versions out.
-        if region
+    loop {
+        let rows = region
             .store
-            .replace_state(collection, &key, rev, &state.after_horizon(horizon))
-            .await?
-        {
-            region.forget_cached(collection, &key);
-            rewritten += 1;
+            .straddling(collection, horizon, PURGE_BATCH)
+            .await?;
+        let full = rows.len() as i64 == PURGE_BATCH;
+        let mut progress = false;
+        for (key, rev, state) in rows {
+            // A writer or an apply that changed the row since wrote what it saw, which already
+            // left the removed versions out.
+            if region
+                .store
+                .replace_state(collection, &key, rev, &state.after_horizon(horizon))
+                .await?
+            {
+                region.forget_cached(collection, &key);
+                rewritten += 1;
+                progress = true;
+            }
+        }
+        if !full || !progress {
+            break;
         }
     }
     if rewritten > 0 {
