@@ -239,6 +239,9 @@ pub struct Region {
     pub repair_wanted: Notify,
     /// Wakes the purge worker: a collection was deleted ([`crate::deletion`]).
     pub purge_wanted: Notify,
+    /// After a restore: the peers a repair round has yet to complete against before this region
+    /// is ready ([`crate::replication::incarnation`]).
+    catching_up: Mutex<std::collections::BTreeSet<String>>,
     /// The largest event the transport carries: NATS's `max_payload`, learnt at connect.
     max_event_bytes: std::sync::atomic::AtomicUsize,
     pub replication: ReplicationStatus,
@@ -264,6 +267,7 @@ impl Region {
             outbox_signal: Notify::new(),
             repair_wanted: Notify::new(),
             purge_wanted: Notify::new(),
+            catching_up: Mutex::new(std::collections::BTreeSet::new()),
             max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
             replication: ReplicationStatus::new(&registry),
             resolvers,
@@ -411,6 +415,23 @@ impl Region {
         self.deletion_applied(collection);
         tracing::info!(%collection, %horizon, "collection deleted; its rows are purged in the background");
         Ok(horizon)
+    }
+
+    /// The database was restored: not ready until a repair round against every peer completes.
+    pub fn catch_up_from_every_peer(&self) {
+        let mut pending = self.catching_up.lock().expect("catch-up lock");
+        pending.extend(self.config.peers.iter().map(|p| p.id.clone()));
+    }
+
+    /// A repair round against `peer` ran to its end.
+    pub fn caught_up_with(&self, peer: &str) {
+        self.catching_up.lock().expect("catch-up lock").remove(peer);
+    }
+
+    /// The peers a restored region still has to repair from before it is ready.
+    pub fn catching_up(&self) -> Vec<String> {
+        let pending = self.catching_up.lock().expect("catch-up lock");
+        pending.iter().cloned().collect()
     }
 
     /// A deletion of `collection` was written or applied here: writes must read their records

@@ -475,6 +475,19 @@ async fn a_region_restored_from_an_earlier_dump_loses_nothing_and_reuses_no_vers
         .metrics("eu")
         .await
         .contains("locus_incarnation_rotations_total 1"));
+    // Ready only once a repair round against every peer has completed: by then everything the
+    // rewind took is back, with no waiting.
+    eventually(30, "the restored eu becomes ready", || async {
+        c.get_status("eu", "/readyz").await == StatusCode::OK
+    })
+    .await;
+    for key in keys("late") {
+        assert_eq!(
+            phase_at(&c, "eu", &key).await,
+            "after",
+            "{key} is back before eu says it is ready"
+        );
+    }
 
     // Writes on the restored database: under the old incarnation they would reuse the vectors of
     // the "after" writes us holds, and the two regions would keep different values for good.

@@ -28,7 +28,7 @@ pub async fn healthz(State(s): State<SharedState>) -> Json<Value> {
     get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "PostgreSQL answers and every worker runs"),
-        (status = 503, description = "PostgreSQL is unreachable, a worker is down (named in the detail), or the region is still settling its incarnation at start", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable, a worker is down (named in the detail), the region is still settling its incarnation at start, or its database was restored and a repair round against some peer (named) has not completed yet", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn readyz(State(s): State<SharedState>) -> Result<Json<Value>, ApiError> {
@@ -36,6 +36,13 @@ pub async fn readyz(State(s): State<SharedState>) -> Result<Json<Value>, ApiErro
         return Err(ApiError::NotReady(
             "checking with the peers whether this region's database was restored".into(),
         ));
+    }
+    let catching_up = s.region.catching_up();
+    if !catching_up.is_empty() {
+        return Err(ApiError::NotReady(format!(
+            "the database was restored from a backup; repairing from {} before serving",
+            catching_up.join(", ")
+        )));
     }
     let down = s.region.supervisor.down_now();
     if !down.is_empty() {

@@ -8,7 +8,10 @@
 //! for its actor's entry and compares it with its own outbox sequence. If a peer holds more, the
 //! database was rewound; if no peer answers, nothing vouches for it. Either way the region rotates
 //! its incarnation: a new actor costs one vector entry, a reused one costs divergence. What the
-//! rewind lost, the peers still hold, and a repair round against each brings it back.
+//! rewind lost, the peers still hold, and a repair round against each brings it back. After a
+//! proven rewind, `/readyz` answers 503 until a round against every peer has completed, so a load
+//! balancer sends no reader to a region that lacks writes it once acknowledged. Silence alone
+//! proves nothing (the peers may simply be down), so it rotates without holding readiness.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +36,12 @@ pub enum PeerAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Keep,
-    Rotate { why: String },
+    /// `rewound`: a peer proved the database was restored or rewound (it applied more than the
+    /// database issued), rather than nobody answering.
+    Rotate {
+        why: String,
+        rewound: bool,
+    },
 }
 
 /// The rule, apart from I/O: rotate when a peer applied more than this database ever issued, or
@@ -47,6 +55,7 @@ pub fn verdict(outbox_sequence: i64, answers: &[(String, PeerAnswer)]) -> Verdic
             why: format!(
                 "{peer} applied outbox id {id} of this incarnation, but this database issued only {outbox_sequence}: it was restored or rewound"
             ),
+            rewound: true,
         };
     }
     let nobody_answered = answers
@@ -55,6 +64,7 @@ pub fn verdict(outbox_sequence: i64, answers: &[(String, PeerAnswer)]) -> Verdic
     if !answers.is_empty() && nobody_answered {
         return Verdict::Rotate {
             why: "no peer answered, so nothing vouches that this database was not restored".into(),
+            rewound: false,
         };
     }
     Verdict::Keep
@@ -110,10 +120,13 @@ async fn settle(region: &Region) -> Result<Actor, RepairError> {
             tracing::info!(region = region.id(), incarnation = %stored, outbox_sequence, "incarnation kept");
             Ok(actor)
         }
-        Verdict::Rotate { why } => {
+        Verdict::Rotate { why, rewound } => {
             let incarnation = region.store.rotate_incarnation(stored).await?;
             tracing::warn!(region = region.id(), old = %stored, new = %incarnation, %why, "incarnation rotated; repairing from every peer");
             region.replication.incarnation_rotated();
+            if rewound {
+                region.catch_up_from_every_peer();
+            }
             region.repair_wanted.notify_one();
             Ok(Actor::new(region.id(), &incarnation))
         }
@@ -137,7 +150,10 @@ mod tests {
             ("ap", PeerAnswer::Applied(Some(12))),
         ]);
         assert_eq!(verdict(12, &said), Verdict::Keep);
-        assert!(matches!(verdict(11, &said), Verdict::Rotate { .. }));
+        assert!(matches!(
+            verdict(11, &said),
+            Verdict::Rotate { rewound: true, .. }
+        ));
     }
 
     #[test]
@@ -151,7 +167,10 @@ mod tests {
             ("us", PeerAnswer::Unreachable),
             ("ap", PeerAnswer::Unreachable),
         ]);
-        assert!(matches!(verdict(50, &none), Verdict::Rotate { .. }));
+        assert!(matches!(
+            verdict(50, &none),
+            Verdict::Rotate { rewound: false, .. }
+        ));
         // A region without peers has nobody to reissue counters to.
         assert_eq!(verdict(0, &[]), Verdict::Keep);
     }

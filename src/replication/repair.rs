@@ -337,6 +337,7 @@ pub async fn round(region: &Region, peer: &str) -> Result<RepairReport, RepairEr
             tracing::info!(region = region.id(), %peer, buckets_differing = report.buckets_differing,
                 records_repaired = report.records_repaired, seconds = report.seconds, "repair round complete");
             region.replication.repair_finished(peer, &report);
+            region.caught_up_with(peer);
         }
         Err(error) => {
             tracing::warn!(region = region.id(), %peer, %error, "repair round failed");
