@@ -63,6 +63,7 @@ async fn pass(region: &Region, settled: &mut BTreeMap<String, Hlc>) -> Result<()
             continue;
         }
         let (deleted, rewritten) = purge(region, &collection, horizon).await?;
+        region.replication.purged(deleted + rewritten);
         if deleted + rewritten > 0 {
             tracing::info!(%collection, %horizon, deleted, rewritten, "purged what the collection's deletion removed");
         }

@@ -254,5 +254,16 @@ async fn deleting_a_collection_removes_what_was_written_before_it_everywhere_and
         })
         .await;
     }
+    // Each region counted what its purge removed: at least the 30 first records, less any the
+    // deletion left (k00 was written again).
+    for id in ids {
+        let metrics = c.metrics(id).await;
+        let purged: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("locus_deleted_rows_purged_total "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(purged >= 29, "{id} purged {purged}");
+    }
     c.teardown().await;
 }

@@ -46,6 +46,9 @@ pub struct RegionsBody {
     pub incarnation: Option<String>,
     /// Dead letters held here for an operator (`/v1/dead-letters`).
     pub dead_letters: i64,
+    /// After a restore: the peers a repair round has yet to complete against before this region
+    /// reports ready; empty otherwise.
+    pub catching_up_from: Vec<String>,
     pub regions: Vec<RegionEntry>,
 }
 
@@ -106,6 +109,7 @@ pub async fn list(
             .settled_actor()
             .map(|actor| actor.incarnation().to_owned()),
         dead_letters,
+        catching_up_from: region.catching_up(),
         regions,
     }))
 }

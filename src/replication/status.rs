@@ -72,6 +72,7 @@ struct Metrics {
     gaps: IntCounterVec,
     integrity: IntCounter,
     incarnation_rotations: IntCounter,
+    purged_rows: IntCounter,
     nats_version: IntGaugeVec,
     dead_letters: IntCounterVec,
     repair_rounds: IntCounterVec,
@@ -173,6 +174,14 @@ impl ReplicationStatus {
                 IntCounter::new(
                     "locus_integrity_violations_total",
                     "Two different versions found under one version vector",
+                )
+                .unwrap(),
+            ),
+            purged_rows: register(
+                registry,
+                IntCounter::new(
+                    "locus_deleted_rows_purged_total",
+                    "Rows of deleted collections removed or rewritten by the purge worker",
                 )
                 .unwrap(),
             ),
@@ -365,6 +374,10 @@ impl ReplicationStatus {
 
     pub fn integrity_violation(&self) {
         self.metrics.integrity.inc();
+    }
+
+    pub fn purged(&self, rows: u64) {
+        self.metrics.purged_rows.inc_by(rows);
     }
 
     pub fn incarnation_rotated(&self) {
