@@ -7,6 +7,7 @@
 //! computed by the pure [`RecordState::write`]; storage commits it only if nobody wrote in between,
 //! else the write starts over from a fresh read.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -361,9 +362,7 @@ impl Region {
     ) -> Result<(Option<RecordState>, Option<Resolution>, Policy), ServiceError> {
         let loaded = self.store.load(collection, key).await?;
         let policy = self.policy_of(collection, loaded.policy.as_ref());
-        let state = loaded.visible_state();
-        // A resolution made of versions a deletion removed describes nothing any more.
-        let resolution = loaded.resolution.filter(|_| state == loaded.state);
+        let (state, resolution) = loaded.into_visible();
         Ok((state, resolution, policy))
     }
 
@@ -540,10 +539,9 @@ impl Region {
                     limit,
                 });
             }
-            let actor = actor.to_string();
             let event = OutboxEvent {
                 bytes: &event,
-                actor: &actor,
+                actor: actor.as_str(),
             };
             let saved = match lock {
                 Some(locked) => locked.save(collection, key, &state, &event).await?,
@@ -656,7 +654,7 @@ impl Region {
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let locked = self.store.lock(collection, key).await?;
             let policy = self.policy_of(collection, locked.loaded.policy.as_ref());
-            let Some(mut state) = locked.loaded.visible_state() else {
+            let Some(mut state) = locked.loaded.visible_state().map(Cow::into_owned) else {
                 return Err(ServiceError::NotFound);
             };
             // A rehome is never a failover write: only the home may move the home.
@@ -692,10 +690,10 @@ impl Region {
                     .clone();
                 let event =
                     Event::new(self.id(), collection, key, state.home.clone(), carried).encode();
-                let actor = self.actor().await?.to_string();
+                let actor = self.actor().await?;
                 let event = OutboxEvent {
                     bytes: &event,
-                    actor: &actor,
+                    actor: actor.as_str(),
                 };
                 if !locked.save(collection, key, &state, &event).await? {
                     continue;

@@ -26,6 +26,7 @@ use crate::record::names::{self, prefix_upper_bound};
 use crate::record::policy::{OnHomeUnreachable, Strategy};
 use crate::record::resolution::Resolution;
 use crate::record::view::{materialized_view, View};
+use crate::record::visible_record;
 use crate::record::{RecordState, Version};
 use crate::service::{Route, WriteOp, WriteOutcome, WriteRequest, Written};
 
@@ -511,13 +512,11 @@ pub async fn list(
         let exhausted = (rows.len() as i64) < batch;
         for (key, stored, resolution) in rows {
             // What a deletion of the collection removed is not listed, purged or not yet.
-            let state = match deleted_before {
-                Some(horizon) => stored.after_horizon(horizon),
-                None => stored.clone(),
-            };
-            let resolution = resolution.filter(|_| state == stored);
-            if let Some(json) = view_json(&collection, &key, &state, resolution.as_ref(), &strategy)
-            {
+            let (state, resolution) = visible_record(stored, resolution, deleted_before);
+            let json = state.as_ref().and_then(|state| {
+                view_json(&collection, &key, state, resolution.as_ref(), &strategy)
+            });
+            if let Some(json) = json {
                 if records.len() == limit {
                     // Another live record follows: this page ends at the last key examined.
                     break 'scan after

@@ -18,8 +18,12 @@ pub mod resolution;
 pub mod value;
 pub mod view;
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use self::resolution::Resolution;
 
 use crate::clock::hlc::Hlc;
 use crate::clock::version::{Actor, Causality, VersionVector};
@@ -175,6 +179,19 @@ impl RecordState {
         }
     }
 
+    /// What a deletion of the collection at `deleted_before` leaves of this state: the state
+    /// itself, borrowed, when the deletion removed none of its versions (the common case costs no
+    /// copy); `None` when it removed them all.
+    pub fn visible(&self, deleted_before: Option<Hlc>) -> Option<Cow<'_, RecordState>> {
+        match deleted_before {
+            Some(horizon) if self.versions.iter().any(|v| v.hlc <= horizon) => {
+                let kept = self.after_horizon(horizon);
+                (!kept.versions.is_empty()).then_some(Cow::Owned(kept))
+            }
+            _ => Some(Cow::Borrowed(self)),
+        }
+    }
+
     /// What a local write needs to know of this state.
     pub fn summary(&self) -> Summary {
         Summary {
@@ -192,6 +209,25 @@ impl RecordState {
     pub fn write(&mut self, actor: &Actor, hlc: Hlc, value: Option<Value>) -> Version {
         *self = self.summary().write(actor, hlc, value);
         self.versions[0].clone()
+    }
+}
+
+/// A stored record and its materialised resolution as readers see them after a deletion of its
+/// collection at `deleted_before` (see [`RecordState::visible`]). A resolution made of versions the
+/// deletion removed describes nothing any more, so it goes with them.
+pub fn visible_record(
+    state: RecordState,
+    resolution: Option<Resolution>,
+    deleted_before: Option<Hlc>,
+) -> (Option<RecordState>, Option<Resolution>) {
+    let trimmed = match state.visible(deleted_before) {
+        None => return (None, None),
+        Some(Cow::Owned(kept)) => Some(kept),
+        Some(Cow::Borrowed(_)) => None,
+    };
+    match trimmed {
+        Some(kept) => (Some(kept), None),
+        None => (Some(state), resolution),
     }
 }
 
@@ -361,6 +397,50 @@ pub(crate) mod tests {
                 .skip(i + 1)
                 .all(|b| a.vector.compare(&b.vector) == Causality::Concurrent)
         })
+    }
+
+    #[test]
+    fn a_deletion_leaves_later_versions_and_drops_a_resolution_it_made_stale() {
+        let at = |actor: &str, hlc: u64| {
+            let mut v = version_for(VersionVector::from([(actor, 1)]));
+            v.hlc = Hlc::from_u64(hlc);
+            v
+        };
+        let state = state_of(Home::new("eu"), &[at("eu.a", 5), at("us.b", 9)]);
+        let resolution = Resolution {
+            resolver: "r".into(),
+            sha256: String::new(),
+            outcome: None,
+            error: None,
+            retry: false,
+        };
+        // Untouched: borrowed, resolution kept.
+        assert!(matches!(state.visible(None), Some(Cow::Borrowed(_))));
+        assert!(matches!(
+            state.visible(Some(Hlc::from_u64(4))),
+            Some(Cow::Borrowed(_))
+        ));
+        let (kept, kept_resolution) = visible_record(
+            state.clone(),
+            Some(resolution.clone()),
+            Some(Hlc::from_u64(4)),
+        );
+        assert_eq!(kept.as_ref(), Some(&state));
+        assert_eq!(kept_resolution, Some(resolution.clone()));
+        // Trimmed: the later version alone, and no resolution made of the removed one.
+        let (trimmed, dropped) = visible_record(
+            state.clone(),
+            Some(resolution.clone()),
+            Some(Hlc::from_u64(5)),
+        );
+        assert_eq!(trimmed.unwrap().versions, vec![state.versions[1].clone()]);
+        assert_eq!(dropped, None);
+        // All removed.
+        assert!(state.visible(Some(Hlc::from_u64(9))).is_none());
+        assert_eq!(
+            visible_record(state, Some(resolution), Some(Hlc::from_u64(9))),
+            (None, None)
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! letter and its record left to repair; an event of a newer wire version pauses the consumer
 //! ("needs upgrade") without acknowledging it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -427,17 +428,22 @@ pub async fn apply_batch(
             let current = &loaded[key];
             // Versions a deletion of the collection removed are left out, held or arriving: the
             // same set then remains in every region, whatever it applied first.
-            let batch: Vec<&Event> = by_key[key]
-                .iter()
-                .copied()
-                .filter(|e| current.deleted_before.is_none_or(|h| e.version.hlc > h))
-                .collect();
-            let visible = current.visible_state();
-            if batch.is_empty() && visible == current.state {
-                continue;
-            }
-            let mut state = match (visible, batch.first()) {
-                (Some(state), _) => state,
+            let kept: Vec<&Event>;
+            let batch: &[&Event] = match current.deleted_before {
+                None => &by_key[key],
+                Some(horizon) => {
+                    kept = by_key[key]
+                        .iter()
+                        .copied()
+                        .filter(|e| e.version.hlc > horizon)
+                        .collect();
+                    &kept
+                }
+            };
+            let mut state = match (current.visible_state(), batch.first()) {
+                // Only removed versions arrived, and the row holds none: nothing to do.
+                (Some(Cow::Borrowed(_)), None) => continue,
+                (Some(state), _) => state.into_owned(),
                 (None, Some(first)) => RecordState::new(first.home.clone()),
                 // Everything here was deleted and nothing new arrived: the purge removes the row.
                 (None, None) => continue,
@@ -446,7 +452,7 @@ pub async fn apply_batch(
             // it found, even if a later event of the same batch supersedes them.
             let mut detected = Vec::new();
             let mut diverged = Vec::new();
-            for event in &batch {
+            for event in batch {
                 state.merge_home(&event.home);
                 match state.merge_version(event.version.clone()) {
                     MergeOutcome::Conflict => detected.push(state.clone()),

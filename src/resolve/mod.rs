@@ -390,10 +390,10 @@ pub async fn upload(region: &Region, name: &str, body: Vec<u8>) -> Result<Upload
         .iter()
         .map(ModuleChunk::encode)
         .collect();
-    let actor = region.actor().await?.to_string();
+    let actor = region.actor().await?;
     if region
         .store
-        .insert_module(&sha256, &bytes, &chunks, &actor)
+        .insert_module(&sha256, &bytes, &chunks, actor.as_str())
         .await?
     {
         region.outbox_signal.notify_one();

@@ -5,11 +5,14 @@ use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Row};
 
 use super::StorageError;
+
+use std::borrow::Cow;
+
 use crate::clock::hlc::Hlc;
 use crate::record::digest::{bucket_of, state_hash};
 use crate::record::policy::{DELETION_COLLECTION, POLICY_COLLECTION};
 use crate::record::resolution::Resolution;
-use crate::record::RecordState;
+use crate::record::{visible_record, RecordState};
 
 /// The stored state of a record, the revision it was read at, and its collection's policy record.
 #[derive(Debug, Clone)]
@@ -26,15 +29,18 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// The record as readers and writers see it: without what a deletion of its collection
-    /// removed, and `None` when nothing is left.
-    pub fn visible_state(&self) -> Option<RecordState> {
-        let state = self.state.as_ref()?;
-        let state = match self.deleted_before {
-            Some(horizon) => state.after_horizon(horizon),
-            None => state.clone(),
-        };
-        (!state.versions.is_empty()).then_some(state)
+    /// The record as writers see it: without what a deletion of its collection removed, and
+    /// `None` when nothing is left ([`RecordState::visible`]).
+    pub fn visible_state(&self) -> Option<Cow<'_, RecordState>> {
+        self.state.as_ref()?.visible(self.deleted_before)
+    }
+
+    /// The record and its resolution as readers see them ([`visible_record`]).
+    pub fn into_visible(self) -> (Option<RecordState>, Option<Resolution>) {
+        match self.state {
+            Some(state) => visible_record(state, self.resolution, self.deleted_before),
+            None => (None, None),
+        }
     }
 }
 
