@@ -40,6 +40,7 @@ impl RunningRegion {
         for worker in &self.workers {
             worker.abort();
         }
+        self.region.members.stop_adopted();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -92,7 +93,12 @@ async fn start_in_span(
     let mut workers = vec![tokio::spawn(
         replication::incarnation::run(region.clone()).in_current_span(),
     )];
-    workers.extend(start_replication(&region).await?);
+    let own_url = region
+        .config
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    workers.extend(start_replication(&region, own_url).await?);
     let supervisor = &region.supervisor;
     let r = region.clone();
     workers.push(supervisor.spawn("resolutions", move || {
@@ -168,7 +174,10 @@ const EVENT_OVERHEAD_BYTES: usize = 4 * 1024;
 /// not stop the region: the client keeps reconnecting and the outbox holds the writes meanwhile.
 /// A NATS whose `max_payload` cannot carry the largest record does stop it: such a record would
 /// be acknowledged and then never replicate.
-async fn start_replication(region: &Arc<Region>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+async fn start_replication(
+    region: &Arc<Region>,
+    own_url: String,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let config = &region.config;
     let client = async_nats::ConnectOptions::new()
         .name(format!("locus-{}-{}", config.deployment, config.region))
@@ -221,6 +230,10 @@ async fn start_replication(region: &Arc<Region>) -> anyhow::Result<Vec<JoinHandl
             replication::consumer::run(r.clone(), j.clone(), origin.clone())
         }));
     }
+    let (r, j) = (region.clone(), js.clone());
+    workers.push(supervisor.spawn("membership", move || {
+        crate::membership::run(r.clone(), j.clone(), own_url.clone())
+    }));
     Ok(workers)
 }
 

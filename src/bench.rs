@@ -244,6 +244,7 @@ fn scratch_config(
         deployment: deployment.into(),
         region: region.into(),
         listen: "127.0.0.1:0".into(),
+        advertise_url: None,
         database_url: format!(
             "{}/locus_bench_{deployment}_{region}",
             postgres.trim_end_matches('/')
@@ -491,6 +492,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         deployment: deployment.clone(),
         region: "eu".into(),
         listen: "127.0.0.1:0".into(),
+        advertise_url: None,
         database_url: database_url.clone(),
         database_pool_size: (max_clients as u32).max(8),
         nats_url: args.nats.clone(),
@@ -791,9 +793,13 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Seed `count` single-version records straight into a region's table (as replication would
-/// have left them), in multi-row statements.
-async fn seed_records(store: &crate::storage::Store, count: usize) -> anyhow::Result<()> {
+/// Seed `count` single-version records of `collection`, homed in eu, straight into a region's
+/// table (as replication would have left them), in multi-row statements: keys `k00000000` on.
+pub async fn seed_records(
+    store: &crate::storage::Store,
+    collection: &str,
+    count: usize,
+) -> anyhow::Result<()> {
     use crate::clock::version::VersionVector;
     use crate::record::{digest, Home, RecordState, Version};
     const BATCH: usize = 5_000;
@@ -821,7 +827,7 @@ async fn seed_records(store: &crate::storage::Store, count: usize) -> anyhow::Re
         }
         sqlx::query(
             "INSERT INTO records (collection, key, rev, state, bucket, hash_hi, hash_lo)
-             SELECT 'bench', k, 1, s, b, h, l
+             SELECT $6, k, 1, s, b, h, l
                FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::bigint[], $5::bigint[])
                  AS t(k, s, b, h, l)",
         )
@@ -830,6 +836,7 @@ async fn seed_records(store: &crate::storage::Store, count: usize) -> anyhow::Re
         .bind(&buckets)
         .bind(&his)
         .bind(&los)
+        .bind(collection)
         .execute(store.pool())
         .await?;
     }
@@ -917,8 +924,8 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     let eu = crate::app::start(eu_config.clone(), Some(eu_listener)).await?;
     let us = crate::app::start(us_config.clone(), Some(us_listener)).await?;
     let seeding = Instant::now();
-    seed_records(&eu.region.store, args.records).await?;
-    seed_records(&us.region.store, args.records).await?;
+    seed_records(&eu.region.store, "bench", args.records).await?;
+    seed_records(&us.region.store, "bench", args.records).await?;
     for region in [&eu, &us] {
         sqlx::query("VACUUM ANALYZE records")
             .execute(region.region.store.pool())

@@ -186,6 +186,11 @@ pub struct Config {
     /// This region's id: lowercase letters, digits and '-', starting with a letter, at most 16.
     pub region: String,
     pub listen: String,
+    /// The URL at which peers reach this region's API, announced to them when it joins
+    /// ([`crate::membership`]); by default `http://` and the address it listens on, which serves
+    /// only when that address is one the peers can reach (not `0.0.0.0`).
+    #[serde(default)]
+    pub advertise_url: Option<String>,
     pub database_url: String,
     #[serde(default = "default_pool_size")]
     pub database_pool_size: u32,
@@ -222,6 +227,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "deployment",
     "region",
     "listen",
+    "advertise_url",
     "database_url",
     "database_pool_size",
     "nats_url",
@@ -285,6 +291,14 @@ impl Config {
                 format!("{:?} is not host:port ({e})", self.listen),
             )
         })?;
+        if let Some(url) = &self.advertise_url {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(invalid(
+                    "advertise_url",
+                    format!("{url:?} is not an http(s) URL"),
+                ));
+            }
+        }
         if !self.database_url.starts_with("postgres://")
             && !self.database_url.starts_with("postgresql://")
         {
@@ -362,7 +376,8 @@ impl Config {
         Ok(())
     }
 
-    /// Every region of the deployment: this one and its peers.
+    /// The regions of this region's configuration: itself and the peers listed; the deployment
+    /// may hold more ([`crate::membership`]).
     pub fn regions(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.region.as_str()).chain(self.peers.iter().map(|p| p.id.as_str()))
     }
@@ -430,7 +445,8 @@ fn shown_path(path: &Path) -> String {
         .to_string()
 }
 
-fn validate_region_id(field: &'static str, id: &str) -> Result<(), ConfigError> {
+/// Region ids: lowercase letters, digits and '-', starting with a letter, at most 16.
+pub fn validate_region_id(field: &'static str, id: &str) -> Result<(), ConfigError> {
     let ok = !id.is_empty()
         && id.len() <= 16
         && id.starts_with(|c: char| c.is_ascii_lowercase())

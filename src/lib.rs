@@ -11,6 +11,7 @@
 //! - [`storage`]: the only place with SQL: records, outbox, conflicts, resolver modules, metadata.
 //! - [`replication`]: the outbox's wire format, its publisher and the consumers of peers' streams.
 //! - [`resolve`]: user resolvers: the wasmtime sandbox, the ABI, uploads, materialised views.
+//! - [`membership`]: the deployment's regions as replicated records; a new region's first copy.
 //! - [`deletion`]: deleting a collection with one replicated horizon, and purging what it removed.
 //! - [`service`]: the read and write paths of a region: homing, preconditions, versioning.
 //! - [`api`]: the REST API (axum): records, collections, resolvers, conflicts, regions, health,
@@ -29,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod deletion;
 pub mod logging;
+pub mod membership;
 pub mod nats_server;
 pub mod record;
 pub mod replication;

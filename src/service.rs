@@ -243,6 +243,11 @@ pub struct Region {
     /// After a restore: the peers a repair round has yet to complete against before this region
     /// is ready ([`crate::replication::incarnation`]).
     catching_up: Mutex<std::collections::BTreeSet<String>>,
+    /// A new region copying the deployment's data ([`crate::membership::bootstrap`]); not ready
+    /// until the copy completes.
+    bootstrapping: std::sync::atomic::AtomicBool,
+    /// The regions of the deployment besides this one ([`crate::membership`]).
+    pub members: crate::membership::Members,
     /// The largest event the transport carries: NATS's `max_payload`, learnt at connect.
     max_event_bytes: std::sync::atomic::AtomicUsize,
     pub replication: ReplicationStatus,
@@ -258,6 +263,9 @@ impl Region {
         let clock = Mutex::new(HybridClock::new(config.clock.max_drift_ms));
         let registry = prometheus::Registry::new();
         let resolvers = Resolvers::new(&config.resolvers, &registry)?;
+        // A region without peers has nobody to copy from: its data is whatever it holds.
+        let bootstrapping = !identity.bootstrapped && !config.peers.is_empty();
+        let members = crate::membership::Members::new(&config);
         Ok(Region {
             config,
             store,
@@ -269,6 +277,8 @@ impl Region {
             repair_wanted: Notify::new(),
             purge_wanted: Notify::new(),
             catching_up: Mutex::new(std::collections::BTreeSet::new()),
+            bootstrapping: std::sync::atomic::AtomicBool::new(bootstrapping),
+            members,
             max_event_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_EVENT_BYTES),
             replication: ReplicationStatus::new(&registry),
             resolvers,
@@ -419,7 +429,25 @@ impl Region {
     /// The database was restored: not ready until a repair round against every peer completes.
     pub fn catch_up_from_every_peer(&self) {
         let mut pending = self.catching_up.lock().expect("catch-up lock");
-        pending.extend(self.config.peers.iter().map(|p| p.id.clone()));
+        pending.extend(self.members.peers().into_iter().map(|p| p.id));
+    }
+
+    /// Whether this is a new region still copying the deployment's data.
+    pub fn is_bootstrapping(&self) -> bool {
+        self.bootstrapping
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The bootstrap copy from `peer` completed.
+    pub fn bootstrap_complete(&self, peer: &str) {
+        self.bootstrapping
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.caught_up_with(peer);
+    }
+
+    /// Whether `id` names this region or one of its peers.
+    pub fn is_region(&self, id: &str) -> bool {
+        self.members.is_region(id)
     }
 
     /// A repair round against `peer` ran to its end.

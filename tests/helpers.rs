@@ -63,6 +63,8 @@ pub struct Setup {
     pub peer_override: HashMap<&'static str, String>,
     /// Database URLs to use instead of the direct one (e.g. through a proxy), by region.
     pub database_override: HashMap<&'static str, String>,
+    /// Regions that join later ([`Cluster::join`]): the others' configurations do not list them.
+    pub joining: Vec<&'static str>,
     pub tweak: Box<dyn Fn(&mut Config)>,
 }
 
@@ -72,8 +74,15 @@ impl Setup {
             ids: ids.to_vec(),
             peer_override: HashMap::new(),
             database_override: HashMap::new(),
+            joining: Vec::new(),
             tweak: Box::new(|_| {}),
         }
+    }
+
+    /// `ids` start only when [`Cluster::join`] says so, as regions added to a running deployment.
+    pub fn joining_later(mut self, ids: &[&'static str]) -> Setup {
+        self.joining = ids.to_vec();
+        self
     }
 
     pub fn tweak(mut self, f: impl Fn(&mut Config) + 'static) -> Setup {
@@ -87,6 +96,8 @@ pub struct Cluster {
     pub deployment: String,
     ids: Vec<&'static str>,
     regions: HashMap<&'static str, RunningRegion>,
+    /// Regions set up to join later, with the listener they will serve on.
+    joining: HashMap<&'static str, (Config, TcpListener)>,
     urls: HashMap<&'static str, String>,
     databases: Vec<String>,
 }
@@ -117,6 +128,7 @@ impl Setup {
         }
         let run = format!("{:08x}", rand::random::<u32>());
         let mut regions = HashMap::new();
+        let mut joining = HashMap::new();
         let mut databases = Vec::new();
         for (id, listener) in self.ids.iter().zip(listeners) {
             let database_url = format!("{}/locus_test_{run}_{id}", postgres_base());
@@ -125,6 +137,7 @@ impl Setup {
                 deployment: format!("test{run}"),
                 region: (*id).into(),
                 listen: "127.0.0.1:0".into(),
+                advertise_url: None,
                 database_url: self
                     .database_override
                     .get(id)
@@ -138,7 +151,7 @@ impl Setup {
                 peers: self
                     .ids
                     .iter()
-                    .filter(|p| *p != id)
+                    .filter(|p| *p != id && !self.joining.contains(p))
                     .map(|p| Peer {
                         id: (*p).into(),
                         api_url: self
@@ -166,6 +179,10 @@ impl Setup {
             };
             (self.tweak)(&mut config);
             config.validate().expect("test config is valid");
+            if self.joining.contains(id) {
+                joining.insert(*id, (config, listener));
+                continue;
+            }
             let running = app::start(config, Some(listener))
                 .await
                 .expect("region starts");
@@ -178,18 +195,48 @@ impl Setup {
                 .await
                 .unwrap_or_else(|_| panic!("{id} settles its incarnation"));
         }
+        // And holds the deployment's data: a new region copies it from a peer first (which it
+        // cannot do when its peers are a black hole).
+        if self.peer_override.is_empty() {
+            for (id, running) in &regions {
+                wait_until_copied(id, running).await;
+            }
+        }
         Cluster {
             http: reqwest::Client::new(),
             deployment: format!("test{run}"),
             ids: self.ids.clone(),
             regions,
+            joining,
             urls,
             databases,
         }
     }
 }
 
+/// Wait (up to 30 s) until a region's first copy of the deployment's data is complete.
+async fn wait_until_copied(id: &str, running: &RunningRegion) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while running.region.is_bootstrapping() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} copies the deployment's data"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 impl Cluster {
+    /// Start a region set up with [`Setup::joining_later`]: it announces itself to the running
+    /// regions and copies their data. Returns at once; its `/readyz` says when it is ready.
+    pub async fn join(&mut self, id: &'static str) {
+        let (config, listener) = self.joining.remove(id).expect("a region set up to join");
+        let running = app::start(config, Some(listener))
+            .await
+            .expect("joining region starts");
+        self.regions.insert(id, running);
+    }
+
     pub fn url(&self, id: &str) -> &str {
         &self.urls[id]
     }

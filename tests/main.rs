@@ -8,6 +8,7 @@ mod health;
 mod helpers;
 mod homing;
 mod integrity;
+mod membership;
 mod records;
 mod replication;
 mod resolvers;

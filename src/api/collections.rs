@@ -75,7 +75,7 @@ pub async fn configure(
         .collect();
     let policy = Policy::parse(
         &bytes,
-        |r| s.region.config.is_region(r),
+        |r| s.region.is_region(r),
         |name| bound.iter().any(|b| b == name),
     )
     .map_err(|e| ApiError::bad_request("bad-policy", e.to_string()))?;

@@ -6,14 +6,14 @@
 //! request and did not answer in time may have applied it: that is a 504, never a failover write,
 //! or the client could see one write applied twice under two versions.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
 use axum::response::Response;
 
 use super::headers::{LOCUS_FORWARDED_BY, LOCUS_HOME, LOCUS_SESSION};
-use crate::config::Config;
+use crate::service::Region;
 
 /// Request headers a forward carries over from the client.
 fn forwarded_headers() -> [HeaderName; 6] {
@@ -54,30 +54,20 @@ pub enum ForwardError {
 
 pub struct Peers {
     client: reqwest::Client,
-    urls: HashMap<String, String>,
-    region: String,
-    peer_token: String,
+    /// Where each peer is reached: the deployment's membership, which grows while the region runs.
+    region: Arc<Region>,
 }
 
 impl Peers {
-    pub fn new(config: &Config) -> Peers {
+    pub fn new(region: Arc<Region>) -> Peers {
+        let config = &region.config;
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout())
             .timeout(config.request_timeout())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()
             .expect("an HTTP client with plain settings builds");
-        let urls = config
-            .peers
-            .iter()
-            .map(|p| (p.id.clone(), p.api_url.trim_end_matches('/').to_owned()))
-            .collect();
-        Peers {
-            client,
-            urls,
-            region: config.region.clone(),
-            peer_token: config.peer_token.clone(),
-        }
+        Peers { client, region }
     }
 
     /// Send `method path_and_query` with `body` to `region` and return its answer as ours.
@@ -90,14 +80,15 @@ impl Peers {
         body: Bytes,
     ) -> Result<Response, ForwardError> {
         let base = self
-            .urls
-            .get(region)
+            .region
+            .members
+            .url(region)
             .ok_or_else(|| ForwardError::UnknownPeer(region.to_owned()))?;
         let mut request = self
             .client
             .request(method, format!("{base}{path_and_query}"))
-            .bearer_auth(&self.peer_token)
-            .header(LOCUS_FORWARDED_BY, &self.region)
+            .bearer_auth(&self.region.config.peer_token)
+            .header(LOCUS_FORWARDED_BY, self.region.id())
             .body(body);
         for name in forwarded_headers() {
             for value in headers.get_all(&name) {
@@ -122,7 +113,7 @@ impl Peers {
     /// Whether `region`'s API answers its health check within a moment.
     /// The peer's `/healthz` document, or `None` when it does not answer.
     pub async fn probe(&self, region: &str) -> Option<serde_json::Value> {
-        let base = self.urls.get(region)?;
+        let base = self.region.members.url(region)?;
         let probe = self
             .client
             .get(format!("{base}/healthz"))

@@ -37,6 +37,27 @@ pub async fn readyz(State(s): State<SharedState>) -> Result<Json<Value>, ApiErro
             "checking with the peers whether this region's database was restored".into(),
         ));
     }
+    if s.region.is_bootstrapping() {
+        let copying = s.region.members.peers().into_iter().find_map(|peer| {
+            s.region
+                .replication
+                .repair_progress_now(&peer.id)
+                .map(|progress| (peer.id, progress))
+        });
+        return Err(ApiError::NotReady(match copying {
+            Some((peer, p)) => format!(
+                "new region: copying the deployment's data from {peer}: {} of {} records compared, {} copied, {:.0}/s{}",
+                p.records_compared,
+                p.records_to_compare,
+                p.records_copied,
+                p.per_second,
+                p.seconds_left
+                    .map(|s| format!(", about {s:.0} s left"))
+                    .unwrap_or_default()
+            ),
+            None => "new region: attaching to the peers' streams before copying their data".into(),
+        }));
+    }
     let catching_up = s.region.catching_up();
     if !catching_up.is_empty() {
         return Err(ApiError::NotReady(format!(

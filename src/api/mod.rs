@@ -49,7 +49,7 @@ pub type SharedState = Arc<ApiState>;
 
 impl ApiState {
     pub fn new(region: Arc<Region>) -> ApiState {
-        let peers = Peers::new(&region.config);
+        let peers = Peers::new(region.clone());
         let metrics = HttpMetrics::new(&region.registry);
         let region_header = HeaderValue::from_str(region.id()).expect("region ids are header-safe");
         ApiState {
@@ -75,7 +75,7 @@ impl ApiState {
         let config = &self.region.config;
         let token = bearer(headers)?;
         if let Some(peer) = forwarded_by(headers)? {
-            if !config.is_region(peer) || peer == config.region {
+            if !self.region.members.is_peer(peer) {
                 return Err(ApiError::bad_request(
                     "unknown-region",
                     format!("Locus-Forwarded-By names {peer:?}"),
@@ -266,6 +266,10 @@ pub fn router(state: SharedState) -> Router {
             axum::routing::post(repair::repair_now),
         )
         .route("/v1/peer/actors/{actor}", get(repair::actor_seen))
+        .route(
+            "/v1/peer/members/{id}",
+            axum::routing::put(regions::announce),
+        )
         .route("/v1/peer/collections", get(repair::collections))
         .route("/v1/peer/modules", get(repair::modules))
         .route("/v1/peer/modules/{sha256}", get(repair::module))

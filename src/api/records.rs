@@ -339,7 +339,7 @@ pub async fn put(
         key,
         op: WriteOp::Put(value),
         precondition: headers::precondition(&request_headers)?,
-        home_hint: headers::home_hint(&request_headers, |r| s.region.config.is_region(r))?,
+        home_hint: headers::home_hint(&request_headers, |r| s.region.is_region(r))?,
         route,
     };
     write(&s, request, Method::PUT, &uri, &request_headers, bytes).await
@@ -573,7 +573,7 @@ pub async fn rehome(
             format!("expected {{\"region\": \"<id>\"}}: {e}"),
         )
     })?;
-    if !s.region.config.is_region(&target.region) {
+    if !s.region.is_region(&target.region) {
         return Err(ApiError::bad_request(
             "unknown-region",
             format!("{:?} is not a region of this deployment", target.region),

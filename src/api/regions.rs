@@ -2,14 +2,16 @@
 //! answers, its resolver engine fingerprint, when its last event was applied here, its stream position, the replication lag, and
 //! this region's own outbox backlog. What an operator looks at first when regions disagree.
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
-use super::SharedState;
+use super::{headers, ApiPath, SharedState};
+use crate::membership::{self, MemberRecord};
 use crate::replication::status::PeerStatus;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,6 +51,9 @@ pub struct RegionsBody {
     /// After a restore: the peers a repair round has yet to complete against before this region
     /// reports ready; empty otherwise.
     pub catching_up_from: Vec<String>,
+    /// A new region copying the deployment's data from a peer (its progress is in that peer's
+    /// `replication.repair.progress`); it reports ready once the copy is complete.
+    pub bootstrapping: bool,
     pub regions: Vec<RegionEntry>,
 }
 
@@ -77,9 +82,8 @@ pub async fn list(
         nats_version: region.replication.nats_version(),
     }];
     let peers = &s.peers;
-    let probes = region
-        .config
-        .peers
+    let members = region.members.peers();
+    let probes = members
         .iter()
         .map(|peer| async move { (peer, peers.probe(&peer.id).await) });
     for (peer, health) in futures_util::future::join_all(probes).await {
@@ -110,6 +114,47 @@ pub async fn list(
             .map(|actor| actor.incarnation().to_owned()),
         dead_letters,
         catching_up_from: region.catching_up(),
+        bootstrapping: region.is_bootstrapping(),
         regions,
     }))
+}
+
+/// Most bytes of an announcement: one URL.
+const ANNOUNCEMENT_BYTES: usize = 4 * 1024;
+
+#[utoipa::path(put, path = "/v1/peer/members/{id}", tag = "peer",
+    params(("id" = String, Path, description = "the region that joins")),
+    request_body = MemberRecord,
+    responses((status = 204, description = "the region is a member; its record replicates to every region, which adopt it"),
+              (status = 400, description = "not a region id, this region itself, or not an http(s) URL", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 401, description = "no peer token", body = super::error::Problem, content_type = "application/problem+json")))]
+/// A region joining the deployment announces itself to the regions of its configuration
+/// ([`crate::membership`]).
+pub async fn announce(
+    State(s): State<SharedState>,
+    request_headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    s.require_peer(&request_headers)?;
+    crate::config::validate_region_id("id", &id)
+        .map_err(|e| ApiError::bad_request("unknown-region", e.to_string()))?;
+    if id == s.region.id() {
+        return Err(ApiError::bad_request(
+            "unknown-region",
+            format!("{id:?} is this region itself"),
+        ));
+    }
+    let bytes = headers::json_body(&request_headers, body, ANNOUNCEMENT_BYTES).await?;
+    let record: MemberRecord = headers::parse_json(&bytes)?;
+    if !record.api_url.starts_with("http://") && !record.api_url.starts_with("https://") {
+        return Err(ApiError::bad_request(
+            "bad-url",
+            format!("{:?} is not an http(s) URL", record.api_url),
+        ));
+    }
+    if membership::record_member(&s.region, &id, &record).await? {
+        tracing::info!(peer = %id, url = %record.api_url, "region announced itself; recorded as a member");
+    }
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -215,7 +215,7 @@ pub async fn repair_now(
     ApiPath(peer): ApiPath<String>,
 ) -> Result<Json<RepairReport>, ApiError> {
     s.require_admin(&headers)?;
-    if !s.region.config.peers.iter().any(|p| p.id == peer) {
+    if !s.region.members.is_peer(&peer) {
         return Err(ApiError::NotFound(format!(
             "{peer:?} is not a peer of this region"
         )));

@@ -17,6 +17,10 @@ pub const POLICY_COLLECTION: &str = "_collections";
 /// gone). Never deleted itself, so a horizon only rises.
 pub const DELETION_COLLECTION: &str = "_deletions";
 
+/// The system collection that holds one record per region of the deployment: the URL its API is
+/// reached at ([`crate::membership`]).
+pub const REGIONS_COLLECTION: &str = "_regions";
+
 /// Collection names starting with this are reserved for the system.
 pub const SYSTEM_PREFIX: char = '_';
 

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::event::{Change, DecodeError, Event, MessageId, ModuleChunk};
 use crate::clock::hlc::{wall_clock_ms, Observation};
-use crate::record::policy::{Strategy, DELETION_COLLECTION, POLICY_COLLECTION};
+use crate::record::policy::{Strategy, DELETION_COLLECTION, POLICY_COLLECTION, REGIONS_COLLECTION};
 use crate::record::resolution::{Outcome, Resolution};
 use crate::record::view::{materialized_view, View};
 use crate::record::{MergeOutcome, RecordState};
@@ -89,6 +89,10 @@ async fn consume(
         .get_consumer(&super::consumer_name(&config.region))
         .await
         .map_err(ConsumeError::Nats)?;
+    if region.is_bootstrapping() {
+        skip_history_before_attach(region, &mut stream, origin).await?;
+    }
+    region.replication.consumer_attached(origin);
     region.replication.peer_running(origin);
     let mut open_holes = BTreeMap::new();
     check_for_gap(region, &mut stream, origin, &mut open_holes).await?;
@@ -304,6 +308,31 @@ async fn check_for_gap(
         Err(error) => {
             tracing::warn!(region = region.id(), %origin, %error, "repair of a gap failed; trying again at the next check");
         }
+    }
+    Ok(())
+}
+
+/// A new region's consumer has just attached: the events its origin's stream already let go were
+/// applied by every region reading it then, and reach this one through the bootstrap copy, not
+/// the stream; they are no gap. Everything from the stream's first sequence on stays until this
+/// region acknowledges it, since its consumer exists now.
+async fn skip_history_before_attach(
+    region: &Region,
+    stream: &mut jetstream::stream::Stream,
+    origin: &str,
+) -> Result<(), ConsumeError> {
+    if region.store.applied_ranges(origin).await?.max().is_some() {
+        return Ok(()); // attached at an earlier start, before a crash
+    }
+    let first = stream
+        .info()
+        .await
+        .map_err(|e| ConsumeError::Nats(e.into()))?
+        .state
+        .first_sequence;
+    if first > 1 {
+        region.store.cover_ranges(origin, &[(1, first - 1)]).await?;
+        tracing::info!(%origin, before = first, "joining: events this stream let go before this region attached come with the copy");
     }
     Ok(())
 }
@@ -576,6 +605,9 @@ pub async fn apply_batch(
         }
         if collection == DELETION_COLLECTION {
             region.deletion_applied(key);
+        }
+        if collection == REGIONS_COLLECTION {
+            region.members.changed.notify_one();
         }
         resolution_inputs_changed |=
             collection == POLICY_COLLECTION || collection == RESOLVER_COLLECTION;

@@ -91,7 +91,7 @@ async fn settle(region: &Region) -> Result<Actor, RepairError> {
     let stored = &region.identity.incarnation;
     let actor = Actor::new(region.id(), stored);
     let outbox_sequence = region.store.outbox_sequence().await?;
-    let client = PeerClient::new(&region.config);
+    let client = PeerClient::new(region);
     let deadline = tokio::time::Instant::now() + ASK_WINDOW;
     let asks = region.config.peers.iter().map(|peer| {
         let (client, actor) = (&client, &actor);

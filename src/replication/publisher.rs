@@ -51,7 +51,8 @@ async fn publish_while_leased(
     mut lease: PublisherLease,
 ) -> Result<(), async_nats::Error> {
     let config = &region.config;
-    let peers: Vec<&str> = config.peers.iter().map(|p| p.id.as_str()).collect();
+    let members = region.members.peers();
+    let peers: Vec<&str> = members.iter().map(|p| p.id.as_str()).collect();
     super::ensure_stream(
         js,
         &config.replication,

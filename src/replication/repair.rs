@@ -19,13 +19,14 @@
 //! of hashes and a few batches of states, whatever the collection's size.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::consumer::apply_with_retries;
 use super::event::{Change, Event};
-use crate::config::Config;
+use super::status::RepairProgress;
 use crate::record::digest::StateHash;
 use crate::record::RecordState;
 use crate::service::Region;
@@ -158,7 +159,9 @@ impl DigestEntry {
 }
 
 impl PeerClient {
-    pub fn new(config: &Config) -> PeerClient {
+    /// A client for `region`'s peers as they are now.
+    pub fn new(region: &Region) -> PeerClient {
+        let config = &region.config;
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout())
             .timeout(Duration::from_secs(60))
@@ -166,10 +169,11 @@ impl PeerClient {
             .expect("an HTTP client with plain settings builds");
         PeerClient {
             client,
-            urls: config
-                .peers
-                .iter()
-                .map(|p| (p.id.clone(), p.api_url.trim_end_matches('/').to_owned()))
+            urls: region
+                .members
+                .peers()
+                .into_iter()
+                .map(|p| (p.id, p.api_url))
                 .collect(),
             token: config.peer_token.clone(),
         }
@@ -324,7 +328,7 @@ fn peer_failed(peer: &str, cause: String) -> RepairError {
 /// One anti-entropy round: pull from `peer` every record whose state differs here.
 pub async fn round(region: &Region, peer: &str) -> Result<RepairReport, RepairError> {
     let started = Instant::now();
-    let client = PeerClient::new(&region.config);
+    let client = PeerClient::new(region);
     let mut report = RepairReport {
         peer: peer.to_owned(),
         ..Default::default()
@@ -371,6 +375,10 @@ async fn pull_everything(
             region.resolvers.changed.notify_one();
         }
     }
+    // Compare every collection first, so the round knows how many records it has to go through
+    // and can show its progress against that.
+    let mut plan = Vec::new();
+    let mut to_compare = 0;
     for collection in client.collections(peer).await? {
         report.collections += 1;
         // Both sides scan their collection at once.
@@ -406,10 +414,93 @@ async fn pull_everything(
             }
             sets.last_mut().expect("never empty").push(entry.bucket);
             records += entry.count;
+            to_compare += entry.count.max(0) as u64;
         }
-        pull_collection(region, client, peer, &collection, &sets, report, &throttle).await?;
+        plan.push((collection, sets));
     }
+    let meter = Meter::new(region, peer, to_compare);
+    for (collection, sets) in plan {
+        pull_collection(
+            region,
+            client,
+            peer,
+            &collection,
+            &sets,
+            report,
+            &throttle,
+            &meter,
+        )
+        .await?;
+    }
+    meter.show(true);
     Ok(())
+}
+
+/// A round's progress, counted by its stages as they run, shown in the peer's status at most
+/// every [`Meter::SHOW_EVERY`] and logged every [`Meter::LOG_EVERY`].
+struct Meter<'a> {
+    region: &'a Region,
+    peer: &'a str,
+    to_compare: u64,
+    compared: AtomicU64,
+    copied: AtomicU64,
+    started: Instant,
+    shown: std::sync::Mutex<(Instant, Instant)>,
+}
+
+impl<'a> Meter<'a> {
+    const SHOW_EVERY: Duration = Duration::from_millis(250);
+    const LOG_EVERY: Duration = Duration::from_secs(5);
+
+    fn new(region: &'a Region, peer: &'a str, to_compare: u64) -> Meter<'a> {
+        let now = Instant::now();
+        let meter = Meter {
+            region,
+            peer,
+            to_compare,
+            compared: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            started: now,
+            shown: std::sync::Mutex::new((now, now)),
+        };
+        meter.show(true);
+        meter
+    }
+
+    fn compared(&self, records: u64) {
+        self.compared.fetch_add(records, Ordering::Relaxed);
+        self.show(false);
+    }
+
+    fn copied(&self, records: u64) {
+        self.copied.fetch_add(records, Ordering::Relaxed);
+        self.show(false);
+    }
+
+    fn show(&self, now: bool) {
+        let progress = {
+            let mut shown = self.shown.lock().expect("meter lock");
+            if !now && shown.0.elapsed() < Self::SHOW_EVERY {
+                return;
+            }
+            shown.0 = Instant::now();
+            let progress = RepairProgress::new(
+                self.to_compare,
+                self.compared.load(Ordering::Relaxed),
+                self.copied.load(Ordering::Relaxed),
+                self.started.elapsed().as_secs_f64(),
+            );
+            if shown.1.elapsed() >= Self::LOG_EVERY {
+                shown.1 = Instant::now();
+                tracing::info!(region = self.region.id(), peer = %self.peer,
+                    compared = progress.records_compared, of = progress.records_to_compare,
+                    copied = progress.records_copied, per_second = progress.per_second.round(),
+                    seconds_left = progress.seconds_left.map(f64::round), "repair progress");
+            }
+            progress
+        };
+        self.region.replication.repair_progress(self.peer, progress);
+    }
 }
 
 /// Key batches listed ahead of the fetches, and fetched batches ahead of the merge: enough to keep
@@ -437,6 +528,7 @@ struct Listed {
 /// hashes and pick the keys that differ here; fetch those keys' states (two requests in flight);
 /// merge the fetched states, [`MERGE_RECORDS`] to a transaction. Bounded channels link the stages,
 /// so a slow merge slows the listing instead of piling up memory.
+#[allow(clippy::too_many_arguments)]
 async fn pull_collection(
     region: &Region,
     client: &PeerClient,
@@ -445,6 +537,7 @@ async fn pull_collection(
     bucket_sets: &[Vec<i32>],
     report: &mut RepairReport,
     throttle: &Throttle,
+    meter: &Meter<'_>,
 ) -> Result<(), RepairError> {
     use futures_util::StreamExt;
 
@@ -465,6 +558,7 @@ async fn pull_collection(
                 &marked,
                 &keys_tx,
                 &mut listed,
+                meter,
             )
             .await?;
         }
@@ -497,7 +591,9 @@ async fn pull_collection(
             }
             report.records_fetched += states.len() as u64;
             let merging = Instant::now();
+            let copied = states.len() as u64;
             merge_or_mark(region, peer, collection, states, report).await?;
+            meter.copied(copied);
             report.seconds_merging += merging.elapsed().as_secs_f64();
             throttle.pace(report.records_fetched).await;
         }
@@ -522,6 +618,7 @@ async fn list_differing(
     marked: &std::collections::HashMap<String, StateHash>,
     keys_tx: &tokio::sync::mpsc::Sender<Vec<String>>,
     listed: &mut Listed,
+    meter: &Meter<'_>,
 ) -> Result<(), RepairError> {
     let mut after: Option<HashCursor> = None;
     let mut wanted: Vec<String> = Vec::new();
@@ -530,6 +627,7 @@ async fn list_differing(
         let (page, next) = client.hashes(peer, collection, buckets, after).await?;
         listed.keys_compared += page.len() as u64;
         let differing = region.store.differing_keys(collection, &page).await?;
+        meter.compared(page.len() as u64);
         listed.seconds += listing.elapsed().as_secs_f64();
         for theirs in differing {
             if marked.get(&theirs.key) == Some(&theirs.hash) {
@@ -680,15 +778,25 @@ impl Throttle {
     }
 }
 
-/// The periodic rounds: against every peer, every `repair.interval_secs`, and whenever asked.
+/// The periodic rounds: against every peer, every `repair.interval_secs`, and whenever asked; a
+/// new region's first copy comes first ([`crate::membership::bootstrap`]).
 pub async fn run(region: std::sync::Arc<Region>) {
+    if region.is_bootstrapping() {
+        crate::membership::bootstrap(&region).await;
+    }
     let every = Duration::from_secs(region.config.repair.interval_secs.max(1));
     loop {
+        // A restored region retries its catch-up rounds soon: it is not ready until they complete.
+        let wait = if region.catching_up().is_empty() {
+            every
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = region.repair_wanted.notified() => {}
         }
-        for peer in &region.config.peers {
+        for peer in region.members.peers() {
             // A failed round is logged and shown in the status; the next one tries again.
             let _ = round(&region, &peer.id).await;
         }

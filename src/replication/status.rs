@@ -38,6 +38,9 @@ pub struct PeerStatus {
     pub dead_letters: u64,
     /// Anti-entropy against this peer.
     pub repair: RepairStatus,
+    /// Whether this region's durable consumer on the peer's stream exists.
+    #[serde(skip)]
+    pub attached: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
@@ -50,6 +53,45 @@ pub struct RepairStatus {
     pub last_complete_at: Option<String>,
     pub last_round: Option<super::repair::RepairReport>,
     pub error: Option<String>,
+    /// How far the running round is (the last round's final figures once it ended).
+    pub progress: Option<RepairProgress>,
+}
+
+/// How far a repair round is: the records of the peer's differing buckets compared here, and
+/// those copied because they differed. For a new region's first round every record differs, so
+/// this is the copy's progress bar.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct RepairProgress {
+    /// Records the peer holds in the buckets that differ (all of them, for a new region).
+    pub records_to_compare: u64,
+    pub records_compared: u64,
+    /// Records fetched from the peer and merged here.
+    pub records_copied: u64,
+    pub seconds: f64,
+    /// Records compared per second, since the round began.
+    pub per_second: f64,
+    /// At that rate; null before the first page.
+    pub seconds_left: Option<f64>,
+}
+
+impl RepairProgress {
+    pub fn new(records_to_compare: u64, compared: u64, copied: u64, seconds: f64) -> Self {
+        let per_second = if seconds > 0.0 {
+            compared as f64 / seconds
+        } else {
+            0.0
+        };
+        let seconds_left = (per_second > 0.0)
+            .then(|| records_to_compare.saturating_sub(compared) as f64 / per_second);
+        RepairProgress {
+            records_to_compare,
+            records_compared: compared,
+            records_copied: copied,
+            seconds,
+            per_second,
+            seconds_left,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -432,7 +474,34 @@ impl ReplicationStatus {
     }
 
     pub fn repair_started(&self, peer: &str) {
-        self.with_peer(peer, |p| p.repair.state = "running".into());
+        self.with_peer(peer, |p| {
+            p.repair.state = "running".into();
+            p.repair.progress = None;
+        });
+    }
+
+    pub fn repair_progress(&self, peer: &str, progress: RepairProgress) {
+        self.with_peer(peer, |p| p.repair.progress = Some(progress));
+    }
+
+    /// The progress of the round running against `peer`, if one runs.
+    pub fn repair_progress_now(&self, peer: &str) -> Option<RepairProgress> {
+        let inner = self.inner.lock().expect("status lock");
+        let repair = &inner.peers.get(peer)?.repair;
+        (repair.state == "running")
+            .then(|| repair.progress.clone())
+            .flatten()
+    }
+
+    /// This region's durable consumer on `origin`'s stream exists: from now on no event of that
+    /// stream can be removed before this region has applied it.
+    pub fn consumer_attached(&self, origin: &str) {
+        self.with_peer(origin, |p| p.attached = true);
+    }
+
+    pub fn is_consumer_attached(&self, origin: &str) -> bool {
+        let inner = self.inner.lock().expect("status lock");
+        inner.peers.get(origin).is_some_and(|p| p.attached)
     }
 
     pub fn repair_finished(&self, peer: &str, report: &super::repair::RepairReport) {

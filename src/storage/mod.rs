@@ -72,6 +72,9 @@ impl From<sqlx::Error> for StorageError {
 pub struct RegionIdentity {
     pub region: String,
     pub incarnation: String,
+    /// Whether the database holds a full copy of the deployment's data: false on a new region's
+    /// empty database until its first copy from a peer completes ([`crate::membership`]).
+    pub bootstrapped: bool,
 }
 
 /// Create the database if it is missing, connect a pool, run the migrations and read (or make)
@@ -136,6 +139,16 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The first copy from a peer completed: this database now holds the deployment's data.
+    pub async fn mark_bootstrapped(&self) -> Result<(), StorageError> {
+        sqlx::query("UPDATE region_meta SET bootstrapped = true")
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
+
 fn new_incarnation() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
@@ -149,8 +162,8 @@ async fn ensure_identity(pool: &PgPool, region: &str) -> Result<RegionIdentity, 
     .bind(&fresh)
     .execute(pool)
     .await?;
-    let (found, incarnation): (String, String) =
-        sqlx::query_as("SELECT region, incarnation FROM region_meta")
+    let (found, incarnation, bootstrapped): (String, String, bool) =
+        sqlx::query_as("SELECT region, incarnation, bootstrapped FROM region_meta")
             .fetch_one(pool)
             .await?;
     if found != region {
@@ -162,5 +175,6 @@ async fn ensure_identity(pool: &PgPool, region: &str) -> Result<RegionIdentity, 
     Ok(RegionIdentity {
         region: found,
         incarnation,
+        bootstrapped,
     })
 }
