@@ -40,7 +40,7 @@ impl RunningRegion {
         for worker in &self.workers {
             worker.abort();
         }
-        self.region.members.stop_adopted();
+        self.region.members.stop_consumers();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -89,6 +89,14 @@ async fn start_in_span(
         tracing::info!(region = %config.region, records = hashed, "hashed records written before anti-entropy");
     }
     let region = Arc::new(Region::new(config, store, identity)?);
+    crate::membership::load_recorded(&region)
+        .await
+        .with_context(|| {
+            format!(
+                "region {}: reading the deployment's membership",
+                region.id()
+            )
+        })?;
     // Writes wait until the peers have said whether this database was restored.
     let mut workers = vec![tokio::spawn(
         replication::incarnation::run(region.clone()).in_current_span(),
@@ -154,6 +162,65 @@ pub async fn health(url: &str) -> anyhow::Result<()> {
         "{url} answered {}",
         response.status()
     );
+    Ok(())
+}
+
+/// `locus region retire`: find the region `id` through the region at `url` and retire it there
+/// (or, `gone`, have the region at `url` take over its records); prints the report.
+pub async fn retire(
+    url: &str,
+    id: &str,
+    rehome_to: &str,
+    gone: bool,
+    admin_token: &str,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let url = url.trim_end_matches('/');
+    let target = if gone {
+        url.to_owned()
+    } else {
+        let regions: serde_json::Value = http
+            .get(format!("{url}/v1/regions"))
+            .bearer_auth(admin_token)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await
+            .with_context(|| format!("{url} does not answer"))?
+            .error_for_status()
+            .with_context(|| format!("listing the regions at {url}"))?
+            .json()
+            .await
+            .context("reading the regions")?;
+        let entry = regions["regions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["id"] == id)
+            .with_context(|| format!("{url} knows no region {id:?}"))?;
+        match entry["api_url"].as_str() {
+            Some(at) => at.trim_end_matches('/').to_owned(),
+            None => url.to_owned(), // the region at `url` is the one retiring
+        }
+    };
+    println!("retiring {id} at {target}: moving its records to {rehome_to} ...");
+    let answer = http
+        .post(format!("{target}/v1/regions/{id}/retire"))
+        .bearer_auth(admin_token)
+        .json(&serde_json::json!({"rehome_to": rehome_to, "gone": gone}))
+        .timeout(std::time::Duration::from_secs(3600))
+        .send()
+        .await
+        .with_context(|| {
+            format!("{target} does not answer; if {id} is gone for good, pass --gone")
+        })?;
+    let status = answer.status();
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "{target} answered {status}: {}",
+        body["detail"].as_str().unwrap_or("no detail")
+    );
+    println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
 }
 
@@ -224,15 +291,10 @@ async fn start_replication(
     let mut workers = vec![supervisor.spawn("publisher", move || {
         replication::publisher::run(r.clone(), j.clone())
     })];
-    for peer in &config.peers {
-        let (r, j, origin) = (region.clone(), js.clone(), peer.id.clone());
-        workers.push(supervisor.spawn(format!("consumer:{origin}"), move || {
-            replication::consumer::run(r.clone(), j.clone(), origin.clone())
-        }));
-    }
-    let (r, j) = (region.clone(), js.clone());
+    region.members.connected(region, js);
+    let r = region.clone();
     workers.push(supervisor.spawn("membership", move || {
-        crate::membership::run(r.clone(), j.clone(), own_url.clone())
+        crate::membership::run(r.clone(), own_url.clone())
     }));
     Ok(workers)
 }

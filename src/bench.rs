@@ -87,6 +87,23 @@ pub enum BenchCommand {
     Resolvers(ResolversArgs),
     /// Anti-entropy: comparing two regions in sync, and repairing one that misses records.
     Repair(RepairArgs),
+    /// A new region's first copy from a peer: unthrottled, then throttled under write load.
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BootstrapArgs {
+    /// PostgreSQL server URL (no database); scratch databases are created and dropped.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub postgres: String,
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Records the existing region holds.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: usize,
+    /// `repair.max_records_per_sec` of the second new region, copied while the peer takes writes.
+    #[arg(long, default_value_t = 5_000)]
+    pub throttle: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +127,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Replication(args) => replication(args).await,
         BenchCommand::Resolvers(args) => resolvers(args).await,
         BenchCommand::Repair(args) => repair(args).await,
+        BenchCommand::Bootstrap(args) => bootstrap(args).await,
     }
 }
 
@@ -1023,6 +1041,123 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
         sqlx::Postgres::force_drop_database(&config.database_url).await?;
     }
     crate::replication::delete_streams(&args.nats, &deployment, &["eu", "us"])
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting the bench streams: {e}"))?;
+    Ok(())
+}
+
+/// Start a new region that lists `eu` as its peer and return it with its config.
+async fn new_region(
+    args: &BootstrapArgs,
+    deployment: &str,
+    id: &str,
+    eu_url: &str,
+    max_records_per_sec: u64,
+) -> anyhow::Result<(crate::app::RunningRegion, Config)> {
+    let mut config = scratch_config(
+        &args.postgres,
+        &args.nats,
+        deployment,
+        id,
+        vec![crate::config::Peer {
+            id: "eu".into(),
+            api_url: eu_url.into(),
+        }],
+        8,
+    );
+    config.repair.interval_secs = 86_400;
+    config.repair.max_records_per_sec = max_records_per_sec;
+    let region = crate::app::start(config.clone(), None).await?;
+    Ok((region, config))
+}
+
+/// Wait until `region` has copied the deployment's data, printing its progress every 2 s.
+async fn until_copied(region: &crate::app::RunningRegion) -> f64 {
+    let started = Instant::now();
+    let mut shown = Instant::now();
+    while region.region.is_bootstrapping() {
+        if shown.elapsed() >= Duration::from_secs(2) {
+            shown = Instant::now();
+            if let Some(p) = region.region.replication.repair_progress_now("eu") {
+                println!(
+                    "    {}: {} of {} records compared, {} copied, {:.0}/s, about {:.0} s left",
+                    region.region.id(),
+                    p.records_compared,
+                    p.records_to_compare,
+                    p.records_copied,
+                    p.per_second,
+                    p.seconds_left.unwrap_or(0.0)
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed().as_secs_f64()
+}
+
+async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
+    let deployment = format!("bench{:08x}", rand::random::<u32>());
+    println!(
+        "locus bench bootstrap: deployment {deployment}; eu holds {} records",
+        args.records
+    );
+    let eu_config = scratch_config(&args.postgres, &args.nats, &deployment, "eu", vec![], 8);
+    let eu = crate::app::start(eu_config.clone(), None).await?;
+    let seeding = Instant::now();
+    seed_records(&eu.region.store, "bench", args.records).await?;
+    sqlx::query("VACUUM ANALYZE records")
+        .execute(eu.region.store.pool())
+        .await?;
+    println!("  seeded eu in {:.1} s", seeding.elapsed().as_secs_f64());
+    let rss_before = peak_rss_mib();
+
+    // Unthrottled: a new region copies everything.
+    let (ap, ap_config) = new_region(&args, &deployment, "ap", &eu.url(), u64::MAX / 2).await?;
+    let seconds = until_copied(&ap).await;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM records WHERE collection = 'bench'")
+        .fetch_one(ap.region.store.pool())
+        .await?;
+    anyhow::ensure!(
+        held as usize == args.records,
+        "ap holds {held} of {} records",
+        args.records
+    );
+    println!(
+        "  unthrottled: ap copied {} records in {seconds:.1} s = {:.0} records/s (until ready)",
+        args.records,
+        args.records as f64 / seconds
+    );
+    ap.stop().await?;
+
+    // Throttled, under writes at eu: eu's throughput alone, then while a new region copies.
+    let alone = live_writes(&eu, &eu, "writes at eu, no copy").await?.0;
+    let (sa, sa_config) = new_region(&args, &deployment, "sa", &eu.url(), args.throttle).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // past the attach, into the copy
+    let during = live_writes(&eu, &eu, "writes at eu during a throttled copy")
+        .await?
+        .0;
+    let progress = sa.region.replication.repair_progress_now("eu");
+    println!(
+        "  throttled to {}/s: eu's writes {:.0}/s alone, {:.0}/s during the copy = {:.0}% (p99 {:.1} ms vs {:.1} ms); the copy ran at {:.0} records compared/s",
+        args.throttle,
+        alone.throughput(),
+        during.throughput(),
+        100.0 * during.throughput() / alone.throughput(),
+        during.percentile(0.99),
+        alone.percentile(0.99),
+        progress.map_or(0.0, |p| p.per_second)
+    );
+    println!(
+        "  peak memory of this process (all regions): {:.0} MiB after seeding, {:.0} MiB at the end",
+        rss_before,
+        peak_rss_mib()
+    );
+    sa.stop().await?;
+    eu.stop().await?;
+    for config in [&eu_config, &ap_config, &sa_config] {
+        sqlx::Postgres::force_drop_database(&config.database_url).await?;
+    }
+    crate::replication::delete_streams(&args.nats, &deployment, &["eu", "ap", "sa"])
         .await
         .map_err(|e| anyhow::anyhow!("deleting the bench streams: {e}"))?;
     Ok(())

@@ -582,16 +582,35 @@ mod tests {
     #[test]
     fn the_shipped_region_files_load_and_agree() {
         let _no_overrides_meanwhile = Sandbox::new();
-        for folder in ["regions", "regions/compose"] {
+        // The compose deployment's fourth region (docker-compose.add-region.yml) lists the
+        // three it joins; they do not list it.
+        for (folder, regions) in [
+            ("regions", &["eu", "us", "ap"][..]),
+            ("regions/compose", &["eu", "us", "ap", "sa"][..]),
+        ] {
             let mut fingerprints = Vec::new();
-            for region in ["eu", "us", "ap"] {
+            for &region in regions {
                 let path = format!("{}/{folder}/{region}.toml", env!("CARGO_MANIFEST_DIR"));
                 let config =
                     Config::load(Path::new(&path)).unwrap_or_else(|e| panic!("{path}: {e}"));
                 assert_eq!(config.region, region);
                 let mut peers: Vec<&str> = config.regions().collect();
                 peers.sort_unstable();
-                assert_eq!(peers, ["ap", "eu", "us"], "{path}");
+                let expected: &[&str] = if region == "sa" {
+                    &["ap", "eu", "sa", "us"]
+                } else {
+                    &["ap", "eu", "us"]
+                };
+                assert_eq!(peers, expected, "{path}");
+                if folder == "regions/compose" {
+                    // Listening on every interface of a container: peers need the name.
+                    let port = config.listen.rsplit(':').next().unwrap_or_default();
+                    assert_eq!(
+                        config.advertise_url,
+                        Some(format!("http://locus-{region}:{port}")),
+                        "{path}"
+                    );
+                }
                 // What decides resolver outcomes and the deployment's name must agree everywhere.
                 // Any region may create any region's stream, so stream settings agree too.
                 let streams = (

@@ -52,9 +52,33 @@ enum Command {
     /// Resolver authoring.
     #[command(subcommand)]
     Resolver(ResolverCommand),
+    /// Deployment membership.
+    #[command(subcommand)]
+    Region(RegionCommand),
     /// Benchmarks that print measured figures.
     #[command(subcommand)]
     Bench(locus::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RegionCommand {
+    /// Retire a region: move its records to another region, then remove its stream and consumers.
+    /// Sent to the region itself (found through --url), or, with --gone, to the region at --url.
+    Retire {
+        /// The region to retire.
+        id: String,
+        /// The region that homes its records from now on.
+        #[arg(long)]
+        rehome_to: String,
+        /// Any region of the deployment.
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        url: String,
+        /// The region is gone for good (its disk lost): the region at --url takes over its records.
+        #[arg(long)]
+        gone: bool,
+        #[arg(long, env = "LOCUS_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,5 +114,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(command) => locus::bench::run(command).await,
+        Command::Region(RegionCommand::Retire {
+            id,
+            rehome_to,
+            url,
+            gone,
+            admin_token,
+        }) => locus::app::retire(&url, &id, &rehome_to, gone, &admin_token).await,
     }
 }

@@ -21,6 +21,10 @@
 //! versions arrive, so copying and applying at once is safe, and a consumer that waited for the
 //! copy would pin the peers' streams and stall their outboxes. `/readyz` answers 503 with the
 //! copy's progress until it completes; a crash during the copy starts it again at the next start.
+//!
+//! Retiring ([`retire`]): the region's records move to a successor, its stream drains, and the
+//! record marks it retired, after which every region stops reading, forwarding to and repairing
+//! against it. A region gone for good is retired by a survivor, which takes over its records.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -44,17 +48,51 @@ const SYNC_EVERY: Duration = Duration::from_secs(2);
 pub struct MemberRecord {
     /// Base URL of the region's REST API.
     pub api_url: String,
+    #[serde(default)]
+    pub state: MemberState,
+    /// While retiring and once retired: the region its records were moved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rehome_to: Option<String>,
 }
 
-/// The peers of this region: those of its configuration and those the membership records added.
+impl MemberRecord {
+    pub fn active(api_url: impl Into<String>) -> MemberRecord {
+        MemberRecord {
+            api_url: api_url.into(),
+            state: MemberState::Active,
+            rehome_to: None,
+        }
+    }
+}
+
+/// Where a region is in its life. Retired is for good: a region id once retired is not reused
+/// (its version-vector entries stay in every record it wrote).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    #[default]
+    Active,
+    /// Its records are being moved to `rehome_to`; it homes no new record.
+    Retiring,
+    /// Gone: no region reads its stream, forwards to it or repairs against it.
+    Retired,
+}
+
+/// The peers of this region: those of its configuration and those the membership records added,
+/// less the retired.
 pub struct Members {
     own: String,
     /// The peers of the configuration: reached at the URL configured (an operator may route to a
     /// peer by another path than the one it announces); records only add regions.
     configured: std::collections::BTreeSet<String>,
     peers: RwLock<BTreeMap<String, String>>,
-    /// Consumers started for adopted regions (the configured ones start with the region).
-    adopted_consumers: Mutex<Vec<JoinHandle<()>>>,
+    retired: RwLock<std::collections::BTreeSet<String>>,
+    /// This region is retiring: the region that homes the records it would have homed.
+    own_successor: RwLock<Option<String>>,
+    /// The consumer of each peer's stream.
+    consumers: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    /// The region's JetStream, once connected (retirement removes streams and consumers).
+    js: std::sync::OnceLock<jetstream::Context>,
     /// Woken when a membership record is written or applied here.
     pub changed: tokio::sync::Notify,
 }
@@ -66,6 +104,8 @@ pub enum Adoption {
     New,
     /// A known region, now at another URL.
     Moved,
+    /// A peer that is now retired.
+    Retired,
     Unchanged,
 }
 
@@ -81,7 +121,10 @@ impl Members {
                     .map(|p| (p.id.clone(), normalized(&p.api_url)))
                     .collect(),
             ),
-            adopted_consumers: Mutex::new(Vec::new()),
+            retired: RwLock::default(),
+            own_successor: RwLock::default(),
+            consumers: Mutex::default(),
+            js: std::sync::OnceLock::new(),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -107,14 +150,49 @@ impl Members {
         self.peers.read().expect("members lock").contains_key(id)
     }
 
-    /// This region or one of its peers.
+    /// This region or one of its peers (not a retired one).
     pub fn is_region(&self, id: &str) -> bool {
-        id == self.own || self.is_peer(id)
+        (id == self.own && !self.is_retired(id)) || self.is_peer(id)
+    }
+
+    pub fn is_retired(&self, id: &str) -> bool {
+        self.retired.read().expect("members lock").contains(id)
+    }
+
+    /// The regions retired from the deployment, in id order.
+    pub fn retired(&self) -> Vec<String> {
+        self.retired
+            .read()
+            .expect("members lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// While this region retires: the region new records are homed in instead of this one.
+    pub fn successor(&self) -> Option<String> {
+        self.own_successor.read().expect("members lock").clone()
     }
 
     /// Take in what a membership record says about region `id`.
     pub fn adopt(&self, id: &str, record: &MemberRecord) -> Adoption {
-        if id == self.own || self.configured.contains(id) {
+        if record.state != MemberState::Active && id == self.own {
+            *self.own_successor.write().expect("members lock") = record.rehome_to.clone();
+        }
+        if record.state == MemberState::Retired {
+            let newly = self
+                .retired
+                .write()
+                .expect("members lock")
+                .insert(id.to_owned());
+            self.peers.write().expect("members lock").remove(id);
+            return if newly && id != self.own {
+                Adoption::Retired
+            } else {
+                Adoption::Unchanged
+            };
+        }
+        if id == self.own || self.configured.contains(id) || self.is_retired(id) {
             return Adoption::Unchanged;
         }
         let url = normalized(&record.api_url);
@@ -126,14 +204,43 @@ impl Members {
         }
     }
 
-    /// Stop the consumers of adopted regions (the region is stopping).
-    pub fn stop_adopted(&self) {
-        for consumer in self
-            .adopted_consumers
+    /// The region is connected to JetStream: start reading every peer's stream.
+    pub fn connected(&self, region: &Arc<Region>, js: jetstream::Context) {
+        let _ = self.js.set(js);
+        for peer in self.peers() {
+            self.start_consumer(region, &peer.id);
+        }
+    }
+
+    fn start_consumer(&self, region: &Arc<Region>, origin: &str) {
+        let Some(js) = self.js.get().cloned() else {
+            return; // started with the others once connected
+        };
+        let (r, origin_id) = (region.clone(), origin.to_owned());
+        let consumer = region
+            .supervisor
+            .spawn(format!("consumer:{origin}"), move || {
+                crate::replication::consumer::run(r.clone(), js.clone(), origin_id.clone())
+            });
+        if let Some(old) = self
+            .consumers
             .lock()
             .expect("members lock")
-            .drain(..)
+            .insert(origin.to_owned(), consumer)
         {
+            old.abort();
+        }
+    }
+
+    fn stop_consumer(&self, origin: &str) {
+        if let Some(consumer) = self.consumers.lock().expect("members lock").remove(origin) {
+            consumer.abort();
+        }
+    }
+
+    /// Stop every consumer (the region is stopping).
+    pub fn stop_consumers(&self) {
+        for (_, consumer) in std::mem::take(&mut *self.consumers.lock().expect("members lock")) {
             consumer.abort();
         }
     }
@@ -175,8 +282,8 @@ pub async fn record_member(
 
 /// Keep this region's view of the membership current: record its own URL, announce itself to
 /// its configured peers (once each per process), and adopt every region the records name.
-pub async fn run(region: Arc<Region>, js: jetstream::Context, own_url: String) {
-    let own = MemberRecord { api_url: own_url };
+pub async fn run(region: Arc<Region>, own_url: String) {
+    let own = MemberRecord::active(own_url);
     // Writes wait for the incarnation (at most the peers' answer window at start).
     region.settled().await;
     let mut recorded = false;
@@ -187,7 +294,10 @@ pub async fn run(region: Arc<Region>, js: jetstream::Context, own_url: String) {
         .build()
         .expect("an HTTP client with plain settings builds");
     loop {
-        if !recorded {
+        if !recorded
+            && region.members.successor().is_none()
+            && !region.members.is_retired(region.id())
+        {
             match record_member(&region, region.id(), &own).await {
                 Ok(_) => recorded = true,
                 Err(error) => {
@@ -222,7 +332,7 @@ pub async fn run(region: Arc<Region>, js: jetstream::Context, own_url: String) {
                 }
             }
         }
-        if let Err(error) = adopt_recorded(&region, &js).await {
+        if let Err(error) = adopt_recorded(&region).await {
             tracing::warn!(%error, "cannot read the membership records; retrying");
         }
         tokio::select! {
@@ -232,21 +342,37 @@ pub async fn run(region: Arc<Region>, js: jetstream::Context, own_url: String) {
     }
 }
 
-/// Adopt every region the membership records name that this region does not know yet: read its
-/// stream (creating this region's consumer on it, and the stream if it is missing), forward to
-/// it, repair against it.
-async fn adopt_recorded(
-    region: &Arc<Region>,
-    js: &jetstream::Context,
-) -> Result<(), crate::storage::StorageError> {
+/// Take in the membership records held here, before the region starts replicating: a restarted
+/// region reads the streams of regions it adopted and not those of retired ones.
+pub async fn load_recorded(region: &Region) -> Result<(), crate::storage::StorageError> {
+    for (id, record) in recorded(region).await? {
+        region.members.adopt(&id, &record);
+    }
+    Ok(())
+}
+
+async fn recorded(
+    region: &Region,
+) -> Result<Vec<(String, MemberRecord)>, crate::storage::StorageError> {
+    let mut records = Vec::new();
     for (id, state) in region.store.list_all(REGIONS_COLLECTION).await? {
         let Some(winner) = lww_winner(&state).filter(|v| !v.deleted) else {
             continue;
         };
-        let Ok(record) = serde_json::from_value::<MemberRecord>(winner.value.clone()) else {
-            tracing::warn!(region = %id, "membership record does not decode; ignored");
-            continue;
-        };
+        match serde_json::from_value::<MemberRecord>(winner.value.clone()) {
+            Ok(record) => records.push((id, record)),
+            Err(error) => {
+                tracing::warn!(region = %id, %error, "membership record does not decode; ignored")
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Adopt every region the membership records name that this region does not know yet (read its
+/// stream, forward to it, repair against it), and let go of every region retired since.
+async fn adopt_recorded(region: &Arc<Region>) -> Result<(), crate::storage::StorageError> {
+    for (id, record) in recorded(region).await? {
         match region.members.adopt(&id, &record) {
             Adoption::Unchanged => {}
             Adoption::Moved => {
@@ -254,23 +380,48 @@ async fn adopt_recorded(
             }
             Adoption::New => {
                 tracing::info!(peer = %id, url = %record.api_url, "region joined the deployment; adopting it");
-                let (r, j, origin) = (region.clone(), js.clone(), id.clone());
-                let consumer = region.supervisor.spawn(format!("consumer:{id}"), move || {
-                    crate::replication::consumer::run(r.clone(), j.clone(), origin.clone())
-                });
-                region
-                    .members
-                    .adopted_consumers
-                    .lock()
-                    .expect("members lock")
-                    .push(consumer);
+                region.members.start_consumer(region, &id);
                 // Whatever the newcomer holds that the stream will not bring (a write it took
                 // before this region adopted it) comes with the next round.
+                region.repair_wanted.notify_one();
+            }
+            Adoption::Retired => {
+                tracing::info!(peer = %id, rehomed_to = ?record.rehome_to, "region retired; no longer reading, forwarding to or repairing against it");
+                region.members.stop_consumer(&id);
+                if let Some(js) = region.members.js.get() {
+                    let own =
+                        crate::replication::stream_name(&region.config.deployment, region.id());
+                    if let Err(error) = remove_consumer(js, &own, &id).await {
+                        tracing::warn!(peer = %id, %error, "cannot remove the retired region's consumer from this region's stream");
+                    }
+                }
+                // What the retired region's stream still carried comes from the survivors.
                 region.repair_wanted.notify_one();
             }
         }
     }
     Ok(())
+}
+
+/// Remove `reader`'s consumer from `stream`; a stream or consumer already gone is fine.
+async fn remove_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    reader: &str,
+) -> Result<(), async_nats::Error> {
+    let stream = match js.get_stream(stream).await {
+        Ok(stream) => stream,
+        Err(error) if error.to_string().contains("not found") => return Ok(()),
+        Err(error) => return Err(error.into()),
+    };
+    match stream
+        .delete_consumer(&crate::replication::consumer_name(reader))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.to_string().contains("not found") => Ok(()),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// The first copy of a region on an empty database; see the module docs. Returns once a repair
@@ -307,4 +458,276 @@ pub async fn bootstrap(region: &Region) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetireError {
+    #[error("{0:?} is not a region of this deployment")]
+    UnknownRegion(String),
+    /// The successor is not a region that can take the records.
+    #[error("{0}")]
+    BadSuccessor(String),
+    /// The request was sent to the wrong region for what it asks.
+    #[error("{0}")]
+    WrongRegion(String),
+    /// A step did not complete in time (NATS unreachable, a peer that does not apply).
+    #[error("{0}")]
+    Stalled(String),
+    #[error(transparent)]
+    Repair(#[from] crate::replication::repair::RepairError),
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+/// What a retirement did.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RetireReport {
+    pub region: String,
+    pub rehomed_to: String,
+    /// Retired by a survivor because the region is gone for good.
+    pub gone: bool,
+    pub records_rehomed: u64,
+    pub seconds: f64,
+}
+
+/// How long each waiting step of a retirement may take.
+const RETIRE_STEP: Duration = Duration::from_secs(60);
+/// Records rehomed per page of the scan.
+const REHOME_PAGE: i64 = 500;
+
+/// Retire region `id`, moving its records to `successor`.
+///
+/// Live (`id` is this region): mark this region retiring (it homes no new record from then on),
+/// rehome every record it homes (as the home, the ordinary way), let its outbox drain, mark it
+/// retired, wait until every reader of its stream has applied all of it, then remove its stream
+/// and its consumers. The peers, on applying the retired record, stop reading, forwarding to and
+/// repairing against it, and remove its consumer from their own streams.
+///
+/// Gone for good (`gone`, run by a survivor): after a repair round against every other survivor
+/// and once this region has applied everything the gone region's stream holds, take over each of
+/// its records with a new home epoch, mark it retired and remove its stream. Version-vector entries
+/// of a retired region stay in every record: they are history, not membership.
+pub async fn retire(
+    region: &Region,
+    id: &str,
+    successor: &str,
+    gone: bool,
+) -> Result<RetireReport, RetireError> {
+    let started = std::time::Instant::now();
+    if !region.members.is_region(id) {
+        return Err(RetireError::UnknownRegion(id.to_owned()));
+    }
+    if successor == id || !region.members.is_region(successor) {
+        return Err(RetireError::BadSuccessor(format!(
+            "{successor:?} cannot take {id}'s records: name another region of this deployment"
+        )));
+    }
+    let url = member_record(region, id)
+        .await?
+        .map(|r| r.api_url)
+        .or_else(|| region.members.url(id))
+        .unwrap_or_default();
+    let marked = |state| MemberRecord {
+        api_url: url.clone(),
+        state,
+        rehome_to: Some(successor.to_owned()),
+    };
+    let records_rehomed = if id == region.id() {
+        if gone {
+            return Err(RetireError::WrongRegion(format!(
+                "{id} answers this request, so it is not gone: retire it without \"gone\""
+            )));
+        }
+        let retiring = marked(MemberState::Retiring);
+        record_member(region, id, &retiring).await?;
+        region.members.adopt(id, &retiring);
+        tracing::info!(%successor, "retiring: moving this region's records to its successor");
+        let moved = rehome_all(region, id, successor).await?;
+        wait_for_outbox(region).await?;
+        let retired = marked(MemberState::Retired);
+        record_member(region, id, &retired).await?;
+        wait_for_outbox(region).await?;
+        let own_stream = crate::replication::stream_name(&region.config.deployment, id);
+        wait_until_read(region, &own_stream).await;
+        region.members.stop_consumers();
+        region.members.adopt(id, &retired);
+        if let Some(js) = region.members.js.get() {
+            for peer in region.members.peers() {
+                let stream = crate::replication::stream_name(&region.config.deployment, &peer.id);
+                if let Err(error) = remove_consumer(js, &stream, id).await {
+                    tracing::warn!(peer = %peer.id, %error, "cannot remove this region's consumer from the peer's stream");
+                }
+            }
+            delete_stream(js, &own_stream).await;
+        }
+        moved
+    } else {
+        if !gone {
+            let at = region.members.url(id).unwrap_or_default();
+            return Err(RetireError::WrongRegion(format!(
+                "a region retires itself: send this to {id} ({at}); if {id} is gone for good, add \"gone\": true"
+            )));
+        }
+        if answers(region, &url).await {
+            return Err(RetireError::WrongRegion(format!(
+                "{id} answers at {url}, so it is not gone: retire it at {id} itself"
+            )));
+        }
+        record_member(region, id, &marked(MemberState::Retiring)).await?;
+        for peer in region.members.peers() {
+            if peer.id != id {
+                crate::replication::repair::round(region, &peer.id).await?;
+            }
+        }
+        let gone_stream = crate::replication::stream_name(&region.config.deployment, id);
+        wait_until_applied(region, &gone_stream).await?;
+        tracing::info!(%id, %successor, "taking over the records of a region gone for good");
+        let moved = rehome_all(region, id, successor).await?;
+        let retired = marked(MemberState::Retired);
+        record_member(region, id, &retired).await?;
+        region.members.adopt(id, &retired);
+        region.members.stop_consumer(id);
+        wait_for_outbox(region).await?;
+        if let Some(js) = region.members.js.get() {
+            let own = crate::replication::stream_name(&region.config.deployment, region.id());
+            if let Err(error) = remove_consumer(js, &own, id).await {
+                tracing::warn!(%id, %error, "cannot remove the retired region's consumer");
+            }
+            delete_stream(js, &gone_stream).await;
+        }
+        region.repair_wanted.notify_one();
+        moved
+    };
+    let report = RetireReport {
+        region: id.to_owned(),
+        rehomed_to: successor.to_owned(),
+        gone,
+        records_rehomed,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    tracing::info!(retired = %id, %successor, gone, records_rehomed, "region retired");
+    Ok(report)
+}
+
+async fn member_record(
+    region: &Region,
+    id: &str,
+) -> Result<Option<MemberRecord>, crate::storage::StorageError> {
+    Ok(recorded(region)
+        .await?
+        .into_iter()
+        .find_map(|(member, record)| (member == id).then_some(record)))
+}
+
+/// Move every record homed in `from` to `to`, tombstones included, page by page, until a pass
+/// finds none (a record created meanwhile is caught by the next pass).
+async fn rehome_all(region: &Region, from: &str, to: &str) -> Result<u64, RetireError> {
+    let mut moved = 0;
+    loop {
+        let mut after = None;
+        let mut found = 0;
+        loop {
+            let page = region
+                .store
+                .homed_in(from, after.as_ref(), REHOME_PAGE)
+                .await?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            found += page.len();
+            for (collection, key) in &page {
+                moved += u64::from(region.move_home(collection, key, from, to).await?);
+            }
+            tracing::info!(moved, "rehoming the retiring region's records");
+            after = Some(last);
+        }
+        if found == 0 {
+            return Ok(moved);
+        }
+    }
+}
+
+async fn wait_for_outbox(region: &Region) -> Result<(), RetireError> {
+    let deadline = tokio::time::Instant::now() + RETIRE_STEP;
+    while region.store.outbox_backlog().await? > 0 {
+        if tokio::time::Instant::now() > deadline {
+            return Err(RetireError::Stalled(
+                "the outbox did not drain within 60 s: is NATS reachable? Retry the retirement once it is".into(),
+            ));
+        }
+        region.outbox_signal.notify_one();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Wait (a while) until no event of `stream` is left unacknowledged by its readers: every peer
+/// has applied all this region wrote. A peer that does not gets the rest by repair.
+async fn wait_until_read(region: &Region, stream: &str) {
+    let Some(js) = region.members.js.get() else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + RETIRE_STEP;
+    while tokio::time::Instant::now() < deadline {
+        match js.get_stream(stream).await {
+            Ok(mut s) => match s.info().await {
+                Ok(info) if info.state.messages == 0 => return,
+                _ => {}
+            },
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!(%stream, "peers did not apply all of this region's stream within 60 s; they repair the rest from the survivors");
+}
+
+/// Wait until this region has applied every event of `stream` (a gone region's).
+async fn wait_until_applied(region: &Region, stream: &str) -> Result<(), RetireError> {
+    let Some(js) = region.members.js.get() else {
+        return Ok(());
+    };
+    let consumer = crate::replication::consumer_name(region.id());
+    let deadline = tokio::time::Instant::now() + RETIRE_STEP;
+    loop {
+        let Ok(s) = js.get_stream(stream).await else {
+            return Ok(()); // no stream: nothing left to apply
+        };
+        match s.consumer_info(&consumer).await {
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return Ok(()),
+            Err(_) => return Ok(()),
+            _ => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(RetireError::Stalled(format!(
+                "this region has not applied all of {stream} within 60 s; retry once replication catches up"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn delete_stream(js: &jetstream::Context, stream: &str) {
+    match js.delete_stream(stream).await {
+        Ok(_) => {}
+        Err(error) if error.to_string().contains("not found") => {}
+        Err(error) => {
+            tracing::warn!(%stream, %error, "cannot delete the retired region's stream; delete it by hand")
+        }
+    }
+}
+
+/// Whether the API at `url` answers its liveness check within a second.
+async fn answers(region: &Region, url: &str) -> bool {
+    let client = reqwest::Client::builder()
+        .connect_timeout(region.config.connect_timeout())
+        .timeout(Duration::from_secs(1))
+        .build()
+        .expect("an HTTP client with plain settings builds");
+    client
+        .get(format!("{url}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }

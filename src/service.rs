@@ -756,11 +756,58 @@ impl Region {
         Home { epoch, region }
     }
 
+    /// A region that is retiring homes no new record: its successor does.
     fn placement(&self, request: &WriteRequest, policy: &Policy) -> String {
-        request
+        let chosen = request
             .home_hint
             .clone()
             .or_else(|| policy.default_home.clone())
-            .unwrap_or_else(|| self.config.region.clone())
+            .unwrap_or_else(|| self.config.region.clone());
+        match self.members.successor() {
+            Some(successor) if chosen == self.config.region => successor,
+            _ => chosen,
+        }
+    }
+
+    /// Move a record homed in a retiring region (`from`) to `target` with a new home epoch, the
+    /// record's versions and tombstones unchanged: at the retiring region itself, or at a survivor
+    /// when it is gone for good (it cannot move them then). Returns whether it moved.
+    pub async fn move_home(
+        &self,
+        collection: &str,
+        key: &str,
+        from: &str,
+        target: &str,
+    ) -> Result<bool, ServiceError> {
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let locked = self.store.lock(collection, key).await?;
+            let Some(mut state) = locked.loaded.state.clone() else {
+                return Ok(false);
+            };
+            if state.home.region != from {
+                return Ok(false);
+            }
+            state.home = Home {
+                epoch: state.home.epoch + 1,
+                region: target.to_owned(),
+            };
+            let carried = lww_winner(&state)
+                .expect("a stored record has a version")
+                .clone();
+            let event =
+                Event::new(self.id(), collection, key, state.home.clone(), carried).encode();
+            let actor = self.actor().await?;
+            let event = OutboxEvent {
+                bytes: &event,
+                actor: actor.as_str(),
+            };
+            if !locked.save(collection, key, &state, &event).await? {
+                continue;
+            }
+            self.cache.forget(collection, key);
+            self.outbox_signal.notify_one();
+            return Ok(true);
+        }
+        Err(ServiceError::Contention)
     }
 }

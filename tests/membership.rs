@@ -212,3 +212,244 @@ async fn an_announcement_needs_the_peer_token_and_a_valid_region_and_url() {
         .await
         .unwrap();
 }
+
+async fn retire_ap(c: &crate::helpers::Cluster, at: &str, gone: bool) -> reqwest::Response {
+    c.request(at, Method::POST, "/v1/regions/ap/retire")
+        .bearer_auth(crate::helpers::ADMIN)
+        .json(&json!({"rehome_to": "eu", "gone": gone}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The home each region of `ids` gives `key`.
+async fn homes(
+    c: &crate::helpers::Cluster,
+    ids: &[&str],
+    collection: &str,
+    key: &str,
+) -> Vec<String> {
+    let mut homes = Vec::new();
+    for id in ids {
+        let body: Value = c.get(id, collection, key).await.json().await.unwrap();
+        homes.push(body["home"].as_str().unwrap_or_default().to_owned());
+    }
+    homes
+}
+
+async fn stream_exists(deployment: &str, region: &str) -> bool {
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
+    js.get_stream(locus::replication::stream_name(deployment, region))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn retiring_a_region_moves_its_records_loses_no_write_and_removes_its_stream() {
+    let mut c = Setup::regions(&["eu", "us", "ap"]).start().await;
+    for i in 0..40 {
+        let response = c
+            .put("ap", "notes", &format!("n{i:02}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        c.delete("ap", "notes", "n39").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        c.put("eu", "notes", "at-eu", &json!("stays"))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    c.assert_converged().await;
+
+    // A client keeps updating ap's records through eu while ap retires; the last value it was
+    // acknowledged for each key is what every region ends with.
+    let last_acknowledged: Arc<Mutex<BTreeMap<String, Value>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, http) = (c.url("eu").to_owned(), c.http.clone());
+        let (last_acknowledged, stop) = (last_acknowledged.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for i in 0..39 {
+                    let key = format!("n{i:02}");
+                    let value = json!({"i": i, "round": round});
+                    let response = http
+                        .put(format!("{url}{}", record_path("notes", &key)))
+                        .json(&value)
+                        .send()
+                        .await
+                        .unwrap();
+                    if response.status().is_success() {
+                        last_acknowledged.lock().unwrap().insert(key, value);
+                    }
+                }
+                round += 1;
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // Through the command's code path: found through eu, retired at ap itself.
+    locus::app::retire(c.url("eu"), "ap", "us", false, crate::helpers::ADMIN)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+
+    for id in ["eu", "us"] {
+        eventually(30, "the peers let go of ap", || async {
+            let listed = c.get_json(id, "/v1/regions").await;
+            listed["retired"] == json!(["ap"])
+                && !listed["regions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["id"] == "ap")
+        })
+        .await;
+    }
+    assert!(
+        !stream_exists(&c.deployment, "ap").await,
+        "ap's stream is removed"
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(crate::helpers::nats()).await.unwrap());
+    for id in ["eu", "us"] {
+        let stream = js
+            .get_stream(locus::replication::stream_name(&c.deployment, id))
+            .await
+            .unwrap();
+        eventually(30, "ap's consumers are removed", || async {
+            stream
+                .consumer_info(locus::replication::consumer_name("ap"))
+                .await
+                .is_err()
+        })
+        .await;
+    }
+    // A retired region is no home and no target.
+    let response = c
+        .request("eu", Method::PUT, &record_path("notes", "new"))
+        .header("locus-home", "ap")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    c.stop("ap").await;
+
+    c.assert_converged().await;
+    for i in 0..40 {
+        let key = format!("n{i:02}");
+        eventually(
+            30,
+            "every moved record is homed in us everywhere",
+            || async {
+                homes(&c, &["eu", "us"], "notes", &key).await == ["us", "us"] || i == 39
+                // the tombstone: no body to read its home from
+            },
+        )
+        .await;
+    }
+    let deleted = c.get("us", "notes", "n39").await;
+    assert_eq!(
+        deleted.status(),
+        StatusCode::NOT_FOUND,
+        "the deletion survives the move"
+    );
+    assert_eq!(homes(&c, &["eu"], "notes", "at-eu").await, ["eu"]);
+    let last_acknowledged = last_acknowledged.lock().unwrap().clone();
+    assert_eq!(
+        last_acknowledged.len(),
+        39,
+        "the writer ran across the retirement"
+    );
+    for id in ["eu", "us"] {
+        for (key, value) in &last_acknowledged {
+            let body: Value = c.get(id, "notes", key).await.json().await.unwrap();
+            assert_eq!(&body["value"], value, "{id} {key}");
+        }
+    }
+    // Writes to the moved records now go to their new home.
+    let response = c.put("eu", "notes", "n00", &json!("after")).await;
+    assert!(response.status().is_success());
+    assert_eq!(
+        crate::helpers::header(&response, "locus-region"),
+        Some("us")
+    );
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_region_gone_for_good_is_retired_by_a_survivor_that_takes_over_its_records() {
+    let mut c = Setup::regions(&["eu", "us", "ap"]).start().await;
+    for i in 0..25 {
+        let response = c
+            .put("ap", "notes", &format!("n{i:02}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    c.assert_converged().await;
+    // Not gone while it answers; a live region retires itself; unknown regions and successors.
+    crate::helpers::expect_problem(retire_ap(&c, "eu", true).await, StatusCode::CONFLICT).await;
+    crate::helpers::expect_problem(retire_ap(&c, "eu", false).await, StatusCode::CONFLICT).await;
+    let unknown = c
+        .request("eu", Method::POST, "/v1/regions/mars/retire")
+        .bearer_auth(crate::helpers::ADMIN)
+        .json(&json!({"rehome_to": "eu"}))
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::expect_problem(unknown, StatusCode::NOT_FOUND).await;
+    let to_itself = c
+        .request("eu", Method::POST, "/v1/regions/ap/retire")
+        .bearer_auth(crate::helpers::ADMIN)
+        .json(&json!({"rehome_to": "ap", "gone": true}))
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::expect_problem(to_itself, StatusCode::BAD_REQUEST).await;
+    let no_token = c
+        .request("eu", Method::POST, "/v1/regions/ap/retire")
+        .json(&json!({"rehome_to": "eu", "gone": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_token.status(), StatusCode::UNAUTHORIZED);
+
+    c.stop("ap").await;
+    let response = retire_ap(&c, "eu", true).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["records_rehomed"], 25, "{report}");
+    assert_eq!(report["gone"], true, "{report}");
+    assert!(
+        !stream_exists(&c.deployment, "ap").await,
+        "ap's stream is removed"
+    );
+    eventually(30, "us learns that ap is retired", || async {
+        c.get_json("us", "/v1/regions").await["retired"] == json!(["ap"])
+    })
+    .await;
+    for i in 0..25 {
+        let key = format!("n{i:02}");
+        eventually(
+            30,
+            "every record of ap is homed in eu everywhere",
+            || async { homes(&c, &["eu", "us"], "notes", &key).await == ["eu", "eu"] },
+        )
+        .await;
+    }
+    let response = c.put("us", "notes", "n03", &json!("after")).await;
+    assert!(response.status().is_success());
+    assert_eq!(
+        crate::helpers::header(&response, "locus-region"),
+        Some("eu")
+    );
+    c.teardown().await;
+}

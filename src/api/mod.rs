@@ -262,10 +262,14 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/v1/regions", get(regions::list))
         .route(
-            "/v1/regions/{peer}/repair",
+            "/v1/regions/{id}/repair",
             axum::routing::post(repair::repair_now),
         )
         .route("/v1/peer/actors/{actor}", get(repair::actor_seen))
+        .route(
+            "/v1/regions/{id}/retire",
+            axum::routing::post(regions::retire),
+        )
         .route(
             "/v1/peer/members/{id}",
             axum::routing::put(regions::announce),

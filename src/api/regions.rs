@@ -54,6 +54,8 @@ pub struct RegionsBody {
     /// A new region copying the deployment's data from a peer (its progress is in that peer's
     /// `replication.repair.progress`); it reports ready once the copy is complete.
     pub bootstrapping: bool,
+    /// Regions retired from the deployment (`/v1/regions/{id}/retire`).
+    pub retired: Vec<String>,
     pub regions: Vec<RegionEntry>,
 }
 
@@ -115,6 +117,7 @@ pub async fn list(
         dead_letters,
         catching_up_from: region.catching_up(),
         bootstrapping: region.is_bootstrapping(),
+        retired: region.members.retired(),
         regions,
     }))
 }
@@ -157,4 +160,54 @@ pub async fn announce(
         tracing::info!(peer = %id, url = %record.api_url, "region announced itself; recorded as a member");
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetireBody {
+    /// The region that homes the retired region's records from now on.
+    pub rehome_to: String,
+    /// The region is gone for good (its disk lost): a survivor, the one that answers, takes over
+    /// its records. Without it, the request must reach the retiring region itself.
+    #[serde(default)]
+    pub gone: bool,
+}
+
+/// Most bytes of a retirement request.
+const RETIRE_BYTES: usize = 4 * 1024;
+
+#[utoipa::path(post, path = "/v1/regions/{id}/retire", tag = "regions",
+    params(("id" = String, Path, description = "the region to retire")),
+    request_body = RetireBody,
+    responses((status = 200, description = "the region is retired: its records are homed in `rehome_to`, its stream and consumers removed", body = membership::RetireReport),
+              (status = 400, description = "bad body or successor", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 401, description = "no admin token", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 404, description = "not a region of this deployment", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 409, description = "sent to a region other than the one retiring without `gone`, or `gone` for a region that answers", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 503, description = "a step did not complete in time (the outbox did not drain, replication lags); retrying is safe", body = super::error::Problem, content_type = "application/problem+json")))]
+/// Retire a region ([`membership::retire`]): sent to the region itself, or with `gone` to a
+/// survivor when the region is lost for good. Safe to retry.
+pub async fn retire(
+    State(s): State<SharedState>,
+    request_headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+    body: Body,
+) -> Result<Json<membership::RetireReport>, ApiError> {
+    s.require_admin(&request_headers)?;
+    let bytes = headers::json_body(&request_headers, body, RETIRE_BYTES).await?;
+    let request: RetireBody = headers::parse_json(&bytes)?;
+    membership::retire(&s.region, &id, &request.rehome_to, request.gone)
+        .await
+        .map(Json)
+        .map_err(|error| match error {
+            membership::RetireError::UnknownRegion(_) => ApiError::NotFound(error.to_string()),
+            membership::RetireError::BadSuccessor(_) => {
+                ApiError::bad_request("unknown-region", error.to_string())
+            }
+            membership::RetireError::WrongRegion(_) => ApiError::Conflict(error.to_string()),
+            membership::RetireError::Stalled(_) => ApiError::NotReady(error.to_string()),
+            membership::RetireError::Repair(_) => ApiError::PeerFailed(error.to_string()),
+            membership::RetireError::Service(e) => e.into(),
+            membership::RetireError::Storage(e) => ApiError::Storage(e),
+        })
 }

@@ -203,8 +203,8 @@ pub async fn actor_seen(
     }))
 }
 
-#[utoipa::path(post, path = "/v1/regions/{peer}/repair", tag = "regions",
-    params(("peer" = String, Path, description = "the peer to pull from")),
+#[utoipa::path(post, path = "/v1/regions/{id}/repair", tag = "regions",
+    params(("id" = String, Path, description = "the peer to pull from")),
     responses((status = 200, description = "the round ran to its end", body = RepairReport),
               (status = 401, description = "no admin token", body = super::error::Problem, content_type = "application/problem+json"),
               (status = 404, description = "not a peer of this region", body = super::error::Problem, content_type = "application/problem+json"),

@@ -51,6 +51,10 @@ enum ConsumeError {
 
 pub async fn run(region: Arc<Region>, js: jetstream::Context, origin: String) {
     loop {
+        if region.members.is_retired(&origin) {
+            // Never recreate a retired region's stream; the membership worker stops this task.
+            return std::future::pending().await;
+        }
         match consume(&region, &js, &origin).await {
             Ok(()) => return,
             Err(ConsumeError::NeedsUpgrade(reason)) => {

@@ -169,6 +169,29 @@ impl Store {
 
     /// Every collection that holds at least one row, system collections included, in name order.
     /// A loose index scan: one index probe per collection, not a scan of every record.
+    /// Up to `limit` records homed in `region`, user collections only (system collections are
+    /// writable everywhere and have no home to move), in `(collection, key)` order after `after`.
+    pub async fn homed_in(
+        &self,
+        region: &str,
+        after: Option<&(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>, StorageError> {
+        let (collection, key) = after.cloned().unwrap_or_default();
+        Ok(sqlx::query_as(
+            "SELECT collection, key FROM records
+              WHERE (collection, key) > ($2, $3) AND collection NOT LIKE '\\_%'
+                AND state->'home'->>'region' = $1
+              ORDER BY collection, key LIMIT $4",
+        )
+        .bind(region)
+        .bind(collection)
+        .bind(key)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn collections_with_records(&self) -> Result<Vec<String>, StorageError> {
         let names = sqlx::query_scalar(
             "WITH RECURSIVE names AS (
