@@ -2,7 +2,9 @@
 //! very files `docker-compose.yml` mounts (`deploy/nats/<region>.conf`, with only addresses and
 //! paths substituted): three clusters of three, joined by gateways into a supercluster. Three locus
 //! regions each talk to their own region's cluster and place their stream there, three times
-//! replicated. The test cuts one region off entirely and checks that nothing acknowledged is lost.
+//! replicated. The test cuts one region off entirely and checks that nothing acknowledged is lost,
+//! then adds a fourth region the way `docker-compose.add-region.yml` does: a fourth cluster from
+//! `deploy/nats/sa.conf` joins by its gateways alone, and region sa joins the running deployment.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +17,8 @@ use serde_json::{json, Value};
 use crate::helpers::{eventually, free_port, record_path, Cluster, Setup};
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
+/// The region `docker-compose.add-region.yml` adds.
+const ADDED: &str = "sa";
 
 /// The ports one server listens on.
 #[derive(Debug, Clone, Copy)]
@@ -32,17 +36,22 @@ pub struct Supercluster {
 }
 
 fn servers() -> Vec<(String, &'static str)> {
-    REGIONS
-        .iter()
-        .flat_map(|r| (1..=3).map(move |i| (format!("nats-{r}-{i}"), *r)))
+    REGIONS.iter().flat_map(|r| servers_of(r)).collect()
+}
+
+fn servers_of(region: &'static str) -> Vec<(String, &'static str)> {
+    (1..=3)
+        .map(move |i| (format!("nats-{region}-{i}"), region))
         .collect()
 }
 
 impl Supercluster {
     pub async fn start() -> Supercluster {
         let dir = std::env::temp_dir().join(format!("locus-super-{:08x}", rand::random::<u32>()));
+        // Ports for the added region's servers too, so every file's addresses can be substituted.
         let ports = servers()
             .into_iter()
+            .chain(servers_of(ADDED))
             .map(|(name, _)| {
                 let ports = Ports {
                     client: free_port(),
@@ -123,6 +132,17 @@ impl Supercluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("{name} did not start; see {}", self.dir.display());
+    }
+
+    /// Start the added region's cluster: its gateways reach the running clusters, which learn
+    /// of it from them.
+    pub async fn add_region(&mut self) {
+        for (name, _) in servers_of(ADDED) {
+            self.start_server(&name);
+        }
+        for (name, _) in servers_of(ADDED) {
+            self.wait_listening(&name).await;
+        }
     }
 
     /// SIGKILL one server.
@@ -209,13 +229,15 @@ async fn three_regions_on_a_nats_supercluster_survive_losing_a_server_and_a_whol
     let mut nats = Supercluster::start().await;
     let urls: HashMap<String, String> = REGIONS
         .iter()
+        .chain([&ADDED])
         .map(|r| (r.to_string(), nats.urls(r)))
         .collect();
     let mut configs = HashMap::new();
     let setup_urls = urls.clone();
     // The regions start at once, while the supercluster is still electing its leaders: a stream
     // that cannot be created yet is retried, and writes wait in the outbox meanwhile.
-    let mut c = Setup::regions(&REGIONS)
+    let mut c = Setup::regions(&["eu", "us", "ap", ADDED])
+        .joining_later(&[ADDED])
         .tweak(move |config| {
             config.nats_url = setup_urls[&config.region].clone();
             config.replication.stream_replicas = 3;
@@ -419,6 +441,38 @@ async fn three_regions_on_a_nats_supercluster_survive_losing_a_server_and_a_whol
     }
     let regions = c.get_json("eu", "/v1/regions").await;
     assert_eq!(regions["regions"][0]["outbox_backlog"], 0, "{regions}");
+
+    // A fourth region joins, as docker-compose.add-region.yml adds it: its own cluster, joined to
+    // the supercluster by its gateways alone, and a region that lists the three as peers.
+    nats.add_region().await;
+    c.join(ADDED).await;
+    eventually(
+        120,
+        "sa copies the deployment's data and reports ready",
+        || async { c.get_status(ADDED, "/readyz").await == StatusCode::OK },
+    )
+    .await;
+    let r = write(&c, ADDED, "notes", "from-sa", json!({"by": ADDED}), None).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    eventually(
+        60,
+        "sa's write crosses the gateways to every region",
+        || async {
+            for reader in REGIONS {
+                if !visible(&c, reader, "notes", "from-sa", &json!({"by": ADDED})).await {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    for (collection, key, value) in &acknowledged {
+        assert!(
+            visible(&c, ADDED, collection, key, value).await,
+            "sa lacks {collection}/{key} = {value}"
+        );
+    }
     c.teardown().await;
     drop(nats);
 }
