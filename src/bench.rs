@@ -868,13 +868,22 @@ async fn live_writes(
     reader: &crate::app::RunningRegion,
     label: &str,
 ) -> anyhow::Result<(Figures, Vec<Duration>)> {
+    live_writes_for(writer, reader, label, LIVE_SECONDS).await
+}
+
+async fn live_writes_for(
+    writer: &crate::app::RunningRegion,
+    reader: &crate::app::RunningRegion,
+    label: &str,
+    seconds: u64,
+) -> anyhow::Result<(Figures, Vec<Duration>)> {
     let http = reqwest::Client::new();
     let url = writer.url();
     let origin = writer.region.id().to_owned();
     let region = reader.region.clone();
     let sampler = tokio::spawn(async move {
         let mut lags = Vec::new();
-        let until = Instant::now() + Duration::from_secs(LIVE_SECONDS);
+        let until = Instant::now() + Duration::from_secs(seconds);
         while Instant::now() < until {
             if let Some(lag) = region.replication.peer(&origin).and_then(|p| p.lag_ms) {
                 lags.push(Duration::from_millis(lag));
@@ -884,7 +893,7 @@ async fn live_writes(
         lags
     });
     let run = rand::random::<u32>();
-    let figures = drive(label, 4, LIVE_SECONDS, move |client, n| {
+    let figures = drive(label, 4, seconds, move |client, n| {
         let (http, url) = (http.clone(), url.clone());
         async move {
             put_sample(
@@ -1095,6 +1104,10 @@ async fn until_copied(region: &crate::app::RunningRegion) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// How long eu's write throughput is measured, alone and during the throttled copy: long enough
+/// that the round's start (both sides scan their digests) weighs no more than it does in a copy.
+const WINDOW_SECONDS: u64 = 10;
+
 async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     let deployment = format!("bench{:08x}", rand::random::<u32>());
     println!(
@@ -1127,25 +1140,39 @@ async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
         args.records,
         args.records as f64 / seconds
     );
-    ap.stop().await?;
-
-    // Throttled, under writes at eu: eu's throughput alone, then while a new region copies.
-    let alone = live_writes(&eu, &eu, "writes at eu, no copy").await?.0;
-    let (sa, sa_config) = new_region(&args, &deployment, "sa", &eu.url(), args.throttle).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await; // past the attach, into the copy
-    let during = live_writes(&eu, &eu, "writes at eu during a throttled copy")
+    // Throttled, under writes at eu: eu's throughput while ap (caught up) applies them, then
+    // while a new region copies eu's data and applies them instead. One region applies eu's
+    // writes in both phases: on this one machine its applies cost eu as much as the copy does.
+    let alone = live_writes_for(&eu, &eu, "writes at eu, ap applying", WINDOW_SECONDS)
         .await?
         .0;
-    let progress = sa.region.replication.repair_progress_now("eu");
+    ap.stop().await?;
+    let (sa, sa_config) = new_region(&args, &deployment, "sa", &eu.url(), args.throttle).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // past the attach, into the copy
+    let during = live_writes_for(
+        &eu,
+        &eu,
+        "writes at eu during a throttled copy",
+        WINDOW_SECONDS,
+    )
+    .await?
+    .0;
+    let copy_rate = sa
+        .region
+        .replication
+        .repair_progress_now("eu")
+        .map_or(0.0, |p| {
+            p.records_copied as f64 / p.seconds.max(f64::EPSILON)
+        });
     println!(
-        "  throttled to {}/s: eu's writes {:.0}/s alone, {:.0}/s during the copy = {:.0}% (p99 {:.1} ms vs {:.1} ms); the copy ran at {:.0} records compared/s",
+        "  throttled to {}/s: eu's writes {:.0}/s with ap applying them, {:.0}/s with sa copying and applying them = {:.0}% (p99 {:.1} ms vs {:.1} ms); the copy ran at {:.0} records copied/s",
         args.throttle,
         alone.throughput(),
         during.throughput(),
         100.0 * during.throughput() / alone.throughput(),
         during.percentile(0.99),
         alone.percentile(0.99),
-        progress.map_or(0.0, |p| p.per_second)
+        copy_rate
     );
     println!(
         "  peak memory of this process (all regions): {:.0} MiB after seeding, {:.0} MiB at the end",

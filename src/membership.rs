@@ -9,8 +9,9 @@
 //! learns a new member within a replication delay, without a restart, and one that was down
 //! learns it from repair.
 //!
-//! Joining: the new region's configuration lists the existing regions. It announces itself to
-//! each (`PUT /v1/peer/members/{id}`, peer token); the peer writes the membership record, which
+//! Joining: the new region's configuration lists the existing regions. At every start it
+//! announces itself to the first of them that answers (`PUT /v1/peer/members/{id}`, peer token);
+//! that peer writes the membership record (one writer, so joining makes no conflict), which
 //! reaches every other region through the peer's stream, and each adopts the newcomer: its
 //! stream is read, requests for records homed there are forwarded to it, repair rounds include it.
 //!
@@ -31,6 +32,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
@@ -250,6 +252,20 @@ fn normalized(url: &str) -> String {
     url.trim_end_matches('/').to_owned()
 }
 
+/// The record of a region that announces itself: refused when it is retiring or retired (a region
+/// id once retired is not reused, and a retiring region's restart must not undo its retirement).
+pub async fn record_announced(
+    region: &Region,
+    id: &str,
+    record: &MemberRecord,
+) -> Result<Option<bool>, crate::service::ServiceError> {
+    let current = member_record(region, id).await?;
+    if region.members.is_retired(id) || current.is_some_and(|c| c.state != MemberState::Active) {
+        return Ok(None);
+    }
+    record_member(region, id, record).await.map(Some)
+}
+
 /// Write region `id`'s membership record here, unless it already says the same; returns whether
 /// it wrote. It then replicates to every region that reads this one.
 pub async fn record_member(
@@ -280,57 +296,26 @@ pub async fn record_member(
     Ok(true)
 }
 
-/// Keep this region's view of the membership current: record its own URL, announce itself to
-/// its configured peers (once each per process), and adopt every region the records name.
+/// Keep this region's view of the membership current: announce itself once per process to the
+/// first configured peer that answers, and adopt every region the records name.
+///
+/// One peer writes the region's membership record, the others receive it through that peer's
+/// stream: two regions writing it at once would only make a conflict in every conflict log.
 pub async fn run(region: Arc<Region>, own_url: String) {
     let own = MemberRecord::active(own_url);
-    // Writes wait for the incarnation (at most the peers' answer window at start).
-    region.settled().await;
-    let mut recorded = false;
-    let mut announced = std::collections::BTreeSet::new();
+    let mut announced = false;
     let client = reqwest::Client::builder()
         .connect_timeout(region.config.connect_timeout())
         .timeout(region.config.request_timeout())
         .build()
         .expect("an HTTP client with plain settings builds");
     loop {
-        if !recorded
+        // A retiring or retired region never announces itself as active again.
+        if !announced
             && region.members.successor().is_none()
             && !region.members.is_retired(region.id())
         {
-            match record_member(&region, region.id(), &own).await {
-                Ok(_) => recorded = true,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot record this region's membership; retrying")
-                }
-            }
-        }
-        for peer in &region.config.peers {
-            if announced.contains(&peer.id) {
-                continue;
-            }
-            let url = format!(
-                "{}/v1/peer/members/{}",
-                normalized(&peer.api_url),
-                region.id()
-            );
-            let answer = client
-                .put(url)
-                .bearer_auth(&region.config.peer_token)
-                .json(&own)
-                .send()
-                .await;
-            match answer {
-                Ok(answer) if answer.status().is_success() => {
-                    announced.insert(peer.id.clone());
-                }
-                Ok(answer) => {
-                    tracing::debug!(peer = %peer.id, status = %answer.status(), "peer did not take this region's announcement yet")
-                }
-                Err(error) => {
-                    tracing::debug!(peer = %peer.id, %error, "peer unreachable for this region's announcement")
-                }
-            }
+            announced = announce(&region, &client, &own).await;
         }
         if let Err(error) = adopt_recorded(&region).await {
             tracing::warn!(%error, "cannot read the membership records; retrying");
@@ -340,6 +325,37 @@ pub async fn run(region: Arc<Region>, own_url: String) {
             _ = region.members.changed.notified() => {}
         }
     }
+}
+
+/// Announce this region to its configured peers in order until one takes it; whether one did
+/// (or there is nobody to tell).
+async fn announce(region: &Region, client: &reqwest::Client, own: &MemberRecord) -> bool {
+    for peer in &region.config.peers {
+        let url = format!(
+            "{}/v1/peer/members/{}",
+            normalized(&peer.api_url),
+            region.id()
+        );
+        let answer = client
+            .put(url)
+            .bearer_auth(&region.config.peer_token)
+            .json(own)
+            .send()
+            .await;
+        match answer {
+            Ok(answer) if answer.status().is_success() => {
+                tracing::info!(peer = %peer.id, url = %own.api_url, "announced this region to the deployment");
+                return true;
+            }
+            Ok(answer) => {
+                tracing::debug!(peer = %peer.id, status = %answer.status(), "peer did not take this region's announcement")
+            }
+            Err(error) => {
+                tracing::debug!(peer = %peer.id, %error, "peer unreachable for this region's announcement")
+            }
+        }
+    }
+    region.config.peers.is_empty()
 }
 
 /// Take in the membership records held here, before the region starts replicating: a restarted
@@ -380,10 +396,10 @@ async fn adopt_recorded(region: &Arc<Region>) -> Result<(), crate::storage::Stor
             }
             Adoption::New => {
                 tracing::info!(peer = %id, url = %record.api_url, "region joined the deployment; adopting it");
+                // Its stream keeps every event for this region: the newcomer created this
+                // region's consumer on it with the stream. No repair round now: it would scan
+                // every collection here to compare with a region that is still copying them.
                 region.members.start_consumer(region, &id);
-                // Whatever the newcomer holds that the stream will not bring (a write it took
-                // before this region adopted it) comes with the next round.
-                region.repair_wanted.notify_one();
             }
             Adoption::Retired => {
                 tracing::info!(peer = %id, rehomed_to = ?record.rehome_to, "region retired; no longer reading, forwarding to or repairing against it");
@@ -496,6 +512,8 @@ pub struct RetireReport {
 const RETIRE_STEP: Duration = Duration::from_secs(60);
 /// Records rehomed per page of the scan.
 const REHOME_PAGE: i64 = 500;
+/// Records moved at once, each in its own transaction.
+const MOVES_AT_ONCE: usize = 4;
 
 /// Retire region `id`, moving its records to `successor`.
 ///
@@ -637,8 +655,14 @@ async fn rehome_all(region: &Region, from: &str, to: &str) -> Result<u64, Retire
                 break;
             };
             found += page.len();
-            for (collection, key) in &page {
-                moved += u64::from(region.move_home(collection, key, from, to).await?);
+            // A few at once: each move is its own short transaction on one row.
+            let mut moves = futures_util::stream::iter(page)
+                .map(|(collection, key)| async move {
+                    region.move_home(&collection, &key, from, to).await
+                })
+                .buffer_unordered(MOVES_AT_ONCE);
+            while let Some(changed) = moves.next().await {
+                moved += u64::from(changed?);
             }
             tracing::info!(moved, "rehoming the retiring region's records");
             after = Some(last);

@@ -65,8 +65,7 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
         ("LOCUS_DEPLOYMENT", deployment.clone()),
         ("LOCUS_ADMIN_TOKEN", "cli-admin-token".to_owned()),
         ("LOCUS_LIMITS__RECORD_BODY_BYTES", "2048".to_owned()),
-        // The same address both times: the region's membership record (its first event) then
-        // stays as it is across the restart.
+        // The same address both times, as a region's restart usually is.
         (
             "LOCUS_LISTEN",
             format!("127.0.0.1:{}", crate::helpers::free_port()),
@@ -168,7 +167,7 @@ async fn serve_applies_overrides_and_keeps_acknowledged_writes_through_kill_9() 
     let messages = stream.info().await.unwrap().state.messages;
     assert_eq!(
         messages as i64, stored,
-        "one event per stored write (the policy's and the membership record's included)"
+        "one event per stored write (the policy's included)"
     );
     pool.close().await;
 

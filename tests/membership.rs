@@ -135,6 +135,14 @@ async fn a_region_added_under_write_load_copies_everything_and_misses_no_write()
             c.get(id, "live", "from-ap").await.status() == StatusCode::OK
         })
         .await;
+        // The record is homed in ap: the peers, which adopted ap without a restart, forward to it.
+        let response = c.put(id, "live", "from-ap", &json!({"at": id})).await;
+        assert_eq!(response.status(), StatusCode::OK, "{id}");
+        assert_eq!(
+            crate::helpers::header(&response, "locus-region"),
+            Some("ap"),
+            "{id} forwarded the write to ap"
+        );
     }
 
     c.assert_converged().await;
@@ -332,6 +340,15 @@ async fn retiring_a_region_moves_its_records_loses_no_write_and_removes_its_stre
         })
         .await;
     }
+    // A retired region id is not reused: it cannot announce itself again.
+    let again = c
+        .request("eu", Method::PUT, "/v1/peer/members/ap")
+        .bearer_auth(PEER)
+        .json(&json!({"api_url": "http://127.0.0.1:9"}))
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::expect_problem(again, StatusCode::CONFLICT).await;
     // A retired region is no home and no target.
     let response = c
         .request("eu", Method::PUT, &record_path("notes", "new"))

@@ -130,6 +130,7 @@ const ANNOUNCEMENT_BYTES: usize = 4 * 1024;
     request_body = MemberRecord,
     responses((status = 204, description = "the region is a member; its record replicates to every region, which adopt it"),
               (status = 400, description = "not a region id, this region itself, or not an http(s) URL", body = super::error::Problem, content_type = "application/problem+json"),
+              (status = 409, description = "the region is retired or retiring", body = super::error::Problem, content_type = "application/problem+json"),
               (status = 401, description = "no peer token", body = super::error::Problem, content_type = "application/problem+json")))]
 /// A region joining the deployment announces itself to the regions of its configuration
 /// ([`crate::membership`]).
@@ -156,10 +157,23 @@ pub async fn announce(
             format!("{:?} is not an http(s) URL", record.api_url),
         ));
     }
-    if membership::record_member(&s.region, &id, &record).await? {
-        tracing::info!(peer = %id, url = %record.api_url, "region announced itself; recorded as a member");
+    if record.state != membership::MemberState::Active || record.rehome_to.is_some() {
+        return Err(ApiError::bad_request(
+            "bad-body",
+            "an announcement is of an active region: {\"api_url\": \"...\"}",
+        ));
     }
-    Ok(StatusCode::NO_CONTENT)
+    match membership::record_announced(&s.region, &id, &record).await? {
+        None => Err(ApiError::Conflict(format!(
+            "{id} is retired or retiring; a retired region id is not reused"
+        ))),
+        Some(wrote) => {
+            if wrote {
+                tracing::info!(peer = %id, url = %record.api_url, "region announced itself; recorded as a member");
+            }
+            Ok(StatusCode::NO_CONTENT)
+        }
+    }
 }
 
 #[derive(Debug, serde::Deserialize, ToSchema)]
