@@ -17,11 +17,21 @@ use tokio::net::TcpListener;
 use crate::config::{Config, Limits};
 use crate::service::{Precondition, Route, WriteOp, WriteOutcome, WriteRequest};
 
+/// The PostgreSQL and NATS a benchmark runs against.
 #[derive(Debug, clap::Args)]
-pub struct WritesArgs {
-    /// PostgreSQL server URL (no database); a scratch database is created and dropped.
+pub struct Servers {
+    /// PostgreSQL server URL (no database); scratch databases are created and dropped.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
     pub postgres: String,
+    /// NATS with JetStream; scratch streams are created and deleted.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WritesArgs {
+    #[command(flatten)]
+    pub servers: Servers,
     /// Concurrent clients; several values run one after the other (e.g. 8,32).
     #[arg(long, value_delimiter = ',', default_value = "8")]
     pub clients: Vec<usize>,
@@ -31,19 +41,12 @@ pub struct WritesArgs {
     /// Distinct keys each client cycles through (so most writes are updates).
     #[arg(long, default_value_t = 200)]
     pub keys_per_client: usize,
-    /// NATS the region publishes its outbox to. Point it at a closed port to measure the write
-    /// path without the publisher's share of the machine.
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ReplicationArgs {
-    /// PostgreSQL server URL (no database); scratch databases are created and dropped.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
-    pub postgres: String,
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    #[command(flatten)]
+    pub servers: Servers,
     /// Seconds of the maximum-rate and of the lag phase.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
@@ -57,11 +60,8 @@ pub struct ReplicationArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ResolversArgs {
-    /// PostgreSQL server URL (no database); a scratch database is created and dropped.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
-    pub postgres: String,
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    #[command(flatten)]
+    pub servers: Servers,
     /// The resolver module measured (build it with `cargo build --release --target
     /// wasm32-unknown-unknown --target-dir target/resolvers -p locus-resolver-cart`).
     #[arg(
@@ -79,7 +79,8 @@ pub struct ResolversArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Home-region write throughput and latency vs a raw sqlx upsert.
+    /// Home-region write throughput and latency vs a raw sqlx upsert. Point --nats at a closed
+    /// port to measure the write path without the publisher's share of the machine.
     Writes(WritesArgs),
     /// Replication lag at half the maximum write rate, and the catch-up rate of a late region.
     Replication(ReplicationArgs),
@@ -93,11 +94,8 @@ pub enum BenchCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct BootstrapArgs {
-    /// PostgreSQL server URL (no database); scratch databases are created and dropped.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
-    pub postgres: String,
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    #[command(flatten)]
+    pub servers: Servers,
     /// Records the existing region holds.
     #[arg(long, default_value_t = 1_000_000)]
     pub records: usize,
@@ -108,11 +106,8 @@ pub struct BootstrapArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RepairArgs {
-    /// PostgreSQL server URL (no database); scratch databases are created and dropped.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
-    pub postgres: String,
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    #[command(flatten)]
+    pub servers: Servers,
     /// Records each region holds.
     #[arg(long, default_value_t = 1_000_000)]
     pub records: usize,
@@ -322,8 +317,8 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             scratch_config(
-                &args.postgres,
-                &args.nats,
+                &args.servers.postgres,
+                &args.servers.nats,
                 &deployment,
                 id,
                 peers,
@@ -494,7 +489,7 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
     for config in &configs {
         sqlx::Postgres::force_drop_database(&config.database_url).await?;
     }
-    crate::replication::delete_streams(&args.nats, &deployment, &ids)
+    crate::replication::delete_streams(&args.servers.nats, &deployment, &ids)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
@@ -504,7 +499,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
     let run = format!("{:08x}", rand::random::<u32>());
     let database = format!("locus_bench_{run}");
     let deployment = format!("bench{run}");
-    let database_url = format!("{}/{database}", args.postgres.trim_end_matches('/'));
+    let database_url = format!("{}/{database}", args.servers.postgres.trim_end_matches('/'));
     let max_clients = args.clients.iter().copied().max().unwrap_or(8);
     let config = Config {
         deployment: deployment.clone(),
@@ -513,7 +508,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         advertise_url: None,
         database_url: database_url.clone(),
         database_pool_size: (max_clients as u32).max(8),
-        nats_url: args.nats.clone(),
+        nats_url: args.servers.nats.clone(),
         admin_token: "bench-admin-token".into(),
         peer_token: "bench-peer-token".into(),
         api_token: None,
@@ -627,7 +622,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         .await
         .context("dropping the scratch database")?;
     // Deleting the stream of a NATS that is not there (`--nats` at a closed port) has nothing to do.
-    let _ = crate::replication::delete_streams(&args.nats, &deployment, &["eu"]).await;
+    let _ = crate::replication::delete_streams(&args.servers.nats, &deployment, &["eu"]).await;
     Ok(())
 }
 
@@ -709,7 +704,14 @@ async fn resolvers(args: ResolversArgs) -> anyhow::Result<()> {
     // local version, so every apply runs the resolver and stores its view.
     let run = format!("{:08x}", rand::random::<u32>());
     let deployment = format!("bench{run}");
-    let config = scratch_config(&args.postgres, &args.nats, &deployment, "eu", vec![], 16);
+    let config = scratch_config(
+        &args.servers.postgres,
+        &args.servers.nats,
+        &deployment,
+        "eu",
+        vec![],
+        16,
+    );
     let database_url = config.database_url.clone();
     let region = crate::app::start(config, Some(TcpListener::bind("127.0.0.1:0").await?)).await?;
     let url = region.url();
@@ -793,7 +795,7 @@ async fn resolvers(args: ResolversArgs) -> anyhow::Result<()> {
     sqlx::Postgres::force_drop_database(&database_url)
         .await
         .context("dropping the scratch database")?;
-    let _ = crate::replication::delete_streams(&args.nats, &deployment, &["eu"]).await;
+    let _ = crate::replication::delete_streams(&args.servers.nats, &deployment, &["eu"]).await;
     Ok(())
 }
 
@@ -925,16 +927,16 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
         }]
     };
     let mut eu_config = scratch_config(
-        &args.postgres,
-        &args.nats,
+        &args.servers.postgres,
+        &args.servers.nats,
         &deployment,
         "eu",
         peer("us", &us_url),
         8,
     );
     let mut us_config = scratch_config(
-        &args.postgres,
-        &args.nats,
+        &args.servers.postgres,
+        &args.servers.nats,
         &deployment,
         "us",
         peer("eu", &eu_url),
@@ -1049,7 +1051,7 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     for config in [&eu_config, &us_config] {
         sqlx::Postgres::force_drop_database(&config.database_url).await?;
     }
-    crate::replication::delete_streams(&args.nats, &deployment, &["eu", "us"])
+    crate::replication::delete_streams(&args.servers.nats, &deployment, &["eu", "us"])
         .await
         .map_err(|e| anyhow::anyhow!("deleting the bench streams: {e}"))?;
     Ok(())
@@ -1064,8 +1066,8 @@ async fn new_region(
     max_records_per_sec: u64,
 ) -> anyhow::Result<(crate::app::RunningRegion, Config)> {
     let mut config = scratch_config(
-        &args.postgres,
-        &args.nats,
+        &args.servers.postgres,
+        &args.servers.nats,
         deployment,
         id,
         vec![crate::config::Peer {
@@ -1114,7 +1116,14 @@ async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
         "locus bench bootstrap: deployment {deployment}; eu holds {} records",
         args.records
     );
-    let eu_config = scratch_config(&args.postgres, &args.nats, &deployment, "eu", vec![], 8);
+    let eu_config = scratch_config(
+        &args.servers.postgres,
+        &args.servers.nats,
+        &deployment,
+        "eu",
+        vec![],
+        8,
+    );
     let eu = crate::app::start(eu_config.clone(), None).await?;
     let seeding = Instant::now();
     seed_records(&eu.region.store, "bench", args.records).await?;
@@ -1184,7 +1193,7 @@ async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     for config in [&eu_config, &ap_config, &sa_config] {
         sqlx::Postgres::force_drop_database(&config.database_url).await?;
     }
-    crate::replication::delete_streams(&args.nats, &deployment, &["eu", "ap", "sa"])
+    crate::replication::delete_streams(&args.servers.nats, &deployment, &["eu", "ap", "sa"])
         .await
         .map_err(|e| anyhow::anyhow!("deleting the bench streams: {e}"))?;
     Ok(())

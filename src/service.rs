@@ -28,7 +28,7 @@ use crate::record::{Home, RecordState, Summary};
 use crate::replication::event::Event;
 use crate::replication::status::ReplicationStatus;
 use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
-use crate::storage::{Loaded, OutboxEvent, RegionIdentity, StorageError, Store};
+use crate::storage::{Loaded, LockedRecord, OutboxEvent, RegionIdentity, StorageError, Store};
 
 /// NATS's default `max_payload`, assumed until the server says otherwise.
 const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -709,25 +709,12 @@ impl Region {
                 written_at: self.id().to_owned(),
             };
             if state.home.region != target {
-                state.home = Home {
-                    epoch: state.home.epoch + 1,
-                    region: target.to_owned(),
-                };
-                let carried = lww_winner(&state)
-                    .expect("a stored record has a version")
-                    .clone();
-                let event =
-                    Event::new(self.id(), collection, key, state.home.clone(), carried).encode();
-                let actor = self.actor().await?;
-                let event = OutboxEvent {
-                    bytes: &event,
-                    actor: actor.as_str(),
-                };
-                if !locked.save(collection, key, &state, &event).await? {
+                if !self
+                    .save_new_home(locked, collection, key, &mut state, target)
+                    .await?
+                {
                     continue;
                 }
-                self.cache.forget(collection, key);
-                self.outbox_signal.notify_one();
                 tracing::info!(%collection, %key, %target, epoch = state.home.epoch, "record rehomed");
             }
             let session = session(&state);
@@ -787,27 +774,45 @@ impl Region {
             if state.home.region != from {
                 return Ok(false);
             }
-            state.home = Home {
-                epoch: state.home.epoch + 1,
-                region: target.to_owned(),
-            };
-            let carried = lww_winner(&state)
-                .expect("a stored record has a version")
-                .clone();
-            let event =
-                Event::new(self.id(), collection, key, state.home.clone(), carried).encode();
-            let actor = self.actor().await?;
-            let event = OutboxEvent {
-                bytes: &event,
-                actor: actor.as_str(),
-            };
-            if !locked.save(collection, key, &state, &event).await? {
-                continue;
+            if self
+                .save_new_home(locked, collection, key, &mut state, target)
+                .await?
+            {
+                return Ok(true);
             }
-            self.cache.forget(collection, key);
-            self.outbox_signal.notify_one();
-            return Ok(true);
         }
         Err(ServiceError::Contention)
+    }
+
+    /// Give a locked record the home `target` with the next home epoch, and store it with an
+    /// event that carries the new home (and a version every region may merge again harmlessly).
+    /// False when the row changed since it was locked: the caller tries again.
+    async fn save_new_home(
+        &self,
+        locked: LockedRecord,
+        collection: &str,
+        key: &str,
+        state: &mut RecordState,
+        target: &str,
+    ) -> Result<bool, ServiceError> {
+        state.home = Home {
+            epoch: state.home.epoch + 1,
+            region: target.to_owned(),
+        };
+        let carried = lww_winner(state)
+            .expect("a stored record has a version")
+            .clone();
+        let event = Event::new(self.id(), collection, key, state.home.clone(), carried).encode();
+        let actor = self.actor().await?;
+        let event = OutboxEvent {
+            bytes: &event,
+            actor: actor.as_str(),
+        };
+        if !locked.save(collection, key, state, &event).await? {
+            return Ok(false);
+        }
+        self.cache.forget(collection, key);
+        self.outbox_signal.notify_one();
+        Ok(true)
     }
 }
