@@ -64,6 +64,7 @@ async fn start_in_span(
     config: Config,
     listener: Option<TcpListener>,
 ) -> anyhow::Result<RunningRegion> {
+    crate::tls::install_crypto_provider();
     let listener = match listener {
         Some(l) => l,
         None => TcpListener::bind(&config.listen).await.with_context(|| {

@@ -261,7 +261,8 @@ fn scratch_config(
         database_url: format!(
             "{}/locus_bench_{deployment}_{region}",
             postgres.trim_end_matches('/')
-        ),
+        )
+        .into(),
         database_pool_size: pool,
         nats_url: nats.into(),
         admin_token: "bench-admin-token".into(),
@@ -506,7 +507,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         region: "eu".into(),
         listen: "127.0.0.1:0".into(),
         advertise_url: None,
-        database_url: database_url.clone(),
+        database_url: database_url.clone().into(),
         database_pool_size: (max_clients as u32).max(8),
         nats_url: args.servers.nats.clone(),
         admin_token: "bench-admin-token".into(),

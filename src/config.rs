@@ -35,6 +35,108 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A token or password. `Debug` and `Display` print nothing of it, so neither a log line nor an
+/// error message can leak it; [`Secret::expose`] is the one way to read it. It serializes as
+/// itself: serializing is how a config is handed on, not how it is shown.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret(value.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A PostgreSQL URL, which may hold a password: it reads as the URL it is (`&str`), but shows
+/// (`Debug`, `Display`) with the password replaced by `***`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL with its password, if any, hidden.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            return url.clone();
+        };
+        let authority_end = url[scheme_end..]
+            .find(['/', '?'])
+            .map_or(url.len(), |i| scheme_end + i);
+        match url[scheme_end..authority_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &url[scheme_end..scheme_end + at];
+                match userinfo.find(':') {
+                    Some(colon) => format!(
+                        "{}{}:***{}",
+                        &url[..scheme_end],
+                        &userinfo[..colon],
+                        &url[scheme_end + at..]
+                    ),
+                    None => url.clone(),
+                }
+            }
+            None => url.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for DatabaseUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(value: &str) -> DatabaseUrl {
+        DatabaseUrl(value.to_owned())
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(value: String) -> DatabaseUrl {
+        DatabaseUrl(value)
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Peer {
@@ -191,18 +293,19 @@ pub struct Config {
     /// only when that address is one the peers can reach (not `0.0.0.0`).
     #[serde(default)]
     pub advertise_url: Option<String>,
-    pub database_url: String,
+    /// `postgres://…`; TLS settings as libpq has them: `?sslmode=verify-full&sslrootcert=<file>`.
+    pub database_url: DatabaseUrl,
     #[serde(default = "default_pool_size")]
     pub database_pool_size: u32,
     /// The region's NATS: one URL, or several servers of its cluster, comma-separated.
     pub nats_url: String,
     /// Bearer token for policy and resolver changes.
-    pub admin_token: String,
+    pub admin_token: Secret,
     /// Bearer token regions present to each other on forwarded requests.
-    pub peer_token: String,
+    pub peer_token: Secret,
     /// When set, record endpoints require this bearer token (or the admin token).
     #[serde(default)]
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
     #[serde(default)]
     pub peers: Vec<Peer>,
     #[serde(default)]
@@ -307,13 +410,13 @@ impl Config {
         if self.database_pool_size == 0 {
             return Err(invalid("database_pool_size", "must be at least 1"));
         }
-        if self.admin_token.len() < 8 {
+        if self.admin_token.expose().len() < 8 {
             return Err(invalid("admin_token", "must be at least 8 characters"));
         }
-        if self.peer_token.len() < 8 {
+        if self.peer_token.expose().len() < 8 {
             return Err(invalid("peer_token", "must be at least 8 characters"));
         }
-        if matches!(&self.api_token, Some(t) if t.is_empty()) {
+        if matches!(&self.api_token, Some(t) if t.expose().is_empty()) {
             return Err(invalid("api_token", "must not be empty when set"));
         }
         for (index, peer) in self.peers.iter().enumerate() {
@@ -564,7 +667,7 @@ mod tests {
         );
         sandbox.set_env("LOCUS_SOMETHING_ELSE", "not a config field: ignored");
         let config = Config::load(&path).unwrap();
-        assert_eq!(config.admin_token, "from-the-environment");
+        assert_eq!(config.admin_token.expose(), "from-the-environment");
         assert_eq!(config.limits.record_body_bytes, 2048);
         assert_eq!(config.forwarding.request_timeout_ms, 750);
         assert_eq!(config.regions().collect::<Vec<_>>(), ["eu", "ap"]);
@@ -624,6 +727,37 @@ mod tests {
                 "{folder}"
             );
         }
+    }
+
+    #[test]
+    fn secrets_never_show() {
+        let mut config = load(GOOD).unwrap();
+        config.admin_token = "admin-secret-1".into();
+        config.peer_token = "peer-secret-2".into();
+        config.api_token = Some("api-secret-3".into());
+        config.database_url =
+            "postgres://locus:pg-secret-4@db.example:5432/locus_eu?sslmode=require".into();
+        let shown = format!("{config:?} {} {}", config.database_url, config.admin_token);
+        for secret in [
+            "admin-secret-1",
+            "peer-secret-2",
+            "api-secret-3",
+            "pg-secret-4",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("postgres://locus:***@db.example:5432/locus_eu?sslmode=require"),
+            "{shown}"
+        );
+        // They are still what the region uses.
+        assert_eq!(config.admin_token.expose(), "admin-secret-1");
+        assert!(config.database_url.contains("pg-secret-4"));
+        let no_password: DatabaseUrl = "postgres://postgres@127.0.0.1:5432/db".into();
+        assert_eq!(
+            no_password.redacted(),
+            "postgres://postgres@127.0.0.1:5432/db"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`service`]: the read and write paths of a region: homing, preconditions, versioning.
 //! - [`api`]: the REST API (axum): records, collections, resolvers, conflicts, regions, health,
 //!   metrics, OpenAPI, forwarding.
+//! - [`tls`]: the one rustls crypto provider every TLS connection uses.
 //! - [`supervisor`]: background workers restarted when they end or panic, shown in readiness.
 //! - [`logging`]: text or JSON log lines, each labelled with its region.
 //! - [`app`]: builds a region from its config and runs it until shutdown; `locus dev`.
@@ -39,3 +40,4 @@ pub mod scaffold;
 pub mod service;
 pub mod storage;
 pub mod supervisor;
+pub mod tls;

@@ -338,7 +338,7 @@ async fn announce(region: &Region, client: &reqwest::Client, own: &MemberRecord)
         );
         let answer = client
             .put(url)
-            .bearer_auth(&region.config.peer_token)
+            .bearer_auth(region.config.peer_token.expose())
             .json(own)
             .send()
             .await;

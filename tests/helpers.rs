@@ -116,6 +116,38 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// The settings every test region starts from: no peers, short timeouts, small streams.
+pub fn test_config(deployment: &str, id: &str, database_url: String) -> Config {
+    Config {
+        deployment: deployment.into(),
+        region: id.into(),
+        listen: "127.0.0.1:0".into(),
+        advertise_url: None,
+        database_url: database_url.into(),
+        database_pool_size: 4,
+        nats_url: nats().into(),
+        admin_token: ADMIN.into(),
+        peer_token: PEER.into(),
+        api_token: None,
+        peers: Vec::new(),
+        limits: Limits::default(),
+        forwarding: Forwarding {
+            connect_timeout_ms: 500,
+            request_timeout_ms: 3_000,
+            retry_after_secs: 2,
+        },
+        clock: Default::default(),
+        resolvers: Default::default(),
+        repair: Default::default(),
+        replication: Replication {
+            stream_max_bytes: 64 * 1024 * 1024,
+            stream_replicas: 1,
+            streams_in_region_clusters: false,
+            session_wait_ms: 300,
+        },
+    }
+}
+
 impl Setup {
     pub async fn start(self) -> Cluster {
         init_logging();
@@ -133,50 +165,23 @@ impl Setup {
         for (id, listener) in self.ids.iter().zip(listeners) {
             let database_url = format!("{}/locus_test_{run}_{id}", postgres_base());
             databases.push(database_url.clone());
-            let mut config = Config {
-                deployment: format!("test{run}"),
-                region: (*id).into(),
-                listen: "127.0.0.1:0".into(),
-                advertise_url: None,
-                database_url: self
-                    .database_override
-                    .get(id)
-                    .cloned()
-                    .unwrap_or(database_url),
-                database_pool_size: 4,
-                nats_url: nats().into(),
-                admin_token: ADMIN.into(),
-                peer_token: PEER.into(),
-                api_token: None,
-                peers: self
-                    .ids
-                    .iter()
-                    .filter(|p| *p != id && !self.joining.contains(p))
-                    .map(|p| Peer {
-                        id: (*p).into(),
-                        api_url: self
-                            .peer_override
-                            .get(p)
-                            .cloned()
-                            .unwrap_or_else(|| urls[p].clone()),
-                    })
-                    .collect(),
-                limits: Limits::default(),
-                forwarding: Forwarding {
-                    connect_timeout_ms: 500,
-                    request_timeout_ms: 3_000,
-                    retry_after_secs: 2,
-                },
-                clock: Default::default(),
-                resolvers: Default::default(),
-                repair: Default::default(),
-                replication: Replication {
-                    stream_max_bytes: 64 * 1024 * 1024,
-                    stream_replicas: 1,
-                    streams_in_region_clusters: false,
-                    session_wait_ms: 300,
-                },
-            };
+            let mut config = test_config(&format!("test{run}"), id, database_url);
+            if let Some(url) = self.database_override.get(id) {
+                config.database_url = url.clone().into();
+            }
+            config.peers = self
+                .ids
+                .iter()
+                .filter(|p| *p != id && !self.joining.contains(p))
+                .map(|p| Peer {
+                    id: (*p).into(),
+                    api_url: self
+                        .peer_override
+                        .get(p)
+                        .cloned()
+                        .unwrap_or_else(|| urls[p].clone()),
+                })
+                .collect();
             (self.tweak)(&mut config);
             config.validate().expect("test config is valid");
             if self.joining.contains(id) {

@@ -12,4 +12,5 @@ mod membership;
 mod records;
 mod replication;
 mod resolvers;
+mod security;
 mod supercluster;

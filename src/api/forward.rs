@@ -87,7 +87,7 @@ impl Peers {
         let mut request = self
             .client
             .request(method, format!("{base}{path_and_query}"))
-            .bearer_auth(&self.region.config.peer_token)
+            .bearer_auth(self.region.config.peer_token.expose())
             .header(LOCUS_FORWARDED_BY, self.region.id())
             .body(body);
         for name in forwarded_headers() {

@@ -64,7 +64,7 @@ impl ApiState {
     pub fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
         match bearer(headers)? {
             None => Err(ApiError::Unauthorized),
-            Some(token) if same_secret(token, &self.region.config.admin_token) => Ok(()),
+            Some(token) if same_secret(token, self.region.config.admin_token.expose()) => Ok(()),
             Some(_) => Err(ApiError::Forbidden),
         }
     }
@@ -83,7 +83,7 @@ impl ApiState {
             }
             return match token {
                 None => Err(ApiError::Unauthorized),
-                Some(t) if same_secret(t, &config.peer_token) => Ok(Route::Forwarded),
+                Some(t) if same_secret(t, config.peer_token.expose()) => Ok(Route::Forwarded),
                 Some(_) => Err(ApiError::Forbidden),
             };
         }
@@ -92,7 +92,10 @@ impl ApiState {
         };
         match token {
             None => Err(ApiError::Unauthorized),
-            Some(t) if same_secret(t, api_token) || same_secret(t, &config.admin_token) => {
+            Some(t)
+                if same_secret(t, api_token.expose())
+                    || same_secret(t, config.admin_token.expose()) =>
+            {
                 Ok(Route::Client)
             }
             Some(_) => Err(ApiError::Forbidden),

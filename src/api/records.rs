@@ -477,7 +477,7 @@ pub async fn list(
         names::validate("prefix", &prefix)
             .map_err(|e| ApiError::bad_request("bad-query", e.to_string()))?;
     }
-    let secret = &s.region.config.peer_token;
+    let secret = s.region.config.peer_token.expose();
     let mut after = match &params.cursor {
         Some(c) => Some(
             cursor::decode(secret, &collection, &prefix, c)

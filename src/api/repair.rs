@@ -26,7 +26,7 @@ impl ApiState {
     pub fn require_peer(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         match bearer(headers)? {
             None => Err(ApiError::Unauthorized),
-            Some(token) if same_secret(token, &self.region.config.peer_token) => Ok(()),
+            Some(token) if same_secret(token, self.region.config.peer_token.expose()) => Ok(()),
             Some(_) => Err(ApiError::Forbidden),
         }
     }

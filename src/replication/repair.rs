@@ -82,7 +82,7 @@ pub struct RepairReport {
 pub struct PeerClient {
     client: reqwest::Client,
     urls: BTreeMap<String, String>,
-    token: String,
+    token: crate::config::Secret,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -190,7 +190,7 @@ impl PeerClient {
             .get(peer)
             .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
         let response = request(&self.client, base)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .send()
             .await
             .map_err(|e| peer_failed(peer, e.to_string()))?;

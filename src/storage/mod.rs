@@ -30,11 +30,17 @@ pub use records::{Loaded, LockedRecord, OutboxEvent, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    // The message includes sqlx's error, which is therefore not also a `source`: a chain would
+    // print it twice.
     /// PostgreSQL could not be reached or gave no connection in time: worth retrying.
     #[error("the database is unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
+    /// The TLS handshake with PostgreSQL failed: its certificate is not trusted or does not name
+    /// the host. A setting to fix, not an outage to wait out.
+    #[error("TLS with the database failed ({0}); check sslmode and sslrootcert in database_url")]
+    Tls(sqlx::Error),
     #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
     #[error("stored data does not decode: {0}")]
     Corrupt(String),
     #[error("migrations failed: {0}")]
@@ -56,7 +62,13 @@ impl StorageError {
 
 impl From<sqlx::Error> for StorageError {
     fn from(error: sqlx::Error) -> StorageError {
+        let text = error.to_string();
         match error {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_)
+                if text.contains("certificate") || text.contains("UnknownIssuer") =>
+            {
+                StorageError::Tls(error)
+            }
             sqlx::Error::PoolTimedOut
             | sqlx::Error::Io(_)
             | sqlx::Error::PoolClosed
