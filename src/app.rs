@@ -23,6 +23,8 @@ use crate::storage;
 /// A region serving HTTP in this process.
 pub struct RunningRegion {
     pub addr: SocketAddr,
+    /// `https` when the region serves TLS ([`crate::tls`]).
+    pub scheme: &'static str,
     pub region: Arc<Region>,
     pub api: Arc<ApiState>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -32,7 +34,7 @@ pub struct RunningRegion {
 
 impl RunningRegion {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Stop accepting requests, finish the ones in flight, and close the database pool.
@@ -75,6 +77,9 @@ async fn start_in_span(
         })?,
     };
     let addr = listener.local_addr().context("listener address")?;
+    let https = crate::tls::server_config(&config)
+        .with_context(|| format!("region {}: its HTTPS listener", config.region))?;
+    let scheme = if https.is_some() { "https" } else { "http" };
     let (store, identity) = storage::open(
         &config.database_url,
         config.database_pool_size,
@@ -106,7 +111,7 @@ async fn start_in_span(
         .config
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{addr}"));
     workers.extend(start_replication(&region, own_url).await?);
     let supervisor = &region.supervisor;
     let r = region.clone();
@@ -123,21 +128,67 @@ async fn start_in_span(
         in_region_span,
     ));
     let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
-    });
+    let server = match https {
+        None => tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+        }),
+        Some(tls) => tokio::spawn(serve_https(listener, router, tls, rx).in_current_span()),
+    };
     Ok(RunningRegion {
         addr,
+        scheme,
         region,
         api,
         shutdown: Some(tx),
         server,
         workers,
     })
+}
+
+/// Serve the API over TLS until `shutdown`: each accepted connection's handshake and requests in a
+/// task of its own, so a slow or failed handshake holds up nobody else.
+async fn serve_https(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(
+            async move {
+                let stream = match acceptor.accept(stream).await {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "TLS handshake refused");
+                        return;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 /// Serve each request in the region's log span (axum runs connections in tasks of their own,

@@ -274,6 +274,7 @@ fn scratch_config(
         clock: Default::default(),
         resolvers: Default::default(),
         repair: Default::default(),
+        tls: Default::default(),
         replication: crate::config::Replication {
             stream_max_bytes: 256 * 1024 * 1024,
             ..Default::default()
@@ -519,6 +520,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         clock: Default::default(),
         resolvers: Default::default(),
         repair: Default::default(),
+        tls: Default::default(),
         replication: Default::default(),
     };
     println!(

@@ -227,6 +227,18 @@ impl Default for Replication {
     }
 }
 
+/// TLS of the region's own listener and of its calls to peers ([`crate::tls`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain of this region's API. With `key_file`, the API serves HTTPS only.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+    /// PEM CA certificates trusted for `https` peers, besides Mozilla's roots (a private CA).
+    pub peer_ca_file: Option<std::path::PathBuf>,
+}
+
 /// Anti-entropy rounds ([`crate::replication::repair`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -320,6 +332,8 @@ pub struct Config {
     pub resolvers: ResolverLimits,
     #[serde(default)]
     pub repair: RepairConfig,
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 fn default_pool_size() -> u32 {
@@ -344,6 +358,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "replication",
     "resolvers",
     "repair",
+    "tls",
 ];
 
 impl Config {
@@ -439,6 +454,12 @@ impl Config {
                     format!("{:?} is not an http(s) URL", peer.api_url),
                 ));
             }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(invalid(
+                "tls.cert_file",
+                "tls.cert_file and tls.key_file go together: set both to serve HTTPS, or neither",
+            ));
         }
         if self.limits.record_body_bytes == 0 {
             return Err(invalid("limits.record_body_bytes", "must be positive"));
@@ -758,6 +779,17 @@ mod tests {
             no_password.redacted(),
             "postgres://postgres@127.0.0.1:5432/db"
         );
+    }
+
+    #[test]
+    fn a_certificate_needs_its_key() {
+        let err = load(&format!("{GOOD}\n[tls]\ncert_file = \"cert.pem\"\n")).unwrap_err();
+        assert!(err.starts_with("field tls.cert_file: "), "{err}");
+        let config = load(&format!(
+            "{GOOD}\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.tls.key_file, Some("key.pem".into()));
     }
 
     #[test]

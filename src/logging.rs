@@ -58,6 +58,22 @@ pub fn region_span(region: &str) -> tracing::Span {
     tracing::error_span!("locus", region = %region)
 }
 
+/// An error and its causes on one line (`outer: cause: root cause`): an HTTP client's error says
+/// only "error sending request" itself, and its causes say why (refused, a certificate).
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +85,31 @@ mod tests {
         assert_eq!(LogFormat::parse("text"), Ok(LogFormat::Text));
         let error = LogFormat::parse("yaml").unwrap_err();
         assert!(error.contains("\"yaml\""), "{error}");
+    }
+
+    #[test]
+    fn a_chain_names_every_cause_once() {
+        #[derive(Debug)]
+        struct Failure(&'static str, Option<Box<Failure>>);
+        impl std::fmt::Display for Failure {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Failure {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let root = Failure("invalid peer certificate: Expired", None);
+        let repeated = Failure(
+            "connect: invalid peer certificate: Expired",
+            Some(Box::new(root)),
+        );
+        let outer = Failure("error sending request", Some(Box::new(repeated)));
+        assert_eq!(
+            super::chain(&outer),
+            "error sending request: connect: invalid peer certificate: Expired"
+        );
     }
 }

@@ -304,8 +304,9 @@ pub async fn record_member(
 pub async fn run(region: Arc<Region>, own_url: String) {
     let own = MemberRecord::active(own_url);
     let mut announced = false;
-    let client = reqwest::Client::builder()
-        .connect_timeout(region.config.connect_timeout())
+    let client = region
+        .peer_trust
+        .client(&region.config)
         .timeout(region.config.request_timeout())
         .build()
         .expect("an HTTP client with plain settings builds");
@@ -744,8 +745,9 @@ async fn delete_stream(js: &jetstream::Context, stream: &str) {
 
 /// Whether the API at `url` answers its liveness check within a second.
 async fn answers(region: &Region, url: &str) -> bool {
-    let client = reqwest::Client::builder()
-        .connect_timeout(region.config.connect_timeout())
+    let client = region
+        .peer_trust
+        .client(&region.config)
         .timeout(Duration::from_secs(1))
         .build()
         .expect("an HTTP client with plain settings builds");

@@ -256,6 +256,8 @@ pub struct Region {
     pub registry: prometheus::Registry,
     /// The region's background workers.
     pub supervisor: std::sync::Arc<crate::supervisor::Supervisor>,
+    /// What calls to peers trust ([`crate::tls`]).
+    pub peer_trust: crate::tls::PeerTrust,
 }
 
 impl Region {
@@ -266,6 +268,7 @@ impl Region {
         // A region without peers has nobody to copy from: its data is whatever it holds.
         let bootstrapping = !identity.bootstrapped && !config.peers.is_empty();
         let members = crate::membership::Members::new(&config);
+        let peer_trust = crate::tls::PeerTrust::load(&config)?;
         Ok(Region {
             config,
             store,
@@ -283,6 +286,7 @@ impl Region {
             replication: ReplicationStatus::new(&registry),
             resolvers,
             supervisor: std::sync::Arc::new(crate::supervisor::Supervisor::new(&registry)),
+            peer_trust,
             registry,
         })
     }

@@ -65,7 +65,61 @@ pub struct Setup {
     pub database_override: HashMap<&'static str, String>,
     /// Regions that join later ([`Cluster::join`]): the others' configurations do not list them.
     pub joining: Vec<&'static str>,
+    /// Serve every region's API over HTTPS with these files, peers as `https://localhost:…`.
+    pub https: Option<TestPki>,
+    /// Whether the regions can reach each other's APIs (not when a test makes them refuse each
+    /// other): only then does the start wait for their first copy.
+    pub peers_reachable: bool,
     pub tweak: Box<dyn Fn(&mut Config)>,
+}
+
+/// Certificates made at test time: a CA, and a certificate for `localhost` it signed.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl TestPki {
+    /// `expired`: the certificate's validity ended in 2021.
+    pub fn new(expired: bool) -> TestPki {
+        let dir = std::env::temp_dir().join(format!("locus-pki-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "locus test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let pki = TestPki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&pki.ca, ca.pem()).unwrap();
+        std::fs::write(&pki.cert, cert.pem()).unwrap();
+        std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+        pki
+    }
+
+    /// An HTTP client that trusts this CA.
+    pub fn client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap();
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap()
+    }
 }
 
 impl Setup {
@@ -75,6 +129,8 @@ impl Setup {
             peer_override: HashMap::new(),
             database_override: HashMap::new(),
             joining: Vec::new(),
+            https: None,
+            peers_reachable: true,
             tweak: Box::new(|_| {}),
         }
     }
@@ -139,6 +195,7 @@ pub fn test_config(deployment: &str, id: &str, database_url: String) -> Config {
         clock: Default::default(),
         resolvers: Default::default(),
         repair: Default::default(),
+        tls: Default::default(),
         replication: Replication {
             stream_max_bytes: 64 * 1024 * 1024,
             stream_replicas: 1,
@@ -155,7 +212,14 @@ impl Setup {
         let mut urls = HashMap::new();
         for id in &self.ids {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            urls.insert(*id, format!("http://{}", listener.local_addr().unwrap()));
+            let url = match &self.https {
+                None => format!("http://{}", listener.local_addr().unwrap()),
+                Some(_) => format!(
+                    "https://localhost:{}",
+                    listener.local_addr().unwrap().port()
+                ),
+            };
+            urls.insert(*id, url);
             listeners.push(listener);
         }
         let run = format!("{:08x}", rand::random::<u32>());
@@ -182,6 +246,12 @@ impl Setup {
                         .unwrap_or_else(|| urls[p].clone()),
                 })
                 .collect();
+            if let Some(pki) = &self.https {
+                config.tls.cert_file = Some(pki.cert.clone());
+                config.tls.key_file = Some(pki.key.clone());
+                config.tls.peer_ca_file = Some(pki.ca.clone());
+                config.advertise_url = Some(urls[id].clone());
+            }
             (self.tweak)(&mut config);
             config.validate().expect("test config is valid");
             if self.joining.contains(id) {
@@ -202,13 +272,16 @@ impl Setup {
         }
         // And holds the deployment's data: a new region copies it from a peer first (which it
         // cannot do when its peers are a black hole).
-        if self.peer_override.is_empty() {
+        if self.peers_reachable && self.peer_override.is_empty() {
             for (id, running) in &regions {
                 wait_until_copied(id, running).await;
             }
         }
         Cluster {
-            http: reqwest::Client::new(),
+            http: self
+                .https
+                .as_ref()
+                .map_or_else(reqwest::Client::new, TestPki::client),
             deployment: format!("test{run}"),
             ids: self.ids.clone(),
             regions,

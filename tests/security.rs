@@ -73,3 +73,102 @@ async fn a_postgres_certificate_from_another_ca_is_refused_naming_the_database()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A cluster whose regions serve HTTPS with `pki` and call each other over it.
+async fn https_cluster(pki: &crate::helpers::TestPki) -> crate::helpers::Cluster {
+    let mut setup = Setup::regions(&["eu", "us"]);
+    setup.https = Some(pki.clone());
+    setup.start().await
+}
+
+#[tokio::test]
+async fn regions_serve_https_and_forward_and_repair_over_it() {
+    let pki = crate::helpers::TestPki::new(false);
+    let c = https_cluster(&pki).await;
+    assert!(c.url("eu").starts_with("https://localhost:"));
+    // A write at eu for a record homed in us is forwarded over TLS, and replicates back.
+    let response = c
+        .request(
+            "eu",
+            reqwest::Method::PUT,
+            &crate::helpers::record_path("notes", "n1"),
+        )
+        .header("locus-home", "us")
+        .json(&json!({"over": "https"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        crate::helpers::header(&response, "locus-region"),
+        Some("us")
+    );
+    eventually(30, "the write replicates to eu", || async {
+        c.get("eu", "notes", "n1").await.status() == StatusCode::OK
+    })
+    .await;
+    // The peer API (anti-entropy) and health probes go over TLS too.
+    c.repair_everywhere().await;
+    let regions = c.get_json("eu", "/v1/regions").await;
+    assert_eq!(regions["regions"][1]["reachable"], json!(true), "{regions}");
+    // Plain HTTP is not served.
+    let plain = c.url("eu").replace("https://", "http://");
+    assert!(reqwest::get(format!("{plain}/healthz")).await.is_err());
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_peer_certificate_from_another_ca_or_expired_is_refused() {
+    for expired in [false, true] {
+        let served = crate::helpers::TestPki::new(expired);
+        // Clients of the test trust the served certificate's CA; the regions trust another
+        // (for the wrong-CA case) or this one (for the expired case).
+        let trusted = if expired {
+            served.clone()
+        } else {
+            crate::helpers::TestPki::new(false)
+        };
+        let mut setup = Setup::regions(&["eu", "us"]);
+        setup.https = Some(served.clone());
+        setup.peers_reachable = false;
+        let peer_ca = trusted.ca.clone();
+        setup.tweak = Box::new(move |config| config.tls.peer_ca_file = Some(peer_ca.clone()));
+        let c = setup.start().await;
+        let response = c
+            .request(
+                "eu",
+                reqwest::Method::PUT,
+                &crate::helpers::record_path("notes", "n1"),
+            )
+            .header("locus-home", "us")
+            .json(&json!(1))
+            .send()
+            .await;
+        match response {
+            // The test's client trusts the CA: eu answers, and refuses to write without its home.
+            Ok(response) if !expired => {
+                assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+                let detail =
+                    crate::helpers::expect_problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+                assert!(detail.contains("us"), "{detail}");
+            }
+            // An expired certificate: even the test's own client refuses eu.
+            Ok(response) => panic!("an expired certificate was accepted: {}", response.status()),
+            Err(error) => {
+                assert!(expired, "{error}");
+                assert!(format!("{error:?}").contains("Expired"), "{error:?}");
+            }
+        }
+        let eu = &c.region("eu").region;
+        let repair = locus::replication::repair::round(eu, "us").await;
+        let error = repair
+            .expect_err("repair over an untrusted TLS connection")
+            .to_string();
+        assert!(error.contains("peer us"), "{error}");
+        assert!(error.contains("invalid peer certificate"), "{error}");
+        if expired {
+            assert!(error.contains("certificate expired"), "{error}");
+        }
+        c.teardown_without_checks().await;
+    }
+}

@@ -61,8 +61,9 @@ pub struct Peers {
 impl Peers {
     pub fn new(region: Arc<Region>) -> Peers {
         let config = &region.config;
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout())
+        let client = region
+            .peer_trust
+            .client(config)
             .timeout(config.request_timeout())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()
@@ -128,16 +129,16 @@ impl Peers {
     fn classify(&self, region: &str, error: reqwest::Error) -> ForwardError {
         let region = region.to_owned();
         if error.is_connect() {
-            ForwardError::Unreachable {
-                region,
-                cause: error.to_string(),
-            }
+            let cause = crate::logging::chain(&error);
+            // What the client's 503 does not say: which connection failed, and why.
+            tracing::warn!(peer = %region, %cause, "cannot reach the peer");
+            ForwardError::Unreachable { region, cause }
         } else if error.is_timeout() {
             ForwardError::TimedOut { region }
         } else {
             ForwardError::Failed {
                 region,
-                cause: error.to_string(),
+                cause: crate::logging::chain(&error),
             }
         }
     }

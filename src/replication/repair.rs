@@ -162,8 +162,9 @@ impl PeerClient {
     /// A client for `region`'s peers as they are now.
     pub fn new(region: &Region) -> PeerClient {
         let config = &region.config;
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout())
+        let client = region
+            .peer_trust
+            .client(config)
             .timeout(Duration::from_secs(60))
             .build()
             .expect("an HTTP client with plain settings builds");
@@ -193,7 +194,7 @@ impl PeerClient {
             .bearer_auth(self.token.expose())
             .send()
             .await
-            .map_err(|e| peer_failed(peer, e.to_string()))?;
+            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))?;
         if !response.status().is_success() {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
@@ -211,7 +212,7 @@ impl PeerClient {
         response
             .json()
             .await
-            .map_err(|e| peer_failed(peer, e.to_string()))
+            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))
     }
 
     pub async fn collections(&self, peer: &str) -> Result<Vec<String>, RepairError> {
@@ -251,7 +252,7 @@ impl PeerClient {
         Ok(response
             .bytes()
             .await
-            .map_err(|e| peer_failed(peer, e.to_string()))?
+            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))?
             .to_vec())
     }
 
