@@ -315,6 +315,11 @@ pub struct Config {
     pub admin_token: Secret,
     /// Bearer token regions present to each other on forwarded requests.
     pub peer_token: Secret,
+    /// Peer tokens accepted besides `peer_token`, so it can be rotated without downtime: add the
+    /// new token here in every region, then make it `peer_token` everywhere (the old one moves
+    /// here), then remove the old one.
+    #[serde(default)]
+    pub accepted_peer_tokens: Vec<Secret>,
     /// When set, record endpoints require this bearer token (or the admin token).
     #[serde(default)]
     pub api_token: Option<Secret>,
@@ -350,6 +355,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "nats_url",
     "admin_token",
     "peer_token",
+    "accepted_peer_tokens",
     "api_token",
     "peers",
     "limits",
@@ -430,6 +436,16 @@ impl Config {
         }
         if self.peer_token.expose().len() < 8 {
             return Err(invalid("peer_token", "must be at least 8 characters"));
+        }
+        if self
+            .accepted_peer_tokens
+            .iter()
+            .any(|t| t.expose().len() < 8)
+        {
+            return Err(invalid(
+                "accepted_peer_tokens",
+                "each must be at least 8 characters",
+            ));
         }
         if matches!(&self.api_token, Some(t) if t.expose().is_empty()) {
             return Err(invalid("api_token", "must not be empty when set"));

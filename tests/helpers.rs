@@ -184,6 +184,7 @@ pub fn test_config(deployment: &str, id: &str, database_url: String) -> Config {
         nats_url: nats().into(),
         admin_token: ADMIN.into(),
         peer_token: PEER.into(),
+        accepted_peer_tokens: Vec::new(),
         api_token: None,
         peers: Vec::new(),
         limits: Limits::default(),

@@ -172,3 +172,53 @@ async fn a_peer_certificate_from_another_ca_or_expired_is_refused() {
         c.teardown_without_checks().await;
     }
 }
+
+#[tokio::test]
+async fn the_peer_token_rotates_without_downtime() {
+    // Mid-rotation: eu already sends the new token and still accepts the old one, which us
+    // still sends while it accepts the new one.
+    const ROTATED: &str = "rotated-peer-token";
+    let c = Setup::regions(&["eu", "us"])
+        .tweak(|config| {
+            if config.region == "eu" {
+                config.peer_token = ROTATED.into();
+                config.accepted_peer_tokens = vec![crate::helpers::PEER.into()];
+            } else {
+                config.accepted_peer_tokens = vec![ROTATED.into()];
+            }
+        })
+        .start()
+        .await;
+    for (at, home) in [("eu", "us"), ("us", "eu")] {
+        let response = c
+            .request(
+                at,
+                reqwest::Method::PUT,
+                &crate::helpers::record_path("notes", at),
+            )
+            .header("locus-home", home)
+            .json(&json!({"written_at": at}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{at} → {home}");
+        assert_eq!(
+            crate::helpers::header(&response, "locus-region"),
+            Some(home)
+        );
+    }
+    for (token, expected) in [
+        (ROTATED, StatusCode::OK),
+        (crate::helpers::PEER, StatusCode::OK),
+        ("a-token-nobody-accepts", StatusCode::FORBIDDEN),
+    ] {
+        let response = c
+            .request("eu", reqwest::Method::GET, "/v1/peer/collections")
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{token}");
+    }
+    c.teardown().await;
+}

@@ -60,6 +60,14 @@ impl ApiState {
         }
     }
 
+    /// Whether `token` is the peer token or one still accepted during its rotation.
+    pub fn is_peer_token(&self, token: &str) -> bool {
+        let config = &self.region.config;
+        std::iter::once(&config.peer_token)
+            .chain(&config.accepted_peer_tokens)
+            .any(|accepted| same_secret(token, accepted.expose()))
+    }
+
     /// Policy and resolver changes: the admin token.
     pub fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
         match bearer(headers)? {
@@ -83,7 +91,7 @@ impl ApiState {
             }
             return match token {
                 None => Err(ApiError::Unauthorized),
-                Some(t) if same_secret(t, config.peer_token.expose()) => Ok(Route::Forwarded),
+                Some(t) if self.is_peer_token(t) => Ok(Route::Forwarded),
                 Some(_) => Err(ApiError::Forbidden),
             };
         }

@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::headers::{bearer, same_secret};
+use super::headers::bearer;
 use super::{ApiPath, ApiQuery, ApiState, SharedState};
 use crate::record::digest::BUCKETS;
 use crate::record::names;
@@ -26,7 +26,7 @@ impl ApiState {
     pub fn require_peer(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         match bearer(headers)? {
             None => Err(ApiError::Unauthorized),
-            Some(token) if same_secret(token, self.region.config.peer_token.expose()) => Ok(()),
+            Some(token) if self.is_peer_token(token) => Ok(()),
             Some(_) => Err(ApiError::Forbidden),
         }
     }
