@@ -522,14 +522,6 @@ impl Config {
         std::iter::once(self.region.as_str()).chain(self.peers.iter().map(|p| p.id.as_str()))
     }
 
-    pub fn is_region(&self, id: &str) -> bool {
-        self.regions().any(|r| r == id)
-    }
-
-    pub fn peer(&self, id: &str) -> Option<&Peer> {
-        self.peers.iter().find(|p| p.id == id)
-    }
-
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.forwarding.connect_timeout_ms)
     }

@@ -74,6 +74,25 @@ async fn a_postgres_certificate_from_another_ca_is_refused_naming_the_database()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// PUT `notes/key` at region `at`, creating it homed in `home`.
+async fn put_homed(
+    c: &crate::helpers::Cluster,
+    at: &str,
+    home: &str,
+    key: &str,
+    value: serde_json::Value,
+) -> reqwest::Result<reqwest::Response> {
+    c.request(
+        at,
+        reqwest::Method::PUT,
+        &crate::helpers::record_path("notes", key),
+    )
+    .header("locus-home", home)
+    .json(&value)
+    .send()
+    .await
+}
+
 /// A cluster whose regions serve HTTPS with `pki` and call each other over it.
 async fn https_cluster(pki: &crate::helpers::TestPki) -> crate::helpers::Cluster {
     let mut setup = Setup::regions(&["eu", "us"]);
@@ -87,15 +106,7 @@ async fn regions_serve_https_and_forward_and_repair_over_it() {
     let c = https_cluster(&pki).await;
     assert!(c.url("eu").starts_with("https://localhost:"));
     // A write at eu for a record homed in us is forwarded over TLS, and replicates back.
-    let response = c
-        .request(
-            "eu",
-            reqwest::Method::PUT,
-            &crate::helpers::record_path("notes", "n1"),
-        )
-        .header("locus-home", "us")
-        .json(&json!({"over": "https"}))
-        .send()
+    let response = put_homed(&c, "eu", "us", "n1", json!({"over": "https"}))
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -134,16 +145,7 @@ async fn a_peer_certificate_from_another_ca_or_expired_is_refused() {
         let peer_ca = trusted.ca.clone();
         setup.tweak = Box::new(move |config| config.tls.peer_ca_file = Some(peer_ca.clone()));
         let c = setup.start().await;
-        let response = c
-            .request(
-                "eu",
-                reqwest::Method::PUT,
-                &crate::helpers::record_path("notes", "n1"),
-            )
-            .header("locus-home", "us")
-            .json(&json!(1))
-            .send()
-            .await;
+        let response = put_homed(&c, "eu", "us", "n1", json!(1)).await;
         match response {
             // The test's client trusts the CA: eu answers, and refuses to write without its home.
             Ok(response) if !expired => {
@@ -190,15 +192,7 @@ async fn the_peer_token_rotates_without_downtime() {
         .start()
         .await;
     for (at, home) in [("eu", "us"), ("us", "eu")] {
-        let response = c
-            .request(
-                at,
-                reqwest::Method::PUT,
-                &crate::helpers::record_path("notes", at),
-            )
-            .header("locus-home", home)
-            .json(&json!({"written_at": at}))
-            .send()
+        let response = put_homed(&c, at, home, at, json!({"written_at": at}))
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::CREATED, "{at} → {home}");
