@@ -202,8 +202,20 @@ async fn in_region_span(
 }
 
 /// `locus health`: whether the region at `url` answers its liveness check within 3 s.
-pub async fn health(url: &str) -> anyhow::Result<()> {
-    let response = reqwest::Client::new()
+pub async fn health(url: &str, ca_file: Option<&Path>) -> anyhow::Result<()> {
+    crate::tls::install_crypto_provider();
+    let mut client = reqwest::Client::builder().use_rustls_tls();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{} holds no PEM certificate", path.display()))?
+        {
+            client = client.add_root_certificate(certificate);
+        }
+    }
+    let response = client
+        .build()
+        .context("building the HTTP client")?
         .get(url)
         .timeout(std::time::Duration::from_secs(3))
         .send()
@@ -286,6 +298,34 @@ pub fn nats_servers(nats_url: &str) -> Vec<&str> {
         .collect()
 }
 
+/// `locus nats-users`: the users block of a deployment's nats-server config, passwords taken from
+/// the server's environment.
+pub fn nats_users(deployment: &str, regions: &[String], admin: bool) -> anyhow::Result<String> {
+    use replication::permissions::{nats_users, PasswordSource};
+    for region in regions {
+        crate::config::validate_region_id("region", region)?;
+    }
+    let variables: Vec<String> = regions
+        .iter()
+        .map(|r| format!("NATS_PASSWORD_{}", r.to_uppercase().replace('-', "_")))
+        .collect();
+    let users: Vec<(&str, PasswordSource)> = regions
+        .iter()
+        .zip(&variables)
+        .map(|(r, v)| (r.as_str(), PasswordSource::Variable(v)))
+        .collect();
+    Ok(format!(
+        "# NATS users of deployment {deployment:?}: `locus nats-users --deployment {deployment}{} {}`\n{}",
+        if admin { " --admin" } else { "" },
+        regions.join(" "),
+        nats_users(
+            deployment,
+            &users,
+            admin.then_some(PasswordSource::Variable("NATS_PASSWORD_ADMIN"))
+        )
+    ))
+}
+
 /// Room a record's event needs beyond its value: names, version, home.
 const EVENT_OVERHEAD_BYTES: usize = 4 * 1024;
 
@@ -298,25 +338,10 @@ async fn start_replication(
     own_url: String,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let config = &region.config;
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("locus-{}-{}", config.deployment, config.region))
-        .retry_on_initial_connect()
-        .connection_timeout(std::time::Duration::from_secs(2))
-        .connect(nats_servers(&config.nats_url))
+    let (client, connected) = replication::connection::connect(config)
         .await
-        .with_context(|| {
-            format!(
-                "region {}: bad NATS address {}",
-                config.region, config.nats_url
-            )
-        })?;
-    for _ in 0..20 {
-        if client.connection_state() == async_nats::connection::State::Connected {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    if client.connection_state() == async_nats::connection::State::Connected {
+        .with_context(|| format!("region {}", config.region))?;
+    if connected {
         let info = client.server_info();
         let max_payload = info.max_payload;
         region.set_max_event_bytes(max_payload);
@@ -334,8 +359,6 @@ async fn start_replication(
             config.region,
             config.limits.record_body_bytes
         );
-    } else {
-        tracing::warn!(region = %config.region, url = %config.nats_url, "NATS unreachable at start; writes wait in the outbox");
     }
     let js = async_nats::jetstream::new(client);
     let supervisor = &region.supervisor;

@@ -90,6 +90,32 @@ pub enum BenchCommand {
     Repair(RepairArgs),
     /// A new region's first copy from a peer: unthrottled, then throttled under write load.
     Bootstrap(BootstrapArgs),
+    /// Write rate and replication lag between two regions with plain connections, then with TLS on
+    /// every hop (HTTPS, PostgreSQL verify-full, NATS with TLS both ways and per-region users).
+    Tls(TlsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TlsArgs {
+    /// PostgreSQL server URL (no database), by the name its certificate holds.
+    #[arg(long, default_value = "postgres://postgres@localhost:5432")]
+    pub postgres: String,
+    /// libpq TLS settings of the TLS phase (this machine's PostgreSQL serves Debian's snakeoil
+    /// certificate for localhost).
+    #[arg(
+        long,
+        default_value = "sslmode=verify-full&sslrootcert=/etc/ssl/certs/ssl-cert-snakeoil.pem"
+    )]
+    pub postgres_tls: String,
+    /// The script that makes the certificates of the TLS phase.
+    #[arg(long, default_value = "deploy/make-certs.sh")]
+    pub certs_script: std::path::PathBuf,
+    /// Seconds of the maximum-rate and of the lag phase, in each mode.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +149,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Resolvers(args) => resolvers(args).await,
         BenchCommand::Repair(args) => repair(args).await,
         BenchCommand::Bootstrap(args) => bootstrap(args).await,
+        BenchCommand::Tls(args) => tls(args).await,
     }
 }
 
@@ -268,7 +295,7 @@ fn scratch_config(
         admin_token: "bench-admin-token".into(),
         peer_token: "bench-peer-token".into(),
         accepted_peer_tokens: Vec::new(),
-        api_token: None,
+        api_tokens: Vec::new(),
         peers,
         limits: Limits::default(),
         forwarding: Default::default(),
@@ -276,6 +303,7 @@ fn scratch_config(
         resolvers: Default::default(),
         repair: Default::default(),
         tls: Default::default(),
+        nats: Default::default(),
         replication: crate::config::Replication {
             stream_max_bytes: 256 * 1024 * 1024,
             ..Default::default()
@@ -295,54 +323,28 @@ fn percentile_ms(samples: &mut [Duration], p: f64) -> f64 {
     millis(samples[((samples.len() as f64 - 1.0) * p).round() as usize])
 }
 
-async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
-    let deployment = format!("bench{:08x}", rand::random::<u32>());
-    let ids = ["eu", "us", "ap"];
-    let mut listeners = Vec::new();
-    for _ in ids {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
-    }
-    let urls: Vec<String> = listeners
-        .iter()
-        .map(|l| format!("http://{}", l.local_addr().unwrap()))
-        .collect();
-    let configs: Vec<Config> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let peers = ids
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(j, p)| crate::config::Peer {
-                    id: (*p).into(),
-                    api_url: urls[j].clone(),
-                })
-                .collect();
-            scratch_config(
-                &args.servers.postgres,
-                &args.servers.nats,
-                &deployment,
-                id,
-                peers,
-                (args.clients as u32).max(8),
-            )
-        })
-        .collect();
-    println!("locus bench replication: deployment {deployment}; eu and us run, ap starts late");
-    let mut listeners = listeners.into_iter();
-    let eu = crate::app::start(configs[0].clone(), listeners.next()).await?;
-    let us = crate::app::start(configs[1].clone(), listeners.next()).await?;
-    let ap_listener = listeners.next();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients * 2)
-        .build()?;
-    let url = eu.url();
+/// What [`rate_and_lag`] measured.
+struct RateAndLag {
+    max_rate: f64,
+    half_rate: f64,
+    lag_p50: f64,
+    lag_p99: f64,
+    samples: usize,
+}
 
-    // 1. Maximum write rate at eu.
+/// The maximum write rate at the region at `url`, then the replication lag to `reader` at half
+/// that rate (commit to visible in `reader`'s database, every tenth write sampled).
+async fn rate_and_lag(
+    http: &reqwest::Client,
+    url: &str,
+    reader: &Arc<crate::service::Region>,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<RateAndLag> {
+    // The maximum write rate.
     let max = {
-        let (http, url) = (http.clone(), url.clone());
-        drive("max rate", args.clients, args.seconds, move |client, n| {
+        let (http, url) = (http.clone(), url.to_owned());
+        drive("max rate", clients, seconds, move |client, n| {
             let (http, url) = (http.clone(), url.clone());
             async move {
                 put_sample(&http, &url, "max", &format!("c{client}-{n}"), (client, n)).await
@@ -356,14 +358,14 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
         max.throughput()
     );
 
-    // 2. Lag at half the maximum rate: a sample of writes is polled at us until visible there.
+    // Lag at half the maximum rate: a sample of writes is polled at the reader until visible there.
     let lags = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
-    let interval = Duration::from_secs_f64(args.clients as f64 / rate);
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let interval = Duration::from_secs_f64(clients as f64 / rate);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut writers = Vec::new();
-    for client in 0..args.clients {
+    for client in 0..clients {
         let (http, url, lags, us_region) =
-            (http.clone(), url.clone(), lags.clone(), us.region.clone());
+            (http.clone(), url.to_owned(), lags.clone(), reader.clone());
         writers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             let mut n = 0usize;
@@ -410,6 +412,62 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
         "  lag phase: {lag_writes} writes, {} sampled",
         lag_samples.len()
     );
+
+    Ok(RateAndLag {
+        max_rate: max.throughput(),
+        half_rate: rate,
+        lag_p50,
+        lag_p99,
+        samples: lag_samples.len(),
+    })
+}
+
+async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
+    let deployment = format!("bench{:08x}", rand::random::<u32>());
+    let ids = ["eu", "us", "ap"];
+    let mut listeners = Vec::new();
+    for _ in ids {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+    }
+    let urls: Vec<String> = listeners
+        .iter()
+        .map(|l| format!("http://{}", l.local_addr().unwrap()))
+        .collect();
+    let configs: Vec<Config> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let peers = ids
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, p)| crate::config::Peer {
+                    id: (*p).into(),
+                    api_url: urls[j].clone(),
+                })
+                .collect();
+            scratch_config(
+                &args.servers.postgres,
+                &args.servers.nats,
+                &deployment,
+                id,
+                peers,
+                (args.clients as u32).max(8),
+            )
+        })
+        .collect();
+    println!("locus bench replication: deployment {deployment}; eu and us run, ap starts late");
+    let mut listeners = listeners.into_iter();
+    let eu = crate::app::start(configs[0].clone(), listeners.next()).await?;
+    let us = crate::app::start(configs[1].clone(), listeners.next()).await?;
+    let ap_listener = listeners.next();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients * 2)
+        .build()?;
+    let url = eu.url();
+
+    let measured = rate_and_lag(&http, &url, &us.region, args.clients, args.seconds).await?;
+    let (rate, lag_p50, lag_p99) = (measured.half_rate, measured.lag_p50, measured.lag_p99);
 
     // 3. A backlog for ap, which has not started: eu's stream keeps every event for it.
     let backlog_phase = {
@@ -473,12 +531,11 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
     println!("\nreplication (eu -> us, one PostgreSQL and one NATS on this machine):");
     println!(
         "  maximum write rate at eu           {:>8.0} writes/s ({} clients)",
-        max.throughput(),
-        args.clients
+        measured.max_rate, args.clients
     );
     println!(
         "  lag at {rate:>6.0} writes/s (half)     p50 {lag_p50:>6.2} ms   p99 {lag_p99:>6.2} ms   ({} samples, commit to visible at us)",
-        lag_samples.len()
+        measured.samples
     );
     println!(
         "  catch-up of a late region          {published} events in {:.1} s = {apply_rate:.0} events/s (origin wrote {origin_rate:.0}/s; ratio {:.2})",
@@ -515,7 +572,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         admin_token: "bench-admin-token".into(),
         peer_token: "bench-peer-token".into(),
         accepted_peer_tokens: Vec::new(),
-        api_token: None,
+        api_tokens: Vec::new(),
         peers: vec![],
         limits: Limits::default(),
         forwarding: Default::default(),
@@ -523,6 +580,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
         resolvers: Default::default(),
         repair: Default::default(),
         tls: Default::default(),
+        nats: Default::default(),
         replication: Default::default(),
     };
     println!(
@@ -1201,5 +1259,155 @@ async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     crate::replication::delete_streams(&args.servers.nats, &deployment, &["eu", "ap", "sa"])
         .await
         .map_err(|e| anyhow::anyhow!("deleting the bench streams: {e}"))?;
+    Ok(())
+}
+
+/// `locus bench tls`: the same two-region measurement without and with TLS on every hop, each on
+/// a nats-server of its own (the pinned one), the TLS one verifying clients and knowing only the
+/// regions' least-privilege users.
+async fn tls(args: TlsArgs) -> anyhow::Result<()> {
+    use crate::replication::permissions::{nats_users, PasswordSource};
+    let run = format!("{:08x}", rand::random::<u32>());
+    let dir = std::env::temp_dir().join(format!("locus-bench-tls-{run}"));
+    let certs = dir.join("certs");
+    let status = std::process::Command::new("sh")
+        .arg(&args.certs_script)
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", args.certs_script.display()))?;
+    anyhow::ensure!(status.success(), "{} failed", args.certs_script.display());
+    let binary = crate::nats_server::binary().context("finding or installing nats-server")?;
+    let free_port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let ids = ["eu", "us"];
+    let password = |id: &str| format!("bench-nats-{id}-{run}");
+
+    let mut results = Vec::new();
+    for secure in [false, true] {
+        let deployment = format!("bench{run}{}", if secure { "tls" } else { "plain" });
+        let store = dir.join(format!("nats-{deployment}"));
+        std::fs::create_dir_all(&store)?;
+        let port = free_port()?;
+        let mut server_args = Vec::new();
+        if secure {
+            let passwords: Vec<String> = ids.iter().map(|id| password(id)).collect();
+            let users: Vec<(&str, PasswordSource)> = ids
+                .iter()
+                .zip(&passwords)
+                .map(|(id, p)| (*id, PasswordSource::Literal(p)))
+                .collect();
+            let config = format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n{}",
+                certs.join("nats-eu-1.pem"),
+                certs.join("nats-eu-1-key.pem"),
+                certs.join("ca.pem"),
+                nats_users(&deployment, &users, None)
+            );
+            let file = dir.join(format!("{deployment}.conf"));
+            std::fs::write(&file, config)?;
+            server_args = vec!["-c".to_owned(), file.to_string_lossy().into_owned()];
+        }
+        let server_arg_refs: Vec<&str> = server_args.iter().map(String::as_str).collect();
+        let _nats = crate::nats_server::LocalNats::start(&binary, port, &store, &server_arg_refs)
+            .context("starting the benchmark's nats-server")?;
+        let mut listeners = Vec::new();
+        for _ in ids {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let scheme_host = if secure {
+            "https://localhost"
+        } else {
+            "http://127.0.0.1"
+        };
+        let urls: Vec<String> = listeners
+            .iter()
+            .map(|l| format!("{scheme_host}:{}", l.local_addr().unwrap().port()))
+            .collect();
+        let nats_url = format!("{}://127.0.0.1:{port}", if secure { "tls" } else { "nats" });
+        let configs: Vec<Config> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let peers = vec![crate::config::Peer {
+                    id: ids[1 - i].into(),
+                    api_url: urls[1 - i].clone(),
+                }];
+                let mut config = scratch_config(
+                    &args.postgres,
+                    &nats_url,
+                    &deployment,
+                    id,
+                    peers,
+                    (args.clients as u32).max(8),
+                );
+                if secure {
+                    let service = |name: &str| certs.join(format!("{name}.pem"));
+                    config.database_url =
+                        format!("{}?{}", &*config.database_url, args.postgres_tls).into();
+                    config.advertise_url = Some(urls[i].clone());
+                    config.tls.cert_file = Some(service(&format!("locus-{id}")));
+                    config.tls.key_file = Some(service(&format!("locus-{id}-key")));
+                    config.tls.peer_ca_file = Some(service("ca"));
+                    config.nats = crate::config::NatsSettings {
+                        ca_file: Some(service("ca")),
+                        cert_file: Some(service(&format!("locus-{id}"))),
+                        key_file: Some(service(&format!("locus-{id}-key"))),
+                        user: Some((*id).into()),
+                        password: Some(password(id).into()),
+                        credentials_file: None,
+                    };
+                }
+                config
+            })
+            .collect();
+        let mode = if secure { "TLS on every hop" } else { "plain" };
+        println!("locus bench tls: {mode} (deployment {deployment}, NATS {nats_url})");
+        let mut listeners = listeners.into_iter();
+        let eu = crate::app::start(configs[0].clone(), listeners.next()).await?;
+        let us = crate::app::start(configs[1].clone(), listeners.next()).await?;
+        let mut http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .pool_max_idle_per_host(args.clients * 2);
+        if secure {
+            let ca = std::fs::read(certs.join("ca.pem"))?;
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&ca)?);
+        }
+        let http = http.build()?;
+        let measured =
+            rate_and_lag(&http, &eu.url(), &us.region, args.clients, args.seconds).await?;
+        results.push((mode, measured));
+        for running in [eu, us] {
+            running.stop().await?;
+        }
+        for config in &configs {
+            sqlx::Postgres::force_drop_database(&config.database_url).await?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "\nTLS (eu -> us, {} clients, one PostgreSQL and a NATS per mode on this machine):",
+        args.clients
+    );
+    println!(
+        "  {:<18} {:>12} {:>24}",
+        "", "writes/s", "lag at half rate p50/p99"
+    );
+    for (mode, m) in &results {
+        println!(
+            "  {mode:<18} {:>12.0} {:>12.2} ms {:>7.2} ms   ({} samples at {:.0}/s)",
+            m.max_rate, m.lag_p50, m.lag_p99, m.samples, m.half_rate
+        );
+    }
+    if let [(_, plain), (_, secure)] = &results[..] {
+        println!(
+            "  TLS keeps {:.0}% of the plain write rate",
+            100.0 * secure.max_rate / plain.max_rate
+        );
+    }
     Ok(())
 }

@@ -38,9 +38,36 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
 /// A token or password. `Debug` and `Display` print nothing of it, so neither a log line nor an
 /// error message can leak it; [`Secret::expose`] is the one way to read it. It serializes as
 /// itself: serializing is how a config is handed on, not how it is shown.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// In a config it is the value itself, or `{ file = "/run/secrets/…" }`: the file's content without
+/// its trailing line break, read at load, so secrets can come from files that a container platform
+/// mounts instead of from environment variables that every process of the host may read.
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Value(String),
+            File { file: std::path::PathBuf },
+        }
+        match Given::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom("expected the secret itself or { file = \"<path>\" }")
+        })? {
+            Given::Value(value) => Ok(Secret(value)),
+            Given::File { file } => match std::fs::read_to_string(&file) {
+                Ok(text) => Ok(Secret(text.trim_end_matches(['\n', '\r']).to_owned())),
+                Err(e) => Err(serde::de::Error::custom(format!(
+                    "cannot read secret file {}: {e}",
+                    file.display()
+                ))),
+            },
+        }
+    }
+}
 
 impl Secret {
     pub fn expose(&self) -> &str {
@@ -227,6 +254,55 @@ impl Default for Replication {
     }
 }
 
+/// What a client token may do; each scope includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Reads of records, collections, conflicts, resolvers and regions.
+    Read,
+    /// Reads, and writes and deletes of records.
+    Write,
+    /// Everything: policies, resolvers, dead letters, repair, retirement.
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub token: Secret,
+    pub scope: Scope,
+}
+
+/// How the region reaches NATS beyond `nats_url` ([`crate::replication::connection`]): TLS and
+/// credentials. A `tls://` URL, `ca_file` or `cert_file` makes TLS required.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSettings {
+    /// PEM CA certificates the NATS servers' certificates are checked against (instead of the
+    /// system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for servers that verify clients (`verify: true`).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+    /// The region's NATS user, with `password`. Grant it only what `locus nats-permissions`
+    /// prints for this region.
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// A `.creds` file (JWT and nkey seed), instead of `user` and `password`.
+    pub credentials_file: Option<std::path::PathBuf>,
+}
+
+impl NatsSettings {
+    pub fn wants_tls(&self, nats_url: &str) -> bool {
+        self.ca_file.is_some()
+            || self.cert_file.is_some()
+            || crate::app::nats_servers(nats_url)
+                .iter()
+                .any(|u| u.starts_with("tls://"))
+    }
+}
+
 /// TLS of the region's own listener and of its calls to peers ([`crate::tls`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -320,9 +396,10 @@ pub struct Config {
     /// here), then remove the old one.
     #[serde(default)]
     pub accepted_peer_tokens: Vec<Secret>,
-    /// When set, record endpoints require this bearer token (or the admin token).
+    /// Bearer tokens of clients, each with its scope. With none, record endpoints are open (to
+    /// whoever reaches the listener) and admin endpoints take `admin_token` alone.
     #[serde(default)]
-    pub api_token: Option<Secret>,
+    pub api_tokens: Vec<ApiToken>,
     #[serde(default)]
     pub peers: Vec<Peer>,
     #[serde(default)]
@@ -339,6 +416,8 @@ pub struct Config {
     pub repair: RepairConfig,
     #[serde(default)]
     pub tls: TlsSettings,
+    #[serde(default)]
+    pub nats: NatsSettings,
 }
 
 fn default_pool_size() -> u32 {
@@ -356,7 +435,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "admin_token",
     "peer_token",
     "accepted_peer_tokens",
-    "api_token",
+    "api_tokens",
     "peers",
     "limits",
     "forwarding",
@@ -365,6 +444,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "resolvers",
     "repair",
     "tls",
+    "nats",
 ];
 
 impl Config {
@@ -447,8 +527,38 @@ impl Config {
                 "each must be at least 8 characters",
             ));
         }
-        if matches!(&self.api_token, Some(t) if t.expose().is_empty()) {
-            return Err(invalid("api_token", "must not be empty when set"));
+        if self.api_tokens.iter().any(|t| t.token.expose().len() < 8) {
+            return Err(invalid(
+                "api_tokens.token",
+                "each must be at least 8 characters",
+            ));
+        }
+        for url in crate::app::nats_servers(&self.nats_url) {
+            if url.contains("://") && !url.starts_with("nats://") && !url.starts_with("tls://") {
+                return Err(invalid(
+                    "nats_url",
+                    format!("{url:?}: the scheme must be nats:// or tls://"),
+                ));
+            }
+        }
+        let nats = &self.nats;
+        if nats.user.is_some() != nats.password.is_some() {
+            return Err(invalid(
+                "nats.user",
+                "nats.user and nats.password go together: set both, or neither",
+            ));
+        }
+        if nats.user.is_some() && nats.credentials_file.is_some() {
+            return Err(invalid(
+                "nats.credentials_file",
+                "give either nats.credentials_file or nats.user and nats.password, not both",
+            ));
+        }
+        if nats.cert_file.is_some() != nats.key_file.is_some() {
+            return Err(invalid(
+                "nats.cert_file",
+                "nats.cert_file and nats.key_file go together: set both, or neither",
+            ));
         }
         for (index, peer) in self.peers.iter().enumerate() {
             validate_region_id("peers.id", &peer.id)?;
@@ -735,16 +845,17 @@ mod tests {
                 };
                 assert_eq!(peers, expected, "{path}");
                 if folder == "regions/compose" {
-                    // Listening on every interface of a container: peers need the name.
+                    // Listening on every interface of a container: peers need the name (which
+                    // its certificate holds).
                     let port = config.listen.rsplit(':').next().unwrap_or_default();
                     assert_eq!(
                         config.advertise_url,
-                        Some(format!("http://locus-{region}:{port}")),
+                        Some(format!("https://locus-{region}:{port}")),
                         "{path}"
                     );
                 }
                 // What decides resolver outcomes and the deployment's name must agree everywhere.
-                // Any region may create any region's stream, so stream settings agree too.
+                // Stream settings are the deployment's: one set, whichever region reads it.
                 let streams = (
                     config.replication.stream_replicas,
                     config.replication.streams_in_region_clusters,
@@ -759,11 +870,63 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_files_too() {
+        let mut sandbox = Sandbox::new();
+        let token = sandbox.file("admin-token", "from-a-file-token\n");
+        let text = format!(
+            "{GOOD}\n[nats]\nuser = \"eu\"\npassword = {{ file = {:?} }}\n",
+            sandbox.file("nats-password", "nats-from-file")
+        );
+        let path = sandbox.file("eu.toml", &text);
+        sandbox.set_env(
+            "LOCUS_ADMIN_TOKEN",
+            &format!("{{file={:?}}}", token.display().to_string()),
+        );
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.admin_token.expose(), "from-a-file-token");
+        assert_eq!(
+            config.nats.password.as_ref().map(Secret::expose),
+            Some("nats-from-file")
+        );
+        sandbox.set_env("LOCUS_ADMIN_TOKEN", "{file=\"/nonexistent/token\"}");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("admin_token")
+                && err.contains("cannot read secret file /nonexistent/token"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn nats_settings_are_checked() {
+        for (extra, field) in [
+            ("[nats]\nuser = \"eu\"\n", "field nats.user"),
+            (
+                "[nats]\nuser = \"eu\"\npassword = \"pw\"\ncredentials_file = \"eu.creds\"\n",
+                "field nats.credentials_file",
+            ),
+            ("[nats]\ncert_file = \"c.pem\"\n", "field nats.cert_file"),
+        ] {
+            let err = load(&format!("{GOOD}\n{extra}")).unwrap_err();
+            assert!(err.starts_with(field), "{err}");
+        }
+        let err = load(&GOOD.replace("nats://127.0.0.1:4222", "ws://127.0.0.1:4222")).unwrap_err();
+        assert!(err.starts_with("field nats_url"), "{err}");
+        let config = load(&GOOD.replace("nats://", "tls://")).unwrap();
+        assert!(config.nats.wants_tls(&config.nats_url));
+    }
+
+    #[test]
     fn secrets_never_show() {
         let mut config = load(GOOD).unwrap();
         config.admin_token = "admin-secret-1".into();
         config.peer_token = "peer-secret-2".into();
-        config.api_token = Some("api-secret-3".into());
+        config.api_tokens = vec![ApiToken {
+            token: "api-secret-3".into(),
+            scope: Scope::Read,
+        }];
+        config.nats.user = Some("eu".into());
+        config.nats.password = Some("nats-secret-5".into());
         config.database_url =
             "postgres://locus:pg-secret-4@db.example:5432/locus_eu?sslmode=require".into();
         let shown = format!("{config:?} {} {}", config.database_url, config.admin_token);
@@ -772,6 +935,7 @@ mod tests {
             "peer-secret-2",
             "api-secret-3",
             "pg-secret-4",
+            "nats-secret-5",
         ] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }

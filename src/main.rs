@@ -48,6 +48,9 @@ enum Command {
             default_value = "http://127.0.0.1:7101/healthz"
         )]
         url: String,
+        /// PEM CA certificates to trust for an https URL (a private CA), besides Mozilla's roots.
+        #[arg(long, env = "LOCUS_HEALTH_CA_FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// Resolver authoring.
     #[command(subcommand)]
@@ -55,6 +58,20 @@ enum Command {
     /// Deployment membership.
     #[command(subcommand)]
     Region(RegionCommand),
+    /// Print the `authorization` block of a nats-server config for a deployment: one user per
+    /// region, allowed only what that region needs, its password taken from the nats-server's
+    /// environment variable NATS_PASSWORD_<REGION> (upper case, '-' as '_').
+    NatsUsers {
+        /// The deployment's name (the regions' `deployment`).
+        #[arg(long)]
+        deployment: String,
+        /// Also an `admin` user that may do anything (NATS_PASSWORD_ADMIN), for operators.
+        #[arg(long)]
+        admin: bool,
+        /// The region ids.
+        #[arg(required = true)]
+        regions: Vec<String>,
+    },
     /// Benchmarks that print measured figures.
     #[command(subcommand)]
     Bench(locus::bench::BenchCommand),
@@ -104,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
             nats,
             nats_port,
         } => locus::app::dev(&regions, reset, nats, nats_port).await,
-        Command::Health { url } => locus::app::health(&url).await,
+        Command::Health { url, ca_file } => locus::app::health(&url, ca_file.as_deref()).await,
         Command::Resolver(ResolverCommand::New { name, path }) => {
             let root = locus::scaffold::create(&name, &path)?;
             println!(
@@ -114,6 +131,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(command) => locus::bench::run(command).await,
+        Command::NatsUsers {
+            deployment,
+            admin,
+            regions,
+        } => {
+            print!("{}", locus::app::nats_users(&deployment, &regions, admin)?);
+            Ok(())
+        }
         Command::Region(RegionCommand::Retire {
             id,
             rehome_to,

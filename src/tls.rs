@@ -5,7 +5,8 @@
 //! PostgreSQL takes its TLS settings in the URL, as libpq does: `sslmode` (`disable`, `prefer`,
 //! `require`, `verify-ca`, `verify-full`) and `sslrootcert` for a private CA. Peers are `https`
 //! URLs, checked against Mozilla's roots and `tls.peer_ca_file`; the region serves HTTPS itself
-//! when `tls.cert_file` and `tls.key_file` are set.
+//! when `tls.cert_file` and `tls.key_file` are set. NATS is reached over TLS with a `tls://` URL or
+//! the `nats` table's `ca_file` and client certificate ([`crate::replication::connection`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -64,19 +65,32 @@ fn certificates(
     Ok(certificates)
 }
 
+/// Fail at start, naming the field, when `path` holds no PEM certificate: what a library given
+/// the path would otherwise report only at its first connection, without the field.
+pub fn check_certificates(field: &'static str, path: &Path) -> Result<(), TlsError> {
+    certificates(field, path).map(|_| ())
+}
+
+/// As [`check_certificates`], for a PEM private key.
+pub fn check_private_key(field: &'static str, path: &Path) -> Result<(), TlsError> {
+    private_key(field, path).map(|_| ())
+}
+
+fn private_key(field: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(&read(field, path)?).map_err(|_| TlsError::Empty {
+        field,
+        path: path.display().to_string(),
+        what: "private key",
+    })
+}
+
 /// The HTTPS settings of the region's listener, if its config asks for HTTPS.
 pub fn server_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
     let (Some(cert_file), Some(key_file)) = (&config.tls.cert_file, &config.tls.key_file) else {
         return Ok(None);
     };
     let chain = certificates("tls.cert_file", cert_file)?;
-    let key = PrivateKeyDer::from_pem_slice(&read("tls.key_file", key_file)?).map_err(|_| {
-        TlsError::Empty {
-            field: "tls.key_file",
-            path: key_file.display().to_string(),
-            what: "private key",
-        }
-    })?;
+    let key = private_key("tls.key_file", key_file)?;
     let mut server = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(chain, key)

@@ -3,7 +3,8 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::helpers::{expect_problem, record_path, Cluster, Setup};
+use crate::helpers::{expect_problem, record_path, Cluster, Setup, ADMIN};
+use locus::config::{ApiToken, Scope};
 
 const LIMIT: usize = 1024;
 
@@ -266,33 +267,84 @@ async fn bad_policies_tokens_and_listing_parameters_are_refused() {
 }
 
 #[tokio::test]
-async fn an_api_token_guards_records_when_configured() {
+async fn api_tokens_grant_their_scope_and_no_more() {
     let c = Setup::regions(&["eu"])
-        .tweak(|config| config.api_token = Some("records-token".into()))
+        .tweak(|config| {
+            config.api_tokens = vec![
+                ApiToken {
+                    token: "reader-token".into(),
+                    scope: Scope::Read,
+                },
+                ApiToken {
+                    token: "writer-token".into(),
+                    scope: Scope::Write,
+                },
+                ApiToken {
+                    token: "second-writer".into(),
+                    scope: Scope::Write,
+                },
+            ]
+        })
         .start()
         .await;
+    let put = |token: Option<&'static str>, key: &'static str| {
+        let mut request = c
+            .request("eu", Method::PUT, &record_path("c", key))
+            .json(&json!(1));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    expect_problem(put(None, "k").await.unwrap(), StatusCode::UNAUTHORIZED).await;
     expect_problem(
-        c.put("eu", "c", "k", &json!(1)).await,
+        put(Some("nope-nope"), "k").await.unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    // A read-scoped token reads but cannot write.
+    expect_problem(
+        put(Some("reader-token"), "k").await.unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    for writer in ["writer-token", "second-writer"] {
+        assert_eq!(
+            put(Some(writer), writer).await.unwrap().status(),
+            StatusCode::CREATED
+        );
+    }
+    let read = |token: &'static str| {
+        c.request("eu", Method::GET, &record_path("c", "writer-token"))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(read("reader-token").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(read("writer-token").await.unwrap().status(), StatusCode::OK);
+    expect_problem(
+        c.get("eu", "c", "writer-token").await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
-    let wrong = c
-        .request("eu", Method::PUT, &record_path("c", "k"))
-        .bearer_auth("nope-nope")
-        .json(&json!(1))
+    // Neither may change a policy: that takes admin scope (the admin token here).
+    for token in ["reader-token", "writer-token"] {
+        let r = c
+            .request("eu", Method::PUT, "/v1/collections/c")
+            .bearer_auth(token)
+            .json(&json!({"conflicts": {"strategy": "siblings"}}))
+            .send()
+            .await
+            .unwrap();
+        expect_problem(r, StatusCode::FORBIDDEN).await;
+    }
+    let admin = c
+        .request("eu", Method::PUT, "/v1/collections/c")
+        .bearer_auth(ADMIN)
+        .json(&json!({"conflicts": {"strategy": "siblings"}}))
         .send()
         .await
         .unwrap();
-    expect_problem(wrong, StatusCode::FORBIDDEN).await;
-    let ok = c
-        .request("eu", Method::PUT, &record_path("c", "k"))
-        .bearer_auth("records-token")
-        .json(&json!(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), StatusCode::CREATED);
-    expect_problem(c.get("eu", "c", "k").await, StatusCode::UNAUTHORIZED).await;
+    assert!(admin.status().is_success(), "{}", admin.status());
     // Health endpoints stay open for load balancers.
     assert_eq!(c.get_status("eu", "/readyz").await, StatusCode::OK);
     c.teardown().await;

@@ -73,7 +73,8 @@ pub struct Setup {
     pub tweak: Box<dyn Fn(&mut Config)>,
 }
 
-/// Certificates made at test time: a CA, and a certificate for `localhost` it signed.
+/// Certificates made at test time: a CA, and a certificate for `localhost` and `127.0.0.1` it
+/// signed (also good as a client certificate).
 #[derive(Debug, Clone)]
 pub struct TestPki {
     pub ca: std::path::PathBuf,
@@ -94,7 +95,9 @@ impl TestPki {
             .push(rcgen::DnType::CommonName, "locus test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
@@ -185,7 +188,7 @@ pub fn test_config(deployment: &str, id: &str, database_url: String) -> Config {
         admin_token: ADMIN.into(),
         peer_token: PEER.into(),
         accepted_peer_tokens: Vec::new(),
-        api_token: None,
+        api_tokens: Vec::new(),
         peers: Vec::new(),
         limits: Limits::default(),
         forwarding: Forwarding {
@@ -197,6 +200,7 @@ pub fn test_config(deployment: &str, id: &str, database_url: String) -> Config {
         resolvers: Default::default(),
         repair: Default::default(),
         tls: Default::default(),
+        nats: Default::default(),
         replication: Replication {
             stream_max_bytes: 64 * 1024 * 1024,
             stream_replicas: 1,
@@ -803,6 +807,137 @@ impl TestNats {
 impl Drop for TestNats {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A nats-server of the test's own that speaks TLS only (with `pki`'s certificate, verifying
+/// clients' certificates against its CA) and knows one user per region, each granted only
+/// [`locus::replication::permissions::for_region`], and an `admin` user.
+pub struct SecureNats {
+    pub port: u16,
+    pub deployment: String,
+    pub pki: TestPki,
+    dir: std::path::PathBuf,
+    server: Option<locus::nats_server::LocalNats>,
+}
+
+impl SecureNats {
+    pub async fn start(pki: &TestPki, deployment: &str, regions: &[&str]) -> SecureNats {
+        use locus::replication::permissions::{nats_users, PasswordSource};
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "locus-secure-nats-{port}-{:08x}",
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let passwords: Vec<String> = regions.iter().map(|r| Self::password(r)).collect();
+        let users: Vec<(&str, PasswordSource)> = regions
+            .iter()
+            .zip(&passwords)
+            .map(|(r, p)| (*r, PasswordSource::Literal(p)))
+            .collect();
+        let config = format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 2\n}}\n{}",
+            pki.cert,
+            pki.key,
+            pki.ca,
+            nats_users(deployment, &users, Some(PasswordSource::Literal(ADMIN_NATS_PASSWORD)))
+        );
+        let config_file = dir.join("server.conf");
+        std::fs::write(&config_file, config).unwrap();
+        let store = dir.join("store");
+        let server = tokio::task::spawn_blocking(move || {
+            let config_file = config_file.to_string_lossy().into_owned();
+            locus::nats_server::LocalNats::start(
+                &nats_server_binary(),
+                port,
+                &store,
+                &["-c", &config_file],
+            )
+        })
+        .await
+        .unwrap()
+        .expect("nats-server with TLS starts");
+        SecureNats {
+            port,
+            deployment: deployment.to_owned(),
+            pki: pki.clone(),
+            dir,
+            server: Some(server),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
+    }
+
+    pub fn password(region: &str) -> String {
+        format!("nats-password-of-{region}")
+    }
+
+    /// What region `region` needs to reach this server: its CA, a client certificate, its user.
+    pub fn settings_for(&self, region: &str) -> locus::config::NatsSettings {
+        locus::config::NatsSettings {
+            ca_file: Some(self.pki.ca.clone()),
+            cert_file: Some(self.pki.cert.clone()),
+            key_file: Some(self.pki.key.clone()),
+            user: Some(region.to_owned()),
+            password: Some(Self::password(region).into()),
+            credentials_file: None,
+        }
+    }
+
+    /// Point `config` at this server as its region.
+    pub fn configure(&self, config: &mut Config) {
+        config.nats_url = self.url();
+        config.nats = self.settings_for(&config.region);
+    }
+
+    /// A client as `user` (a region's inbox prefix when it is one), whose refusals by the
+    /// server arrive on the returned channel.
+    pub async fn client_as(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> (
+        async_nats::Client,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = async_nats::ConnectOptions::new()
+            .require_tls(true)
+            .add_root_certificates(self.pki.ca.clone())
+            .add_client_certificate(self.pki.cert.clone(), self.pki.key.clone())
+            .user_and_password(user.to_owned(), password.to_owned())
+            .custom_inbox_prefix(locus::replication::connection::inbox_prefix(
+                &self.deployment,
+                user,
+            ))
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(error) = event {
+                        let _ = tx.send(error.to_string());
+                    }
+                }
+            })
+            .connect(self.url())
+            .await
+            .expect("the test connects to its TLS nats-server");
+        (client, rx)
+    }
+
+    pub async fn admin(&self) -> async_nats::Client {
+        self.client_as("admin", ADMIN_NATS_PASSWORD).await.0
+    }
+}
+
+pub const ADMIN_NATS_PASSWORD: &str = "nats-admin-password";
+
+impl Drop for SecureNats {
+    fn drop(&mut self) {
+        self.server.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

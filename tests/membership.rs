@@ -70,7 +70,12 @@ async fn a_region_added_under_write_load_copies_everything_and_misses_no_write()
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        assert!(detail.starts_with("new region:"), "{detail}");
+        // First it asks its peers whether its database is a restored one, then it copies.
+        assert!(
+            detail.starts_with("new region:")
+                || detail == "checking with the peers whether this region's database was restored",
+            "{detail}"
+        );
         saw_progress |= detail.contains(" records compared, ");
         assert!(
             std::time::Instant::now() < deadline,

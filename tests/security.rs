@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{eventually, postgres_base, Setup};
+use crate::helpers::{eventually, postgres_base, SecureNats, Setup, TestPki};
 
 /// The certificate the PostgreSQL of this machine serves (Debian's, for `localhost`).
 const POSTGRES_CA: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
@@ -215,4 +215,319 @@ async fn the_peer_token_rotates_without_downtime() {
         assert_eq!(response.status(), expected, "{token}");
     }
     c.teardown().await;
+}
+
+/// Every hop of a three-region deployment on TLS: PostgreSQL verified (`verify-full`), the
+/// regions' APIs and calls between them on HTTPS, and NATS on TLS with a client certificate and a
+/// user per region allowed only what `locus::replication::permissions` grants it.
+#[tokio::test]
+async fn three_regions_replicate_with_every_hop_on_tls_and_least_privilege_nats_users() {
+    let regions = ["eu", "us", "ap"];
+    let pki = TestPki::new(false);
+    let deployment = format!("tls{:08x}", rand::random::<u32>());
+    let nats = std::sync::Arc::new(SecureNats::start(&pki, &deployment, &regions).await);
+    let postgres_tls = format!("sslmode=verify-full&sslrootcert={POSTGRES_CA}");
+    let mut setup = Setup::regions(&regions);
+    setup.https = Some(pki.clone());
+    let (n, d) = (nats.clone(), deployment.clone());
+    let c = setup
+        .tweak(move |config| {
+            config.deployment = d.clone();
+            n.configure(config);
+            config.database_url = over_tls(&config.database_url, &postgres_tls).into();
+        })
+        .start()
+        .await;
+    for id in regions {
+        let encrypted: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(c.region(id).region.store.pool())
+                .await
+                .unwrap();
+        assert!(encrypted, "{id}'s connections to PostgreSQL use TLS");
+    }
+
+    // Writes at every region, of records homed in every region (forwarded over HTTPS), updates
+    // and deletes among them.
+    for (i, at) in regions.iter().cycle().take(30).enumerate() {
+        let home = regions[(i / 3) % 3];
+        let response = put_homed(&c, at, home, &format!("k{i}"), json!({"i": i, "at": at}))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "k{i} at {at}");
+    }
+    for i in (0..30).step_by(4) {
+        let response = c
+            .put("us", "notes", &format!("k{i}"), &json!({"updated": i}))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK, "update of k{i}");
+    }
+    for i in (1..30).step_by(7) {
+        let response = c
+            .request(
+                "ap",
+                reqwest::Method::DELETE,
+                &crate::helpers::record_path("notes", &format!("k{i}")),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "delete of k{i}: {}",
+            response.status()
+        );
+    }
+    c.assert_converged().await;
+    for i in 0..30 {
+        let deleted = (1..30).step_by(7).any(|d| d == i);
+        for id in regions {
+            let expected = if deleted {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::OK
+            };
+            assert_eq!(
+                c.get(id, "notes", &format!("k{i}")).await.status(),
+                expected,
+                "k{i} at {id}"
+            );
+        }
+    }
+
+    // Events went through the streams, not only repair: every consumer of every stream has
+    // delivered and been acknowledged through (acknowledgements pass the permissions too).
+    let admin = async_nats::jetstream::new(nats.admin().await);
+    eventually(
+        30,
+        "every consumer has applied and acknowledged everything",
+        || async {
+            let mut done = true;
+            for origin in regions {
+                let name = locus::replication::stream_name(&deployment, origin);
+                let mut stream = admin.get_stream(&name).await.unwrap();
+                let delivered = stream.info().await.unwrap().state.last_sequence;
+                done &= delivered > 0;
+                for reader in regions.iter().filter(|r| **r != origin) {
+                    let info = stream
+                        .consumer_info(locus::replication::consumer_name(reader))
+                        .await
+                        .unwrap();
+                    done &= info.num_pending == 0
+                        && info.num_ack_pending == 0
+                        && info.ack_floor.stream_sequence == delivered;
+                }
+            }
+            done
+        },
+    )
+    .await;
+
+    // us, with its own credentials, can touch nothing of eu's.
+    let (us, mut refusals) = nats.client_as("us", &SecureNats::password("us")).await;
+    let eu_stream = locus::replication::stream_name(&deployment, "eu");
+    let before = admin
+        .get_stream(&eu_stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+    async fn expect_refusal(
+        refusals: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+        what: &str,
+    ) {
+        let refusal = tokio::time::timeout(std::time::Duration::from_secs(5), refusals.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} was not refused"))
+            .unwrap();
+        assert!(
+            refusal.to_lowercase().contains("permissions violation"),
+            "{what}: {refusal}"
+        );
+    }
+    us.publish(
+        locus::replication::subject(&deployment, "eu"),
+        "forged".into(),
+    )
+    .await
+    .unwrap();
+    us.flush().await.unwrap();
+    expect_refusal(&mut refusals, "publishing into eu's subject").await;
+    let _spy = us
+        .subscribe(format!(
+            "{}.>",
+            locus::replication::connection::inbox_prefix(&deployment, "eu")
+        ))
+        .await
+        .unwrap();
+    expect_refusal(&mut refusals, "subscribing to eu's replies").await;
+    let ap_stream = locus::replication::stream_name(&deployment, "ap");
+    for (subject, what) in [
+        (
+            format!("$JS.API.CONSUMER.MSG.NEXT.{ap_stream}.to-eu"),
+            "pulling ap's events through eu's consumer",
+        ),
+        (
+            format!("$JS.API.STREAM.DELETE.{eu_stream}"),
+            "deleting eu's stream",
+        ),
+        (
+            format!("$JS.API.STREAM.PURGE.{eu_stream}"),
+            "purging eu's stream",
+        ),
+        (
+            format!("$JS.API.CONSUMER.CREATE.{eu_stream}.spy"),
+            "reading eu's stream through a consumer of another name",
+        ),
+    ] {
+        us.publish(subject, "{}".into()).await.unwrap();
+        us.flush().await.unwrap();
+        expect_refusal(&mut refusals, what).await;
+    }
+    let after = admin
+        .get_stream(&eu_stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+    assert_eq!(
+        after.last_sequence, before.last_sequence,
+        "nothing reached eu's stream"
+    );
+    assert_eq!(
+        after.consumer_count, before.consumer_count,
+        "no consumer was added to it"
+    );
+    c.assert_converged().await;
+    c.teardown().await;
+}
+
+/// A region that NATS refuses does not start, and says which connection refused it and why:
+/// a wrong password, a server certificate from a CA it does not trust, an expired one.
+#[tokio::test]
+async fn nats_refusals_name_the_connection_and_the_cause() {
+    let pki = TestPki::new(false);
+    let deployment = format!("tls{:08x}", rand::random::<u32>());
+    let nats = SecureNats::start(&pki, &deployment, &["eu"]).await;
+    let expired_pki = TestPki::new(true);
+    let expired = SecureNats::start(&expired_pki, &deployment, &["eu"]).await;
+    let other_ca = TestPki::new(false);
+    let database = format!("{}/locus_test_{deployment}", postgres_base());
+
+    let start = |config: locus::config::Config| async move {
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("wrong-password-here"),
+            "Debug shows no password: {shown}"
+        );
+        assert!(!shown.contains(&SecureNats::password("eu")), "{shown}");
+        match locus::app::start(config, None).await {
+            Ok(_) => panic!("NATS accepted a region it should refuse"),
+            Err(error) => format!("{error:#}"),
+        }
+    };
+    let mut config = crate::helpers::test_config(&deployment, "eu", database.clone());
+    nats.configure(&mut config);
+    config.nats.password = Some("wrong-password-here".into());
+    let error = start(config).await;
+    assert!(
+        error.starts_with(&format!(
+            "region eu: NATS at {} refused this region's credentials (user \"eu\"): authorization violation",
+            nats.url()
+        )),
+        "{error}"
+    );
+    assert!(!error.contains("wrong-password-here"), "{error}");
+
+    let mut config = crate::helpers::test_config(&deployment, "eu", database.clone());
+    nats.configure(&mut config);
+    config.nats.ca_file = Some(other_ca.ca.clone());
+    let error = start(config).await;
+    assert!(
+        error.starts_with(&format!(
+            "region eu: TLS with NATS at {} failed",
+            nats.url()
+        )),
+        "{error}"
+    );
+    assert!(error.contains("invalid peer certificate"), "{error}");
+
+    let mut config = crate::helpers::test_config(&deployment, "eu", database.clone());
+    expired.configure(&mut config);
+    let error = start(config).await;
+    assert!(
+        error.starts_with(&format!(
+            "region eu: TLS with NATS at {} failed",
+            expired.url()
+        )),
+        "{error}"
+    );
+    assert!(error.contains("certificate expired"), "{error}");
+
+    use sqlx::migrate::MigrateDatabase;
+    let _ = sqlx::Postgres::drop_database(&database).await;
+}
+
+/// The certificates `deploy/make-certs.sh` makes for the compose deployment serve: regions on
+/// HTTPS with theirs, a NATS server with its own, each verifying the other's as a client.
+#[tokio::test]
+async fn the_compose_certificate_script_makes_certificates_that_serve_every_hop() {
+    let dir = std::env::temp_dir().join(format!("locus-certs-{:08x}", rand::random::<u32>()));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/make-certs.sh");
+    let status = std::process::Command::new("sh")
+        .arg(script)
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script} ran");
+    let files = |service: &str| TestPki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{service}.pem")),
+        key: dir.join(format!("{service}-key.pem")),
+    };
+    let deployment = format!("certs{:08x}", rand::random::<u32>());
+    let nats = std::sync::Arc::new(
+        SecureNats::start(&files("nats-eu-1"), &deployment, &["eu", "us"]).await,
+    );
+    let region_files = files("locus-eu");
+    let mut setup = Setup::regions(&["eu", "us"]);
+    setup.https = Some(region_files.clone());
+    let (n, d, client) = (nats.clone(), deployment.clone(), region_files.clone());
+    let c = setup
+        .tweak(move |config| {
+            config.deployment = d.clone();
+            n.configure(config);
+            config.nats.cert_file = Some(client.cert.clone());
+            config.nats.key_file = Some(client.key.clone());
+        })
+        .start()
+        .await;
+    let response = put_homed(&c, "us", "eu", "made", json!({"by": "make-certs.sh"}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    eventually(30, "the write replicates to us", || async {
+        c.get("us", "notes", "made").await.status() == StatusCode::OK
+    })
+    .await;
+    // The container health check, trusting the script's CA.
+    let health = format!("{}/healthz", c.url("eu"));
+    locus::app::health(&health, Some(&region_files.ca))
+        .await
+        .expect("healthy over HTTPS with the CA");
+    let untrusted = locus::app::health(&health, None).await.unwrap_err();
+    assert!(
+        format!("{untrusted:#}").contains("does not answer"),
+        "{untrusted:#}"
+    );
+    c.assert_converged().await;
+    c.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

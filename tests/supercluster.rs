@@ -2,7 +2,9 @@
 //! very files `docker-compose.yml` mounts (`deploy/nats/<region>.conf`, with only addresses and
 //! paths substituted): three clusters of three, joined by gateways into a supercluster. Three locus
 //! regions each talk to their own region's cluster and place their stream there, three times
-//! replicated. The test cuts one region off entirely and checks that nothing acknowledged is lost,
+//! replicated. Every hop is on TLS as in the compose file (clients, routes and gateways, with
+//! certificates made at test time), and each region connects as its own NATS user from
+//! `deploy/nats/users.conf`, allowed only what it needs. The test cuts one region off entirely and checks that nothing acknowledged is lost,
 //! then adds a fourth region the way `docker-compose.add-region.yml` does: a fourth cluster from
 //! `deploy/nats/sa.conf` joins by its gateways alone, and region sa joins the running deployment.
 
@@ -14,7 +16,12 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, free_port, record_path, Cluster, Setup};
+use crate::helpers::{
+    eventually, free_port, record_path, Cluster, SecureNats, Setup, TestPki, ADMIN_NATS_PASSWORD,
+};
+
+/// The deployment `deploy/nats/users.conf` grants its permissions for.
+const DEPLOYMENT: &str = "compose";
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
 /// The region `docker-compose.add-region.yml` adds.
@@ -31,6 +38,7 @@ struct Ports {
 
 pub struct Supercluster {
     dir: PathBuf,
+    pki: TestPki,
     ports: HashMap<String, Ports>,
     children: HashMap<String, Child>,
 }
@@ -62,8 +70,16 @@ impl Supercluster {
                 (name, ports)
             })
             .collect();
+        std::fs::create_dir_all(&dir).unwrap();
+        // The configurations include it from their own folder.
+        std::fs::copy(
+            format!("{}/deploy/nats/users.conf", env!("CARGO_MANIFEST_DIR")),
+            dir.join("users.conf"),
+        )
+        .unwrap();
         let mut cluster = Supercluster {
             dir,
+            pki: TestPki::new(false),
             ports,
             children: HashMap::new(),
         };
@@ -99,6 +115,13 @@ impl Supercluster {
                 &format!("127.0.0.1:{}", ports.gateway),
             );
         }
+        for (from, to) in [
+            ("/etc/nats/certs/server.pem", &self.pki.cert),
+            ("/etc/nats/certs/server-key.pem", &self.pki.key),
+            ("/etc/nats/certs/ca.pem", &self.pki.ca),
+        ] {
+            text = text.replace(from, to.to_str().unwrap());
+        }
         let store = self.dir.join(name);
         text.replace("/data/jetstream", store.to_str().unwrap())
     }
@@ -113,6 +136,13 @@ impl Supercluster {
             .arg("-c")
             .arg(&config)
             .env("SERVER_NAME", name)
+            .envs(REGIONS.iter().chain([&ADDED]).map(|r| {
+                (
+                    format!("NATS_PASSWORD_{}", r.to_uppercase()),
+                    SecureNats::password(r),
+                )
+            }))
+            .env("NATS_PASSWORD_ADMIN", ADMIN_NATS_PASSWORD)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -164,12 +194,38 @@ impl Supercluster {
         (1..=3)
             .map(|i| {
                 format!(
-                    "nats://127.0.0.1:{}",
+                    "tls://127.0.0.1:{}",
                     self.ports[&format!("nats-{region}-{i}")].client
                 )
             })
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+impl Supercluster {
+    /// What region `region` needs to reach its servers: the CA, a client certificate, its user.
+    pub fn settings_for(&self, region: &str) -> locus::config::NatsSettings {
+        locus::config::NatsSettings {
+            ca_file: Some(self.pki.ca.clone()),
+            cert_file: Some(self.pki.cert.clone()),
+            key_file: Some(self.pki.key.clone()),
+            user: Some(region.to_owned()),
+            password: Some(SecureNats::password(region).into()),
+            credentials_file: None,
+        }
+    }
+
+    /// A client of `region`'s servers as the operators' `admin` user.
+    pub async fn admin(&self, region: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .require_tls(true)
+            .add_root_certificates(self.pki.ca.clone())
+            .add_client_certificate(self.pki.cert.clone(), self.pki.key.clone())
+            .user_and_password("admin".into(), ADMIN_NATS_PASSWORD.into())
+            .connect(locus::app::nats_servers(&self.urls(region)))
+            .await
+            .unwrap()
     }
 }
 
@@ -234,11 +290,18 @@ async fn three_regions_on_a_nats_supercluster_survive_losing_a_server_and_a_whol
         .collect();
     let mut configs = HashMap::new();
     let setup_urls = urls.clone();
+    let setup_settings: HashMap<String, locus::config::NatsSettings> = REGIONS
+        .iter()
+        .chain([&ADDED])
+        .map(|r| (r.to_string(), nats.settings_for(r)))
+        .collect();
     // The regions start at once, while the supercluster is still electing its leaders: a stream
     // that cannot be created yet is retried, and writes wait in the outbox meanwhile.
     let mut c = Setup::regions(&["eu", "us", "ap", ADDED])
         .joining_later(&[ADDED])
         .tweak(move |config| {
+            config.deployment = DEPLOYMENT.into();
+            config.nats = setup_settings[&config.region].clone();
             config.nats_url = setup_urls[&config.region].clone();
             config.replication.stream_replicas = 3;
             config.replication.streams_in_region_clusters = true;
@@ -310,11 +373,8 @@ async fn three_regions_on_a_nats_supercluster_survive_losing_a_server_and_a_whol
     .await;
     // Each region's stream sits in its own region's cluster, on all three of its servers.
     for region in REGIONS {
-        let client = async_nats::connect(locus::app::nats_servers(&urls[region]))
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
-        let name = locus::replication::stream_name(&c.deployment, region);
+        let js = async_nats::jetstream::new(nats.admin(region).await);
+        let name = locus::replication::stream_name(DEPLOYMENT, region);
         let info = js
             .get_stream(&name)
             .await

@@ -3,6 +3,7 @@
 //! data. A collection that was never configured still exists, with the default policy, once it
 //! holds a record. Deleting one writes a replicated horizon ([`crate::deletion`]).
 
+use crate::config::Scope;
 use std::collections::BTreeMap;
 
 use axum::body::Body;
@@ -61,7 +62,7 @@ pub async fn configure(
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<CollectionBody>), ApiError> {
-    s.require_admin(&request_headers)?;
+    s.authorize(&request_headers, Scope::Admin)?;
     let bytes = headers::json_body(
         &request_headers,
         body,
@@ -122,7 +123,7 @@ pub async fn show(
     CollectionPath(name): CollectionPath,
     request_headers: HeaderMap,
 ) -> Result<Json<CollectionBody>, ApiError> {
-    s.authorize_records(&request_headers)?;
+    s.authorize(&request_headers, Scope::Read)?;
     if let Some(policy) = s.region.policy(&name).await? {
         return Ok(Json(CollectionBody {
             name,
@@ -148,7 +149,7 @@ pub async fn list(
     State(s): State<SharedState>,
     request_headers: HeaderMap,
 ) -> Result<Json<CollectionList>, ApiError> {
-    s.authorize_records(&request_headers)?;
+    s.authorize(&request_headers, Scope::Read)?;
     let mut by_name = BTreeMap::new();
     let deleted: BTreeMap<String, crate::clock::hlc::Hlc> = s
         .region
@@ -203,7 +204,7 @@ pub async fn delete(
     CollectionPath(name): CollectionPath,
     request_headers: HeaderMap,
 ) -> Result<(StatusCode, Json<DeletedBody>), ApiError> {
-    s.require_admin(&request_headers)?;
+    s.authorize(&request_headers, Scope::Admin)?;
     let horizon = s.region.delete_collection(&name).await?;
     Ok((
         StatusCode::ACCEPTED,

@@ -2,6 +2,7 @@
 //! detected them. Each region keeps its own log; the stored records converge, the logs say who
 //! noticed what and when.
 
+use crate::config::Scope;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
@@ -42,7 +43,7 @@ pub async fn list(
     ApiQuery(params): ApiQuery<ConflictParams>,
     headers: HeaderMap,
 ) -> Result<Json<ConflictPage>, ApiError> {
-    s.authorize_records(&headers)?;
+    s.authorize(&headers, Scope::Read)?;
     let limit = super::id_page_limit(params.limit)?;
     let rows = s
         .region

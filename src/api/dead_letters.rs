@@ -2,6 +2,7 @@
 //! delivered that could not be applied even alone, records repair could not merge), to list,
 //! retry once the cause is fixed, or discard. Admin token.
 
+use crate::config::Scope;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
@@ -49,7 +50,7 @@ pub async fn list(
     ApiQuery(params): ApiQuery<DeadLetterParams>,
     headers: HeaderMap,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
-    s.require_admin(&headers)?;
+    s.authorize(&headers, Scope::Admin)?;
     let limit = super::id_page_limit(params.limit)?;
     let rows = s
         .region
@@ -75,7 +76,7 @@ pub async fn retry(
     headers: HeaderMap,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<RetryBody>, ApiError> {
-    s.require_admin(&headers)?;
+    s.authorize(&headers, Scope::Admin)?;
     match retry_dead_letter(&s.region, id).await? {
         None => Err(ApiError::NotFound(format!("no dead letter {id}"))),
         Some(RetryOutcome::Applied) => Ok(Json(RetryBody {
@@ -102,7 +103,7 @@ pub async fn discard(
     headers: HeaderMap,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<StatusCode, ApiError> {
-    s.require_admin(&headers)?;
+    s.authorize(&headers, Scope::Admin)?;
     if s.region.store.discard_dead_letter(id).await? {
         tracing::info!(
             region = s.region.id(),

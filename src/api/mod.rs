@@ -34,6 +34,7 @@ use self::error::ApiError;
 use self::forward::Peers;
 use self::headers::{bearer, forwarded_by, same_secret, LOCUS_REGION};
 use self::metrics::HttpMetrics;
+use crate::config::Scope;
 use crate::record::names;
 use crate::service::{Region, Route};
 
@@ -68,18 +69,15 @@ impl ApiState {
             .any(|accepted| same_secret(token, accepted.expose()))
     }
 
-    /// Policy and resolver changes: the admin token.
-    pub fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-        match bearer(headers)? {
-            None => Err(ApiError::Unauthorized),
-            Some(token) if same_secret(token, self.region.config.admin_token.expose()) => Ok(()),
-            Some(_) => Err(ApiError::Forbidden),
-        }
-    }
-
-    /// Record requests: a peer's forwarded request (peer token), or a client's (the API token when
-    /// one is configured; the admin token also works).
-    pub fn authorize_records(&self, headers: &axum::http::HeaderMap) -> Result<Route, ApiError> {
+    /// Who may make this request. A peer's forwarded request carries the peer token; a client's
+    /// needs a token whose scope covers `needed`: `admin_token` covers all, each of `api_tokens`
+    /// its own scope. With no `api_tokens` configured, reads and writes are open and only admin
+    /// requests need a token. A token that is known but too narrow is 403, none at all 401.
+    pub fn authorize(
+        &self,
+        headers: &axum::http::HeaderMap,
+        needed: Scope,
+    ) -> Result<Route, ApiError> {
         let config = &self.region.config;
         let token = bearer(headers)?;
         if let Some(peer) = forwarded_by(headers)? {
@@ -95,18 +93,29 @@ impl ApiState {
                 Some(_) => Err(ApiError::Forbidden),
             };
         }
-        let Some(api_token) = &config.api_token else {
+        if needed < Scope::Admin && config.api_tokens.is_empty() {
             return Ok(Route::Client);
+        }
+        let Some(token) = token else {
+            return Err(ApiError::Unauthorized);
         };
-        match token {
-            None => Err(ApiError::Unauthorized),
-            Some(t)
-                if same_secret(t, api_token.expose())
-                    || same_secret(t, config.admin_token.expose()) =>
-            {
-                Ok(Route::Client)
-            }
-            Some(_) => Err(ApiError::Forbidden),
+        let granted = if same_secret(token, config.admin_token.expose()) {
+            Some(Scope::Admin)
+        } else {
+            // Compare with every token, not up to the first match: the time taken says nothing
+            // about which token (or how many) a guess came close to.
+            config
+                .api_tokens
+                .iter()
+                .filter(|t| same_secret(token, t.token.expose()))
+                .map(|t| t.scope)
+                .fold(None, |best: Option<Scope>, s| {
+                    Some(best.map_or(s, |b| b.max(s)))
+                })
+        };
+        match granted {
+            Some(scope) if scope >= needed => Ok(Route::Client),
+            _ => Err(ApiError::Forbidden),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! kept here and reconciled later by the conflict strategy. Conditional writes never fail over:
 //! their condition can only be judged by the home.
 
+use crate::config::Scope;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -240,7 +241,7 @@ pub async fn get(
     OriginalUri(uri): OriginalUri,
     request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let route = s.authorize_records(&request_headers)?;
+    let route = s.authorize(&request_headers, Scope::Read)?;
     let session =
         headers::session(&request_headers)?.filter(|t| t.collection == collection && t.key == key);
     let (mut state, mut resolution, policy) = s.region.read(&collection, &key).await?;
@@ -326,7 +327,7 @@ pub async fn put(
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let route = s.authorize_records(&request_headers)?;
+    let route = s.authorize(&request_headers, Scope::Write)?;
     let bytes = headers::json_body(
         &request_headers,
         body,
@@ -362,7 +363,7 @@ pub async fn delete(
     OriginalUri(uri): OriginalUri,
     request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let route = s.authorize_records(&request_headers)?;
+    let route = s.authorize(&request_headers, Scope::Write)?;
     let request = WriteRequest {
         collection,
         key,
@@ -463,7 +464,7 @@ pub async fn list(
     ApiQuery(params): ApiQuery<ListParams>,
     request_headers: HeaderMap,
 ) -> Result<Json<RecordPage>, ApiError> {
-    s.authorize_records(&request_headers)?;
+    s.authorize(&request_headers, Scope::Read)?;
     let limit = params.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -565,7 +566,7 @@ pub async fn rehome(
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let route = s.authorize_records(&request_headers)?;
+    let route = s.authorize(&request_headers, Scope::Write)?;
     let bytes = headers::json_body(&request_headers, body, 4096).await?;
     let target: RehomeBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(

@@ -2,6 +2,7 @@
 //! answers, its resolver engine fingerprint, when its last event was applied here, its stream position, the replication lag, and
 //! this region's own outbox backlog. What an operator looks at first when regions disagree.
 
+use crate::config::Scope;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -64,7 +65,7 @@ pub async fn list(
     State(s): State<SharedState>,
     headers: HeaderMap,
 ) -> Result<Json<RegionsBody>, ApiError> {
-    s.authorize_records(&headers)?;
+    s.authorize(&headers, Scope::Read)?;
     let region = &s.region;
     let backlog = region.store.outbox_backlog().await?;
     let dead_letters = region.store.dead_letter_count().await?;
@@ -207,7 +208,7 @@ pub async fn retire(
     ApiPath(id): ApiPath<String>,
     body: Body,
 ) -> Result<Json<membership::RetireReport>, ApiError> {
-    s.require_admin(&request_headers)?;
+    s.authorize(&request_headers, Scope::Admin)?;
     let bytes = headers::json_body(&request_headers, body, RETIRE_BYTES).await?;
     let request: RetireBody = headers::parse_json(&bytes)?;
     membership::retire(&s.region, &id, &request.rehome_to, request.gone)

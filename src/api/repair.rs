@@ -5,6 +5,7 @@
 //! answer whole stored states, which clients have no business reading. Each answer is bounded
 //! (a page of hashes, a byte limit on states), so one call never holds much memory on either side.
 
+use crate::config::Scope;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
@@ -214,7 +215,7 @@ pub async fn repair_now(
     headers: HeaderMap,
     ApiPath(peer): ApiPath<String>,
 ) -> Result<Json<RepairReport>, ApiError> {
-    s.require_admin(&headers)?;
+    s.authorize(&headers, Scope::Admin)?;
     if !s.region.members.is_peer(&peer) {
         return Err(ApiError::NotFound(format!(
             "{peer:?} is not a peer of this region"

@@ -1,6 +1,7 @@
 //! Resolver endpoints: upload (binary module or WAT text), list, show, remove, and a dry run that
 //! shows what a resolver would make of given versions or of logged conflicts, changing nothing.
 
+use crate::config::Scope;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -107,7 +108,7 @@ pub async fn upload(
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<ResolverBody>), ApiError> {
-    s.require_admin(&request_headers)?;
+    s.authorize(&request_headers, Scope::Admin)?;
     resolve::validate_name(&name)?;
     let limit = s.region.config.limits.module_body_bytes;
     let bytes = headers::read_body(&request_headers, body, limit).await?;
@@ -129,7 +130,7 @@ pub async fn list(
     State(s): State<SharedState>,
     request_headers: HeaderMap,
 ) -> Result<Json<ResolverList>, ApiError> {
-    s.authorize_records(&request_headers)?;
+    s.authorize(&request_headers, Scope::Read)?;
     let resolvers = resolve::bindings(&s.region)
         .await?
         .into_iter()
@@ -151,7 +152,7 @@ pub async fn show(
     ApiPath(name): ApiPath<String>,
     request_headers: HeaderMap,
 ) -> Result<Json<ResolverDetail>, ApiError> {
-    s.authorize_records(&request_headers)?;
+    s.authorize(&request_headers, Scope::Read)?;
     resolve::validate_name(&name)?;
     let binding = resolve::binding_of(&s.region, &name)
         .await?
@@ -180,7 +181,7 @@ pub async fn remove(
     ApiPath(name): ApiPath<String>,
     request_headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    s.require_admin(&request_headers)?;
+    s.authorize(&request_headers, Scope::Admin)?;
     resolve::remove(&s.region, &name).await?;
     tracing::info!(resolver = %name, "resolver removed");
     Ok(StatusCode::NO_CONTENT)
@@ -215,7 +216,7 @@ pub async fn dry_run(
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Json<DryRunResponse>, ApiError> {
-    s.require_admin(&request_headers)?;
+    s.authorize(&request_headers, Scope::Admin)?;
     resolve::validate_name(&name)?;
     let limit = s.region.config.limits.record_body_bytes * 4;
     let bytes = headers::json_body(&request_headers, body, limit).await?;

@@ -43,6 +43,9 @@ enum ConsumeError {
     /// An event of a newer wire version: this region must be upgraded to read on.
     #[error("needs upgrade: {0}")]
     NeedsUpgrade(String),
+    /// The origin has not created its stream yet (it has never run): nothing to read so far.
+    #[error("its stream does not exist yet")]
+    NoStream,
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
     #[error(transparent)]
@@ -50,13 +53,23 @@ enum ConsumeError {
 }
 
 pub async fn run(region: Arc<Region>, js: jetstream::Context, origin: String) {
+    // Whether the origin's stream was seen missing: then it holds nothing from before this
+    // region attached, and no history of it is skipped when it appears.
+    let mut seen_without_stream = false;
     loop {
         if region.members.is_retired(&origin) {
-            // Never recreate a retired region's stream; the membership worker stops this task.
+            // Never read a retired region's stream again; the membership worker stops this task.
             return std::future::pending().await;
         }
-        match consume(&region, &js, &origin).await {
+        match consume(&region, &js, &origin, &mut seen_without_stream).await {
             Ok(()) => return,
+            Err(ConsumeError::NoStream) => {
+                tracing::debug!(region = region.id(), %origin, "waiting for the origin to create its stream");
+                region
+                    .replication
+                    .peer_error(&origin, &ConsumeError::NoStream.to_string());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Err(ConsumeError::NeedsUpgrade(reason)) => {
                 tracing::error!(region = region.id(), %origin, %reason, "replication from this origin paused until this region is upgraded");
                 region.replication.peer_needs_upgrade(&origin, &reason);
@@ -75,25 +88,33 @@ async fn consume(
     region: &Region,
     js: &jetstream::Context,
     origin: &str,
+    seen_without_stream: &mut bool,
 ) -> Result<(), ConsumeError> {
     let config = &region.config;
-    // Create the origin's stream if it does not exist yet (its configuration, placement included,
-    // depends only on the origin and the deployment's shared settings): this region's consumer
-    // then holds interest from the first event on.
-    let mut stream = super::ensure_stream(
-        js,
-        &config.replication,
-        &config.deployment,
-        origin,
-        &[config.region.as_str()],
-    )
-    .await
-    .map_err(ConsumeError::Nats)?;
-    let consumer: PullConsumer = stream
-        .get_consumer(&super::consumer_name(&config.region))
+    // Only the origin creates its stream (a reader may not: see `super::permissions`), with the
+    // consumers of the readers it knows, so they hold interest from its first event on. A reader
+    // it did not know yet (one that joined later) creates its own consumer here.
+    let mut stream = match js
+        .get_stream(super::stream_name(&config.deployment, origin))
         .await
-        .map_err(ConsumeError::Nats)?;
-    if region.is_bootstrapping() {
+    {
+        Ok(stream) => stream,
+        Err(error) if is_stream_not_found(&error) => {
+            *seen_without_stream = true;
+            // No history to wait for or to skip: a bootstrap may go on without it.
+            region.replication.consumer_attached(origin);
+            return Err(ConsumeError::NoStream);
+        }
+        Err(error) => return Err(ConsumeError::Nats(error.into())),
+    };
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(
+            &super::consumer_name(&config.region),
+            super::consumer_config(&config.region),
+        )
+        .await
+        .map_err(|e| ConsumeError::Nats(e.into()))?;
+    if region.is_bootstrapping() && !*seen_without_stream {
         skip_history_before_attach(region, &mut stream, origin).await?;
     }
     region.replication.consumer_attached(origin);
@@ -314,6 +335,14 @@ async fn check_for_gap(
         }
     }
     Ok(())
+}
+
+fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
 }
 
 /// A new region's consumer has just attached: the events its origin's stream already let go were

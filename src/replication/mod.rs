@@ -10,9 +10,11 @@
 //! before the first event), and a full stream refuses new events (discard new), which leaves them
 //! in the origin's outbox until there is room.
 
+pub mod connection;
 pub mod consumer;
 pub mod event;
 pub mod incarnation;
+pub mod permissions;
 pub mod publisher;
 pub mod repair;
 pub mod status;
