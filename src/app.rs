@@ -122,6 +122,8 @@ async fn start_in_span(
     workers.push(supervisor.spawn("repair", move || replication::repair::run(r.clone())));
     let r = region.clone();
     workers.push(supervisor.spawn("purge", move || crate::deletion::run(r.clone())));
+    let r = region.clone();
+    workers.push(supervisor.spawn("peer-health", move || crate::peer_health::run(r.clone())));
     let api = Arc::new(ApiState::new(region.clone()));
     let router = api::router(api.clone()).layer(axum::middleware::from_fn_with_state(
         tracing::Span::current(),

@@ -199,6 +199,9 @@ pub struct Forwarding {
     pub request_timeout_ms: u64,
     /// `Retry-After` of a 503 when the home cannot take the write.
     pub retry_after_secs: u64,
+    /// How often each peer's `/healthz` is probed ([`crate::peer_health`]); 0 turns probes off,
+    /// leaving only what forwards meet.
+    pub probe_interval_ms: u64,
 }
 
 impl Default for Forwarding {
@@ -207,6 +210,7 @@ impl Default for Forwarding {
             connect_timeout_ms: 1_000,
             request_timeout_ms: 5_000,
             retry_after_secs: 1,
+            probe_interval_ms: 1_000,
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod deletion;
 pub mod logging;
 pub mod membership;
 pub mod nats_server;
+pub mod peer_health;
 pub mod record;
 pub mod replication;
 pub mod resolve;

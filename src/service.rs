@@ -258,6 +258,8 @@ pub struct Region {
     pub supervisor: std::sync::Arc<crate::supervisor::Supervisor>,
     /// What calls to peers trust ([`crate::tls`]).
     pub peer_trust: crate::tls::PeerTrust,
+    /// Whether each peer's API is up ([`crate::peer_health`]).
+    pub peer_health: crate::peer_health::HealthBook,
 }
 
 impl Region {
@@ -287,6 +289,7 @@ impl Region {
             resolvers,
             supervisor: std::sync::Arc::new(crate::supervisor::Supervisor::new(&registry)),
             peer_trust,
+            peer_health: Default::default(),
             registry,
         })
     }

@@ -195,6 +195,7 @@ pub fn test_config(deployment: &str, id: &str, database_url: String) -> Config {
             connect_timeout_ms: 500,
             request_timeout_ms: 3_000,
             retry_after_secs: 2,
+            probe_interval_ms: 500,
         },
         clock: Default::default(),
         resolvers: Default::default(),

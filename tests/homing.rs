@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 
 use locus::clock::version::{SessionToken, VersionVector};
 
-use crate::helpers::{black_hole, cluster, expect_problem, header, record_path, Setup, PEER};
+use crate::helpers::{
+    black_hole, cluster, eventually, expect_problem, header, record_path, Setup, PEER,
+};
 
 #[tokio::test]
 async fn writes_are_forwarded_to_the_home_and_reads_can_go_there() {
@@ -325,5 +327,122 @@ async fn a_home_that_hangs_up_is_a_502_and_never_a_failover_write() {
     let detail = expect_problem(r, StatusCode::BAD_GATEWAY).await;
     assert!(detail.contains("eu"), "{detail}");
     expect_problem(c.get("us", "carts", "k").await, StatusCode::NOT_FOUND).await;
+    c.teardown().await;
+}
+
+/// A listener whose accept queue is full: the kernel drops further connection attempts, as a host
+/// that drops packets does, so a connect waits out its whole timeout.
+fn dropping_listener() -> (String, Vec<std::net::TcpStream>, std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) again on a listening socket only changes its backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    while held.len() < 8 {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)) {
+            Ok(stream) => held.push(stream),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)).is_err(),
+        "the queue is full: connections are dropped"
+    );
+    (format!("http://{addr}"), held, listener)
+}
+
+async fn eu_health_at_us(c: &crate::helpers::Cluster) -> Value {
+    let body = c.get_json("us", "/v1/regions").await;
+    body["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "eu")
+        .unwrap()["health"]
+        .clone()
+}
+
+#[tokio::test]
+async fn forwards_to_a_peer_known_down_fail_at_once_instead_of_waiting_out_the_connect_timeout() {
+    let (dropping, _held, _listener) = dropping_listener();
+    let mut setup =
+        Setup::regions(&["eu", "us"]).tweak(|config| config.forwarding.connect_timeout_ms = 1_000);
+    setup.peer_override.insert("eu", dropping);
+    setup.peers_reachable = false;
+    let c = setup.start().await;
+    let put = |key: String| {
+        c.request("us", Method::PUT, &record_path("carts", &key))
+            .header("locus-home", "eu")
+            .json(&json!(1))
+            .send()
+    };
+    // The first forward (or the probe before it) waits out the connect timeout and marks eu down.
+    expect_problem(
+        put("first".into()).await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    eventually(10, "us sees eu down", || async {
+        eu_health_at_us(&c).await["up"] == json!(false)
+    })
+    .await;
+    let health = eu_health_at_us(&c).await;
+    assert!(
+        health["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{health}"
+    );
+    assert_eq!(health["fail_fast"], json!(true), "{health}");
+    assert!(health["down_since_ms"].as_u64().is_some(), "{health}");
+    // Every later forward answers at once, with the policy's 503 and Retry-After.
+    for n in 0..5 {
+        let started = std::time::Instant::now();
+        let response = put(format!("k{n}")).await.unwrap();
+        let elapsed = started.elapsed();
+        assert!(header(&response, "retry-after").is_some());
+        let detail = expect_problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert!(detail.contains("eu"), "{detail}");
+        assert!(
+            elapsed < std::time::Duration::from_millis(300),
+            "answered in {elapsed:?}, not after the 1 s connect timeout"
+        );
+    }
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_comes_back_is_probed_up_and_forwarded_to_again() {
+    let mut c = cluster(&["eu", "us"]).await;
+    let eu_config = c.region("eu").region.config.clone();
+    c.stop("eu").await;
+    let refused = c
+        .request("us", Method::PUT, &record_path("carts", "while-down"))
+        .header("locus-home", "eu")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(refused, StatusCode::SERVICE_UNAVAILABLE).await;
+    eventually(10, "us sees eu down", || async {
+        eu_health_at_us(&c).await["up"] == json!(false)
+    })
+    .await;
+    // Refused at once, so not worth failing fast for: forwards keep trying.
+    assert_eq!(eu_health_at_us(&c).await["fail_fast"], json!(false));
+    c.restart("eu", eu_config).await;
+    eventually(10, "a probe finds eu up again", || async {
+        eu_health_at_us(&c).await["up"] == json!(true)
+    })
+    .await;
+    let forwarded = c
+        .request("us", Method::PUT, &record_path("carts", "after"))
+        .header("locus-home", "eu")
+        .json(&json!(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forwarded.status(), StatusCode::CREATED);
+    assert_eq!(header(&forwarded, "locus-region"), Some("eu"));
+    c.assert_converged().await;
     c.teardown().await;
 }

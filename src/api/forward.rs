@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
 use axum::response::Response;
 
 use super::headers::{LOCUS_FORWARDED_BY, LOCUS_HOME, LOCUS_SESSION};
+use crate::peer_health::Signal;
 use crate::service::Region;
 
 /// Request headers a forward carries over from the client.
@@ -85,6 +86,14 @@ impl Peers {
             .members
             .url(region)
             .ok_or_else(|| ForwardError::UnknownPeer(region.to_owned()))?;
+        if let Some(reason) = self.region.peer_health.fail_fast(region) {
+            // Known down: nothing would be delivered, so the answer is the same as after a
+            // connect timeout, without the wait.
+            return Err(ForwardError::Unreachable {
+                region: region.to_owned(),
+                cause: format!("known to be down: {reason}"),
+            });
+        }
         let mut request = self
             .client
             .request(method, format!("{base}{path_and_query}"))
@@ -97,6 +106,7 @@ impl Peers {
             }
         }
         let answer = request.send().await.map_err(|e| self.classify(region, e))?;
+        self.region.peer_health.record(region, Signal::Answered);
         let status =
             StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let answer_headers = answer.headers().clone();
@@ -132,8 +142,16 @@ impl Peers {
             let cause = crate::logging::chain(&error);
             // What the client's 503 does not say: which connection failed, and why.
             tracing::warn!(peer = %region, %cause, "cannot reach the peer");
+            self.region.peer_health.record(
+                &region,
+                Signal::Unreachable {
+                    cause: cause.clone(),
+                    slow: error.is_timeout(),
+                },
+            );
             ForwardError::Unreachable { region, cause }
         } else if error.is_timeout() {
+            self.region.peer_health.record(&region, Signal::TimedOut);
             ForwardError::TimedOut { region }
         } else {
             ForwardError::Failed {

@@ -24,6 +24,9 @@ pub struct RegionEntry {
     pub api_url: Option<String>,
     /// The peer's API answered a health probe just now (always true for this region).
     pub reachable: bool,
+    /// Peers only: this region's running view of the peer, from its probes every second and the
+    /// forwards it sent; while down, forwards to it fail at once.
+    pub health: Option<crate::peer_health::PeerHealth>,
     /// The region's resolver engine fingerprint (wasmtime build and the limits that decide
     /// outcomes). Regions whose fingerprints differ may resolve one conflict differently.
     pub engine: Option<String>,
@@ -76,6 +79,7 @@ pub async fn list(
         this_region: true,
         api_url: None,
         reachable: true,
+        health: None,
         engine: Some(region.resolvers.fingerprint().to_owned()),
         last_heard: None,
         replication: None,
@@ -96,6 +100,7 @@ pub async fn list(
             this_region: false,
             api_url: Some(peer.api_url.clone()),
             reachable: health.is_some(),
+            health: Some(region.peer_health.of(&peer.id)),
             engine: health
                 .as_ref()
                 .and_then(|h| h.get("engine"))
