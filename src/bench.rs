@@ -1300,12 +1300,11 @@ async fn tls(args: TlsArgs) -> anyhow::Result<()> {
                 .zip(&passwords)
                 .map(|(id, p)| (*id, PasswordSource::Literal(p)))
                 .collect();
-            let config = format!(
-                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n{}",
-                certs.join("nats-eu-1.pem"),
-                certs.join("nats-eu-1-key.pem"),
-                certs.join("ca.pem"),
-                nats_users(&deployment, &users, None)
+            let config = crate::nats_server::tls_config(
+                &certs.join("nats-eu-1.pem"),
+                &certs.join("nats-eu-1-key.pem"),
+                &certs.join("ca.pem"),
+                &nats_users(&deployment, &users, None),
             );
             let file = dir.join(format!("{deployment}.conf"));
             std::fs::write(&file, config)?;

@@ -103,6 +103,15 @@ pub fn binary_in(tools: &Path) -> Result<PathBuf, NatsServerError> {
     Ok(binary)
 }
 
+/// The configuration of a nats-server that speaks TLS only (`cert` and `key` its own, clients'
+/// certificates verified against `ca`), followed by `authorization` (a users block, as
+/// [`crate::replication::permissions::nats_users`] makes).
+pub fn tls_config(cert: &Path, key: &Path, ca: &Path, authorization: &str) -> String {
+    format!(
+        "tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  ca_file: {ca:?}\n  verify: true\n  timeout: 2\n}}\n{authorization}"
+    )
+}
+
 /// A nats-server with JetStream on `127.0.0.1:port`, killed when dropped or when this process dies.
 pub struct LocalNats {
     pub port: u16,

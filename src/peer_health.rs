@@ -3,8 +3,9 @@
 //! with the policy's answer instead of waiting out the connect timeout on every request.
 //!
 //! The rules are pure ([`PeerHealth::after`]): a connection that could not be made marks the peer
-//! down; any answer marks it up. Only a connect that *timed out* makes forwards fail at once while
-//! the peer is down: nothing is delivered either way, so failing fast changes no outcome, and a
+//! down; any answer marks it up. Only connects that *timed out*, [`SLOW_CONNECTS_BEFORE_FAIL_FAST`]
+//! in a row (one slow handshake on a busy host is no outage), make forwards fail at once while the
+//! peer is down: nothing is delivered either way, so failing fast changes no outcome, and a
 //! refused connection costs nothing to try again (so a restarted peer is forwarded to at once,
 //! before the next probe). A request that went out and got no answer in time says nothing of
 //! whether the peer is down (it may be slow, and may have applied the request): it is counted and
@@ -18,6 +19,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::service::Region;
+
+/// Connects in a row that timed out (forwards' or probes') before forwards fail at once.
+pub const SLOW_CONNECTS_BEFORE_FAIL_FAST: u32 = 2;
 
 /// What happened on one call to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +39,10 @@ pub enum Signal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PeerHealth {
     pub up: bool,
-    /// Down, and forwards to it fail at once (its connect timed out) instead of trying.
+    /// Down, and forwards to it fail at once (its connects timed out) instead of trying.
     pub fail_fast: bool,
+    /// Connects in a row that timed out.
+    pub slow_connects: u32,
     /// Why it is down: the last failure.
     pub reason: Option<String>,
     /// Milliseconds since the Unix epoch at which it went down.
@@ -50,6 +56,7 @@ impl Default for PeerHealth {
         PeerHealth {
             up: true,
             fail_fast: false,
+            slow_connects: 0,
             reason: None,
             down_since_ms: None,
             consecutive_timeouts: 0,
@@ -62,13 +69,17 @@ impl PeerHealth {
     pub fn after(&self, signal: &Signal, now_ms: u64) -> PeerHealth {
         match signal {
             Signal::Answered => PeerHealth::default(),
-            Signal::Unreachable { cause, slow } => PeerHealth {
-                up: false,
-                fail_fast: *slow,
-                reason: Some(cause.clone()),
-                down_since_ms: Some(self.down_since_ms.unwrap_or(now_ms)),
-                consecutive_timeouts: 0,
-            },
+            Signal::Unreachable { cause, slow } => {
+                let slow_connects = if *slow { self.slow_connects + 1 } else { 0 };
+                PeerHealth {
+                    up: false,
+                    fail_fast: slow_connects >= SLOW_CONNECTS_BEFORE_FAIL_FAST,
+                    slow_connects,
+                    reason: Some(cause.clone()),
+                    down_since_ms: Some(self.down_since_ms.unwrap_or(now_ms)),
+                    consecutive_timeouts: 0,
+                }
+            }
             Signal::TimedOut => PeerHealth {
                 consecutive_timeouts: self.consecutive_timeouts + 1,
                 ..self.clone()
@@ -126,7 +137,8 @@ pub async fn run(region: Arc<Region>) {
     let client = region
         .peer_trust
         .client(&region.config)
-        .timeout(Duration::from_millis(800))
+        // Longer than the connect timeout, so a connect that times out says so.
+        .timeout(region.config.connect_timeout() + Duration::from_millis(800))
         .build()
         .expect("an HTTP client with plain settings builds");
     loop {
@@ -163,7 +175,8 @@ mod tests {
 
     proptest! {
         /// After any history: down exactly when an unreachable call came after the last answer;
-        /// failing fast exactly when the last unreachable call since then was slow; timeouts
+        /// failing fast exactly when the latest unreachable calls since then were slow, enough of
+        /// them in a row; timeouts
         /// counted since the last answer or unreachable call; the outage dated from its first
         /// failure.
         #[test]
@@ -183,8 +196,11 @@ mod tests {
                 .filter(|(_, s)| matches!(s, Signal::Unreachable { .. }))
                 .collect();
             prop_assert_eq!(health.up, unreachable.is_empty(), "{:?}", history);
-            let last_slow = matches!(unreachable.first(), Some((_, Signal::Unreachable { slow: true, .. })));
-            prop_assert_eq!(health.fail_fast, last_slow);
+            let slow_in_a_row = unreachable
+                .iter()
+                .take_while(|(_, s)| matches!(s, Signal::Unreachable { slow: true, .. }))
+                .count();
+            prop_assert_eq!(health.fail_fast, slow_in_a_row >= SLOW_CONNECTS_BEFORE_FAIL_FAST as usize);
             let trailing_timeouts = history.iter().rev().take_while(|s| **s == Signal::TimedOut).count();
             prop_assert_eq!(health.consecutive_timeouts as usize, trailing_timeouts);
             if let Some((first, _)) = unreachable.last() {
@@ -195,13 +211,16 @@ mod tests {
 
     #[test]
     fn one_answer_brings_a_peer_back() {
-        let down = PeerHealth::default().after(
-            &Signal::Unreachable {
-                cause: "connect timed out".into(),
-                slow: true,
-            },
-            5,
+        let slow = Signal::Unreachable {
+            cause: "connect timed out".into(),
+            slow: true,
+        };
+        let once = PeerHealth::default().after(&slow, 5);
+        assert!(
+            !once.up && !once.fail_fast,
+            "one slow connect is not enough"
         );
+        let down = once.after(&slow, 6);
         assert!(!down.up && down.fail_fast);
         assert_eq!(down.down_since_ms, Some(5));
         let still = down.after(&Signal::TimedOut, 9);

@@ -114,6 +114,28 @@ impl TestPki {
         pki
     }
 
+    /// What region `region` needs to reach a NATS server with these certificates: the CA, a
+    /// client certificate, and its user (password [`SecureNats::password`]).
+    pub fn nats_settings(&self, region: &str) -> locus::config::NatsSettings {
+        locus::config::NatsSettings {
+            ca_file: Some(self.ca.clone()),
+            cert_file: Some(self.cert.clone()),
+            key_file: Some(self.key.clone()),
+            user: Some(region.to_owned()),
+            password: Some(SecureNats::password(region).into()),
+            credentials_file: None,
+        }
+    }
+
+    /// Options of a NATS client as `user`: TLS trusting this CA, presenting this certificate.
+    pub fn nats_client(&self, user: &str, password: &str) -> async_nats::ConnectOptions {
+        async_nats::ConnectOptions::new()
+            .require_tls(true)
+            .add_root_certificates(self.ca.clone())
+            .add_client_certificate(self.cert.clone(), self.key.clone())
+            .user_and_password(user.to_owned(), password.to_owned())
+    }
+
     /// An HTTP client that trusts this CA.
     pub fn client(&self) -> reqwest::Client {
         let ca = reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap();
@@ -838,12 +860,15 @@ impl SecureNats {
             .zip(&passwords)
             .map(|(r, p)| (*r, PasswordSource::Literal(p)))
             .collect();
-        let config = format!(
-            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 2\n}}\n{}",
-            pki.cert,
-            pki.key,
-            pki.ca,
-            nats_users(deployment, &users, Some(PasswordSource::Literal(ADMIN_NATS_PASSWORD)))
+        let config = locus::nats_server::tls_config(
+            &pki.cert,
+            &pki.key,
+            &pki.ca,
+            &nats_users(
+                deployment,
+                &users,
+                Some(PasswordSource::Literal(ADMIN_NATS_PASSWORD)),
+            ),
         );
         let config_file = dir.join("server.conf");
         std::fs::write(&config_file, config).unwrap();
@@ -877,22 +902,10 @@ impl SecureNats {
         format!("nats-password-of-{region}")
     }
 
-    /// What region `region` needs to reach this server: its CA, a client certificate, its user.
-    pub fn settings_for(&self, region: &str) -> locus::config::NatsSettings {
-        locus::config::NatsSettings {
-            ca_file: Some(self.pki.ca.clone()),
-            cert_file: Some(self.pki.cert.clone()),
-            key_file: Some(self.pki.key.clone()),
-            user: Some(region.to_owned()),
-            password: Some(Self::password(region).into()),
-            credentials_file: None,
-        }
-    }
-
     /// Point `config` at this server as its region.
     pub fn configure(&self, config: &mut Config) {
         config.nats_url = self.url();
-        config.nats = self.settings_for(&config.region);
+        config.nats = self.pki.nats_settings(&config.region);
     }
 
     /// A client as `user` (a region's inbox prefix when it is one), whose refusals by the
@@ -906,11 +919,9 @@ impl SecureNats {
         tokio::sync::mpsc::UnboundedReceiver<String>,
     ) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let client = async_nats::ConnectOptions::new()
-            .require_tls(true)
-            .add_root_certificates(self.pki.ca.clone())
-            .add_client_certificate(self.pki.cert.clone(), self.pki.key.clone())
-            .user_and_password(user.to_owned(), password.to_owned())
+        let client = self
+            .pki
+            .nats_client(user, password)
             .custom_inbox_prefix(locus::replication::connection::inbox_prefix(
                 &self.deployment,
                 user,

@@ -256,6 +256,9 @@ async fn three_regions_replicate_with_every_hop_on_tls_and_least_privilege_nats_
             .unwrap();
         assert_eq!(response.status(), StatusCode::CREATED, "k{i} at {at}");
     }
+    // Updates and deletes once every region holds every record (an update at a region that has
+    // not seen the record yet would create another, concurrent one).
+    c.assert_converged().await;
     for i in (0..30).step_by(4) {
         let response = c
             .put("us", "notes", &format!("k{i}"), &json!({"updated": i}))
@@ -326,15 +329,11 @@ async fn three_regions_replicate_with_every_hop_on_tls_and_least_privilege_nats_
     // us, with its own credentials, can touch nothing of eu's.
     let (us, mut refusals) = nats.client_as("us", &SecureNats::password("us")).await;
     let eu_stream = locus::replication::stream_name(&deployment, "eu");
-    let before = admin
-        .get_stream(&eu_stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .clone();
+    let eu_state = || async {
+        let mut stream = admin.get_stream(&eu_stream).await.unwrap();
+        stream.info().await.unwrap().state.clone()
+    };
+    let before = eu_state().await;
     async fn expect_refusal(
         refusals: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
         what: &str,
@@ -387,15 +386,7 @@ async fn three_regions_replicate_with_every_hop_on_tls_and_least_privilege_nats_
         us.flush().await.unwrap();
         expect_refusal(&mut refusals, what).await;
     }
-    let after = admin
-        .get_stream(&eu_stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .clone();
+    let after = eu_state().await;
     assert_eq!(
         after.last_sequence, before.last_sequence,
         "nothing reached eu's stream"
@@ -432,43 +423,44 @@ async fn nats_refusals_name_the_connection_and_the_cause() {
             Err(error) => format!("{error:#}"),
         }
     };
-    let mut config = crate::helpers::test_config(&deployment, "eu", database.clone());
-    nats.configure(&mut config);
-    config.nats.password = Some("wrong-password-here".into());
-    let error = start(config).await;
-    assert!(
-        error.starts_with(&format!(
-            "region eu: NATS at {} refused this region's credentials (user \"eu\"): authorization violation",
-            nats.url()
-        )),
-        "{error}"
-    );
-    assert!(!error.contains("wrong-password-here"), "{error}");
-
-    let mut config = crate::helpers::test_config(&deployment, "eu", database.clone());
-    nats.configure(&mut config);
-    config.nats.ca_file = Some(other_ca.ca.clone());
-    let error = start(config).await;
-    assert!(
-        error.starts_with(&format!(
-            "region eu: TLS with NATS at {} failed",
-            nats.url()
-        )),
-        "{error}"
-    );
-    assert!(error.contains("invalid peer certificate"), "{error}");
-
-    let mut config = crate::helpers::test_config(&deployment, "eu", database.clone());
-    expired.configure(&mut config);
-    let error = start(config).await;
-    assert!(
-        error.starts_with(&format!(
-            "region eu: TLS with NATS at {} failed",
-            expired.url()
-        )),
-        "{error}"
-    );
-    assert!(error.contains("certificate expired"), "{error}");
+    let with_password = |config: &mut locus::config::Config| {
+        nats.configure(config);
+        config.nats.password = Some("wrong-password-here".into());
+    };
+    let with_other_ca = |config: &mut locus::config::Config| {
+        nats.configure(config);
+        config.nats.ca_file = Some(other_ca.ca.clone());
+    };
+    let with_expired = |config: &mut locus::config::Config| expired.configure(config);
+    type Change<'a> = &'a dyn Fn(&mut locus::config::Config);
+    let cases: [(Change, String, &str); 3] = [
+        (
+            &with_password,
+            format!(
+                "region eu: NATS at {} refused this region's credentials (user \"eu\")",
+                nats.url()
+            ),
+            "authorization violation",
+        ),
+        (
+            &with_other_ca,
+            format!("region eu: TLS with NATS at {} failed", nats.url()),
+            "invalid peer certificate",
+        ),
+        (
+            &with_expired,
+            format!("region eu: TLS with NATS at {} failed", expired.url()),
+            "certificate expired",
+        ),
+    ];
+    for (change, begins, cause) in cases {
+        let mut config = crate::helpers::test_config(&deployment, "eu", database.clone());
+        change(&mut config);
+        let error = start(config).await;
+        assert!(error.starts_with(&begins), "{error}");
+        assert!(error.contains(cause), "{error}");
+        assert!(!error.contains("wrong-password-here"), "{error}");
+    }
 
     use sqlx::migrate::MigrateDatabase;
     let _ = sqlx::Postgres::drop_database(&database).await;

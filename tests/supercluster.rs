@@ -204,25 +204,10 @@ impl Supercluster {
 }
 
 impl Supercluster {
-    /// What region `region` needs to reach its servers: the CA, a client certificate, its user.
-    pub fn settings_for(&self, region: &str) -> locus::config::NatsSettings {
-        locus::config::NatsSettings {
-            ca_file: Some(self.pki.ca.clone()),
-            cert_file: Some(self.pki.cert.clone()),
-            key_file: Some(self.pki.key.clone()),
-            user: Some(region.to_owned()),
-            password: Some(SecureNats::password(region).into()),
-            credentials_file: None,
-        }
-    }
-
     /// A client of `region`'s servers as the operators' `admin` user.
     pub async fn admin(&self, region: &str) -> async_nats::Client {
-        async_nats::ConnectOptions::new()
-            .require_tls(true)
-            .add_root_certificates(self.pki.ca.clone())
-            .add_client_certificate(self.pki.cert.clone(), self.pki.key.clone())
-            .user_and_password("admin".into(), ADMIN_NATS_PASSWORD.into())
+        self.pki
+            .nats_client("admin", ADMIN_NATS_PASSWORD)
             .connect(locus::app::nats_servers(&self.urls(region)))
             .await
             .unwrap()
@@ -293,7 +278,7 @@ async fn three_regions_on_a_nats_supercluster_survive_losing_a_server_and_a_whol
     let setup_settings: HashMap<String, locus::config::NatsSettings> = REGIONS
         .iter()
         .chain([&ADDED])
-        .map(|r| (r.to_string(), nats.settings_for(r)))
+        .map(|r| (r.to_string(), nats.pki.nats_settings(r)))
         .collect();
     // The regions start at once, while the supercluster is still electing its leaders: a stream
     // that cannot be created yet is retried, and writes wait in the outbox meanwhile.
