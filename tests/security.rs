@@ -15,14 +15,9 @@ fn over_tls(url: &str, settings: &str) -> String {
     format!("{url}{separator}{settings}")
 }
 
-#[tokio::test]
-async fn regions_reach_postgres_over_verified_tls() {
-    let settings = format!("sslmode=verify-full&sslrootcert={POSTGRES_CA}");
-    let c = Setup::regions(&["eu", "us"])
-        .tweak(move |config| config.database_url = over_tls(&config.database_url, &settings).into())
-        .start()
-        .await;
-    for id in ["eu", "us"] {
+/// Each region's own PostgreSQL connection is encrypted, as the server sees it.
+async fn assert_postgres_over_tls(c: &crate::helpers::Cluster, ids: &[&str]) {
+    for id in ids {
         let encrypted: bool =
             sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
                 .fetch_one(c.region(id).region.store.pool())
@@ -30,6 +25,16 @@ async fn regions_reach_postgres_over_verified_tls() {
                 .unwrap();
         assert!(encrypted, "{id}'s connections to PostgreSQL use TLS");
     }
+}
+
+#[tokio::test]
+async fn regions_reach_postgres_over_verified_tls() {
+    let settings = format!("sslmode=verify-full&sslrootcert={POSTGRES_CA}");
+    let c = Setup::regions(&["eu", "us"])
+        .tweak(move |config| config.database_url = over_tls(&config.database_url, &settings).into())
+        .start()
+        .await;
+    assert_postgres_over_tls(&c, &["eu", "us"]).await;
     let response = c.put("eu", "notes", "tls", &json!({"over": "tls"})).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     eventually(30, "the write replicates", || async {
@@ -238,14 +243,7 @@ async fn three_regions_replicate_with_every_hop_on_tls_and_least_privilege_nats_
         })
         .start()
         .await;
-    for id in regions {
-        let encrypted: bool =
-            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-                .fetch_one(c.region(id).region.store.pool())
-                .await
-                .unwrap();
-        assert!(encrypted, "{id}'s connections to PostgreSQL use TLS");
-    }
+    assert_postgres_over_tls(&c, &regions).await;
 
     // Writes at every region, of records homed in every region (forwarded over HTTPS), updates
     // and deletes among them.
