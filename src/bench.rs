@@ -950,7 +950,11 @@ async fn live_writes_for(
         let mut lags = Vec::new();
         let until = Instant::now() + Duration::from_secs(seconds);
         while Instant::now() < until {
-            if let Some(lag) = region.replication.peer(&origin).and_then(|p| p.lag_ms) {
+            if let Some(lag) = region
+                .replication
+                .peer(&origin)
+                .and_then(|p| p.event_lag_ms)
+            {
                 lags.push(Duration::from_millis(lag));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

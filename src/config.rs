@@ -245,6 +245,9 @@ pub struct Replication {
     /// How long a read with a session token waits for this region to apply the session's write
     /// before reading at the home instead.
     pub session_wait_ms: u64,
+    /// How often the region's publisher sends a heartbeat through its stream (the promise
+    /// bounded-staleness reads and the lag in `/v1/regions` rest on). At least 50.
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for Replication {
@@ -254,6 +257,7 @@ impl Default for Replication {
             stream_replicas: 1,
             streams_in_region_clusters: false,
             session_wait_ms: 500,
+            heartbeat_interval_ms: 1000,
         }
     }
 }
@@ -514,6 +518,12 @@ impl Config {
         }
         if self.database_pool_size == 0 {
             return Err(invalid("database_pool_size", "must be at least 1"));
+        }
+        if self.replication.heartbeat_interval_ms < 50 {
+            return Err(invalid(
+                "replication.heartbeat_interval_ms",
+                "must be at least 50",
+            ));
         }
         if self.admin_token.expose().len() < 8 {
             return Err(invalid("admin_token", "must be at least 8 characters"));

@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::clock::hlc::{wall_clock_ms, Hlc, HybridClock, Observation};
+use crate::clock::staleness::{self, Freshness};
 use crate::clock::version::{Actor, SessionToken, VersionVector};
 use crate::config::Config;
 use crate::record::policy::{
@@ -28,7 +29,9 @@ use crate::record::{Home, RecordState, Summary};
 use crate::replication::event::Event;
 use crate::replication::status::ReplicationStatus;
 use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
-use crate::storage::{Loaded, LockedRecord, OutboxEvent, RegionIdentity, StorageError, Store};
+use crate::storage::{
+    Loaded, LockedRecord, OutboxEvent, RegionIdentity, Saved, StorageError, Store,
+};
 
 /// NATS's default `max_payload`, assumed until the server says otherwise.
 const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -324,6 +327,20 @@ impl Region {
         self.actor.send_replace(Some(actor));
     }
 
+    /// Whether this replica may serve a read that accepts data `max_staleness_ms` old, by the
+    /// heartbeats of every current peer ([`crate::clock::staleness`]).
+    pub async fn freshness(&self, max_staleness_ms: u64) -> Result<Freshness, ServiceError> {
+        let applied_through = self.store.applied_through().await?;
+        let members = self.members.peers();
+        let peers: Vec<&str> = members.iter().map(|p| p.id.as_str()).collect();
+        Ok(staleness::freshness(
+            &peers,
+            &applied_through,
+            wall_clock_ms(),
+            max_staleness_ms,
+        ))
+    }
+
     /// Fold a remote event's HLC into this region's clock (unless it is too far ahead).
     pub fn observe_remote(&self, hlc: Hlc) -> Observation {
         self.clock
@@ -577,6 +594,7 @@ impl Region {
             let event = OutboxEvent {
                 bytes: &event,
                 actor: actor.as_str(),
+                hlc_ms: Some(hlc.millis()),
             };
             let saved = match lock {
                 Some(locked) => locked.save(collection, key, &state, &event).await?,
@@ -586,11 +604,24 @@ impl Region {
                         .await?
                 }
             };
-            if !saved {
-                tracing::debug!(%collection, %key, "lost a write race; retrying");
-                self.cache.forget(collection, key);
-                trust_cache = false;
-                continue;
+            match saved {
+                Saved::Yes => {}
+                Saved::Raced => {
+                    tracing::debug!(%collection, %key, "lost a write race; retrying");
+                    self.cache.forget(collection, key);
+                    trust_cache = false;
+                    continue;
+                }
+                Saved::BelowFloor(floor_ms) => {
+                    // A heartbeat promised past this HLC while the write was on its way: take
+                    // one above the floor (the base is still good).
+                    tracing::debug!(%collection, %key, floor_ms, "write stamped below the heartbeat floor; restamping");
+                    self.clock
+                        .lock()
+                        .expect("clock lock")
+                        .observe(Hlc::from_parts(floor_ms, 0), wall_clock_ms());
+                    continue;
+                }
             }
             self.cache.remember(
                 collection,
@@ -814,8 +845,9 @@ impl Region {
         let event = OutboxEvent {
             bytes: &event,
             actor: actor.as_str(),
+            hlc_ms: None,
         };
-        if !locked.save(collection, key, state, &event).await? {
+        if locked.save(collection, key, state, &event).await? != Saved::Yes {
             return Ok(false);
         }
         self.cache.forget(collection, key);

@@ -229,6 +229,7 @@ pub fn test_config(deployment: &str, id: &str, database_url: String) -> Config {
             stream_replicas: 1,
             streams_in_region_clusters: false,
             session_wait_ms: 300,
+            heartbeat_interval_ms: 250,
         },
     }
 }
@@ -710,6 +711,7 @@ pub async fn expect_problem(response: Response, status: StatusCode) -> String {
 /// refused, as when a network link or a server goes away.
 pub struct TcpProxy {
     pub addr: SocketAddr,
+    target: String,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
     acceptor: JoinHandle<()>,
 }
@@ -719,27 +721,47 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let tasks = Arc::new(Mutex::new(Vec::new()));
-        let target = target.to_owned();
-        let acceptor = {
-            let tasks = tasks.clone();
-            tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let target = target.clone();
-                    let task = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    tasks.lock().unwrap().push(task);
-                }
-            })
-        };
+        let acceptor = Self::accept(listener, target.to_owned(), tasks.clone());
         TcpProxy {
             addr,
+            target: target.to_owned(),
             tasks,
             acceptor,
         }
+    }
+
+    fn accept(
+        listener: TcpListener,
+        target: String,
+        tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(task);
+            }
+        })
+    }
+
+    /// Mend a cut link: accept on the same address again.
+    pub async fn resume(&mut self) {
+        let mut listener = None;
+        for _ in 0..50 {
+            match TcpListener::bind(self.addr).await {
+                Ok(bound) => {
+                    listener = Some(bound);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        let listener = listener.expect("the proxy's port is free again");
+        self.acceptor = Self::accept(listener, self.target.clone(), self.tasks.clone());
     }
 
     pub fn cut(&self) {

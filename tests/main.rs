@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod collections;
 mod health;
+mod heartbeats;
 mod helpers;
 mod homing;
 mod integrity;

@@ -275,11 +275,15 @@ async fn seed_siblings(c: &crate::helpers::Cluster, collection: &str, key: &str)
     let event = locus::storage::OutboxEvent {
         bytes: &bytes,
         actor: "eu.00000000",
+        hlc_ms: None,
     };
-    assert!(store
-        .save(collection, key, 0, &state, &event)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .save(collection, key, 0, &state, &event)
+            .await
+            .unwrap(),
+        locus::storage::Saved::Yes
+    );
 }
 
 #[tokio::test]

@@ -92,7 +92,9 @@ async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resur
             eu["reachable"] == true
                 && eu["replication"]["state"] == "running"
                 && eu["replication"]["events_applied"].as_u64() >= Some(4)
-                && eu["replication"]["lag_ms"].is_u64()
+                && eu["replication"]["event_lag_ms"].is_u64()
+                && eu["lag_ms"].is_u64()
+                && eu["applied_through_ms"].is_u64()
                 && eu["last_heard"].is_string()
                 && own["regions"][0]["self"] == true
                 && own["regions"][0]["outbox_backlog"] == 0

@@ -22,6 +22,9 @@ pub const LOCUS_RESOLVED: HeaderName = HeaderName::from_static("locus-resolved")
 pub const LOCUS_RESOLVER: HeaderName = HeaderName::from_static("locus-resolver");
 /// The id of the conflict-log entry behind a read's view.
 pub const LOCUS_CONFLICT: HeaderName = HeaderName::from_static("locus-conflict");
+/// A read's bound on staleness, in milliseconds: served here only when every peer's heartbeats
+/// say this region is that fresh, and at the record's home otherwise.
+pub const LOCUS_MAX_STALENESS: HeaderName = HeaderName::from_static("locus-max-staleness");
 pub const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
 
 fn text<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h str>, ApiError> {
@@ -60,6 +63,20 @@ pub fn session(headers: &HeaderMap) -> Result<Option<SessionToken>, ApiError> {
         .map(|t| {
             SessionToken::decode(t)
                 .map_err(|e| ApiError::bad_request("bad-session", format!("Locus-Session: {e}")))
+        })
+        .transpose()
+}
+
+/// `Locus-Max-Staleness`: milliseconds, a whole number.
+pub fn max_staleness(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    text(headers, &LOCUS_MAX_STALENESS)?
+        .map(|value| {
+            value.trim().parse::<u64>().map_err(|_| {
+                ApiError::bad_request(
+                    "bad-staleness",
+                    format!("Locus-Max-Staleness must be whole milliseconds, not {value:?}"),
+                )
+            })
         })
         .transpose()
 }

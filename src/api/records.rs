@@ -22,6 +22,7 @@ use super::forward::ForwardError;
 use super::headers::{self, LOCUS_FAILOVER, LOCUS_SESSION, LOCUS_SIBLINGS};
 use super::{cursor, ApiQuery, CollectionPath, RecordPath, SharedState};
 use crate::clock::hlc::Hlc;
+use crate::clock::staleness::Freshness;
 use crate::clock::version::{ETag, SessionToken, VersionVector};
 use crate::record::names::{self, prefix_upper_bound};
 use crate::record::policy::{OnHomeUnreachable, Strategy};
@@ -226,7 +227,8 @@ fn forward_error(error: ForwardError, retry_after: u64) -> ApiError {
 #[utoipa::path(
     get, path = "/v1/collections/{c}/records/{key}", tag = "records",
     params(("c" = String, Path, description = "collection"), ("key" = String, Path, description = "record key"), ReadParams,
-           ("Locus-Session" = Option<String>, Header, description = "session token from a write: read your writes")),
+           ("Locus-Session" = Option<String>, Header, description = "session token from a write: read your writes"),
+           ("Locus-Max-Staleness" = Option<u64>, Header, description = "milliseconds: served here when every region's heartbeats say this replica is at most that old, at the record's home otherwise")),
     responses(
         (status = 200, description = "the record", body = RecordBody),
         (status = 300, description = "concurrent versions (siblings strategy)", body = SiblingsBody),
@@ -244,6 +246,7 @@ pub async fn get(
     let route = s.authorize(&request_headers, Scope::Read)?;
     let session =
         headers::session(&request_headers)?.filter(|t| t.collection == collection && t.key == key);
+    let max_staleness = headers::max_staleness(&request_headers)?;
     let (mut state, mut resolution, policy) = s.region.read(&collection, &key).await?;
 
     // Read your writes: wait (bounded) for this region to apply the session's write, and only
@@ -271,7 +274,21 @@ pub async fn get(
             retry_after: s.region.config.forwarding.retry_after_secs,
         });
     }
-    if route == Route::Client && (params.consistency == Some(Consistency::Home) || lagging) {
+    let too_stale = match max_staleness {
+        Some(max_ms) if route == Route::Client && !lagging => {
+            match s.region.freshness(max_ms).await? {
+                Freshness::Fresh => false,
+                Freshness::Stale { region, behind_ms } => {
+                    tracing::debug!(%collection, %key, stale = %region, ?behind_ms, max_ms, "too stale here; reading at the home");
+                    true
+                }
+            }
+        }
+        _ => false,
+    };
+    if route == Route::Client
+        && (params.consistency == Some(Consistency::Home) || lagging || too_stale)
+    {
         // A lagging read goes where the session's write was taken (sure to hold it, whatever the
         // homing); a consistent read goes to the home.
         let target = if lagging && params.consistency != Some(Consistency::Home) {

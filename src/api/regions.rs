@@ -32,6 +32,14 @@ pub struct RegionEntry {
     pub engine: Option<String>,
     /// When this region last applied an event from the peer.
     pub last_heard: Option<String>,
+    /// Peers: the newest heartbeat promise from the peer applied here (milliseconds since the
+    /// epoch): every write the peer made with an HLC below it is applied here. This region: the
+    /// promise of the last heartbeat it sent (when this process is its publisher).
+    pub applied_through_ms: Option<u64>,
+    /// Peers: how far this region is behind the peer, from heartbeats: now less
+    /// `applied_through_ms`. Grows while nothing arrives, so a stalled consumer shows even when
+    /// nobody writes; null before the first heartbeat.
+    pub lag_ms: Option<u64>,
     /// Replication from the peer into this region.
     pub replication: Option<PeerStatus>,
     /// This region only: events waiting in the outbox.
@@ -74,6 +82,9 @@ pub async fn list(
     let dead_letters = region.store.dead_letter_count().await?;
     region.replication.set_dead_letters_held(dead_letters);
     region.replication.set_outbox_backlog(backlog);
+    let applied_through = region.store.applied_through().await?;
+    let now_ms = crate::clock::hlc::wall_clock_ms();
+    region.replication.set_lag(now_ms, &applied_through);
     let mut regions = vec![RegionEntry {
         id: region.id().to_owned(),
         this_region: true,
@@ -82,6 +93,8 @@ pub async fn list(
         health: None,
         engine: Some(region.resolvers.fingerprint().to_owned()),
         last_heard: None,
+        applied_through_ms: region.replication.heartbeat_promised_ms(),
+        lag_ms: None,
         replication: None,
         outbox_backlog: Some(backlog),
         events_published: Some(region.replication.events_published()),
@@ -107,6 +120,10 @@ pub async fn list(
                 .and_then(|e| e.as_str())
                 .map(str::to_owned),
             last_heard: replication.as_ref().and_then(|r| r.last_applied_at.clone()),
+            applied_through_ms: applied_through.get(&peer.id).copied(),
+            lag_ms: applied_through
+                .get(&peer.id)
+                .map(|through| now_ms.saturating_sub(*through)),
             replication,
             outbox_backlog: None,
             events_published: None,

@@ -239,7 +239,7 @@ async fn apply_or_set_aside(
                     Err(error) => {
                         let key = match event {
                             Change::Record(e) => Some((e.collection.as_str(), e.key.as_str())),
-                            Change::ModuleChunk(_) => None,
+                            Change::ModuleChunk(_) | Change::Heartbeat(_) => None,
                         };
                         tracing::error!(region = region.id(), %origin, sequence, ?key, %error, "event set aside as a dead letter; repair brings its record over");
                         region
@@ -267,6 +267,7 @@ fn encode_change(change: &Change) -> Vec<u8> {
     match change {
         Change::Record(event) => event.encode(),
         Change::ModuleChunk(chunk) => chunk.encode(),
+        Change::Heartbeat(beat) => beat.encode(),
     }
 }
 
@@ -410,8 +411,9 @@ pub struct Applied {
     /// Records whose stored state changed.
     pub records_changed: usize,
     pub stream_sequence: u64,
-    /// Milliseconds from the newest event's HLC to its apply here.
-    pub lag_ms: u64,
+    /// Milliseconds from the newest record event's HLC to its apply here (none in the batch:
+    /// `None`).
+    pub lag_ms: Option<u64>,
 }
 
 impl Applied {
@@ -439,13 +441,24 @@ pub async fn apply_batch(
 ) -> Result<Applied, StorageError> {
     let mut by_key: BTreeMap<RecordKey, Vec<&Event>> = BTreeMap::new();
     let mut chunks: Vec<&ModuleChunk> = Vec::new();
-    for change in changes {
+    // The newest heartbeat of the batch, with its stream sequence: its promise holds once
+    // everything before it is applied, which the commit checks.
+    let mut heartbeat: Option<(u64, u64)> = None;
+    for (i, change) in changes.iter().enumerate() {
         match change {
             Change::Record(event) => by_key
                 .entry((event.collection.clone(), event.key.clone()))
                 .or_default()
                 .push(event),
             Change::ModuleChunk(chunk) => chunks.push(chunk),
+            Change::Heartbeat(beat) if beat.origin == origin => {
+                if let Some(&sequence) = sequences.get(i) {
+                    heartbeat = heartbeat.max(Some((sequence, beat.through_ms)));
+                }
+            }
+            Change::Heartbeat(beat) => {
+                tracing::warn!(%origin, claimed = %beat.origin, "a heartbeat in another region's stream; ignored")
+            }
         }
     }
     let events: Vec<&Event> = by_key.values().flatten().copied().collect();
@@ -626,6 +639,7 @@ pub async fn apply_batch(
         sequences,
         newest_hlc: newest.as_u64(),
         highest_sent,
+        heartbeat,
     });
     tx.commit(position).await?;
     let mut resolution_inputs_changed = modules_arrived;
@@ -654,7 +668,7 @@ pub async fn apply_batch(
         conflicts_by_strategy,
         records_changed,
         stream_sequence: sequences.iter().copied().max().unwrap_or(0),
-        lag_ms: wall_clock_ms().saturating_sub(newest.millis()),
+        lag_ms: (!events.is_empty()).then(|| wall_clock_ms().saturating_sub(newest.millis())),
     })
 }
 

@@ -96,11 +96,43 @@ impl ModuleChunk {
     }
 }
 
+pub const HEARTBEAT_KIND: &str = "heartbeat";
+
+/// The origin's promise, sent every second or so: every write it made with an HLC below
+/// `through_ms` is earlier in its stream than this heartbeat (see
+/// [`super::publisher`]). A reader that applied everything before it has applied those writes, so
+/// it knows how fresh it is even while nobody writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub v: u8,
+    /// Always `"heartbeat"`.
+    pub kind: String,
+    pub origin: String,
+    /// Milliseconds since the epoch.
+    pub through_ms: u64,
+}
+
+impl Heartbeat {
+    pub fn new(origin: &str, through_ms: u64) -> Heartbeat {
+        Heartbeat {
+            v: WIRE_VERSION,
+            kind: HEARTBEAT_KIND.to_owned(),
+            origin: origin.to_owned(),
+            through_ms,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("heartbeats serialize")
+    }
+}
+
 /// Anything a region's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Record(Event),
     ModuleChunk(ModuleChunk),
+    Heartbeat(Heartbeat),
 }
 
 impl Change {
@@ -127,6 +159,7 @@ impl Change {
                 chunk.bytes()?;
                 Ok(Change::ModuleChunk(chunk))
             }
+            Some(HEARTBEAT_KIND) => Ok(Change::Heartbeat(serde_json::from_slice(bytes)?)),
             Some(other) => Err(DecodeError::UnknownKind(other.to_owned())),
         }
     }
@@ -269,6 +302,19 @@ mod tests {
             Event::decode(text.as_bytes()).is_err(),
             "an HLC must be a decimal string"
         );
+    }
+
+    #[test]
+    fn heartbeats_decode_as_heartbeats_and_a_bad_one_is_refused() {
+        let beat = Heartbeat::new("eu", 1_700_000_000_123);
+        assert_eq!(
+            Change::decode(&beat.encode()).unwrap(),
+            Change::Heartbeat(beat)
+        );
+        assert!(matches!(
+            Change::decode(br#"{"v":1,"kind":"heartbeat","origin":"eu"}"#),
+            Err(DecodeError::Shape(_))
+        ));
     }
 
     #[test]

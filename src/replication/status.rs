@@ -25,8 +25,9 @@ pub struct PeerStatus {
     pub stream_sequence: u64,
     pub events_applied: u64,
     pub conflicts: u64,
-    /// Milliseconds from the newest applied event's HLC to its apply.
-    pub lag_ms: Option<u64>,
+    /// Milliseconds from the newest applied event's HLC to its apply (the replication delay of
+    /// writes; the region's `lag_ms`, from heartbeats, is how far behind it is now).
+    pub event_lag_ms: Option<u64>,
     #[schema(value_type = Option<String>)]
     pub last_applied_at: Option<String>,
     pub events_applied_per_second: f64,
@@ -99,6 +100,7 @@ struct Inner {
     peers: BTreeMap<String, PeerStatus>,
     recent: BTreeMap<String, VecDeque<(Instant, usize)>>,
     events_published: u64,
+    heartbeat_promised_ms: Option<u64>,
     publisher_error: Option<String>,
     nats_version: Option<String>,
 }
@@ -146,7 +148,7 @@ impl ReplicationStatus {
                 IntGaugeVec::new(
                     Opts::new(
                         "locus_replication_lag_ms",
-                        "Milliseconds from the newest applied event's HLC to its apply here",
+                        "Milliseconds this region is behind the origin: now minus the newest heartbeat promise applied here (grows while nothing arrives)",
                     ),
                     origin,
                 )
@@ -434,17 +436,27 @@ impl ReplicationStatus {
         self.with_peer(origin, |p| p.dead_letters += count);
     }
 
+    /// Set the heartbeat lag gauges from what the database says each origin is applied through
+    /// (refreshed per scrape, so a stalled consumer's lag grows).
+    pub fn set_lag(&self, now_ms: u64, applied_through: &BTreeMap<String, u64>) {
+        for (origin, through) in applied_through {
+            self.metrics
+                .lag_ms
+                .with_label_values(&[origin])
+                .set(now_ms.saturating_sub(*through) as i64);
+        }
+    }
+
     pub fn applied(&self, origin: &str, applied: &Applied) {
         let m = &self.metrics;
         m.applied
             .with_label_values(&[origin])
             .inc_by(applied.events as u64);
-        m.lag_ms
-            .with_label_values(&[origin])
-            .set(applied.lag_ms as i64);
-        m.lag_seconds
-            .with_label_values(&[origin])
-            .observe(applied.lag_ms as f64 / 1000.0);
+        if let Some(lag_ms) = applied.lag_ms {
+            m.lag_seconds
+                .with_label_values(&[origin])
+                .observe(lag_ms as f64 / 1000.0);
+        }
         for (strategy, count) in &applied.conflicts_by_strategy {
             m.conflicts
                 .with_label_values(&[strategy])
@@ -468,7 +480,7 @@ impl ReplicationStatus {
             p.stream_sequence = p.stream_sequence.max(applied.stream_sequence);
             p.events_applied += applied.events as u64;
             p.conflicts += applied.conflicts as u64;
-            p.lag_ms = Some(applied.lag_ms);
+            p.event_lag_ms = applied.lag_ms.or(p.event_lag_ms);
             p.last_applied_at = Some(humantime_utc(SystemTime::now()));
         });
     }
@@ -559,6 +571,21 @@ impl ReplicationStatus {
             .peers
             .get(origin)
             .cloned()
+    }
+
+    pub fn heartbeat_sent(&self, through_ms: u64) {
+        self.inner
+            .lock()
+            .expect("status lock")
+            .heartbeat_promised_ms = Some(through_ms);
+    }
+
+    /// The promise of the last heartbeat this process sent (as the region's publisher).
+    pub fn heartbeat_promised_ms(&self) -> Option<u64> {
+        self.inner
+            .lock()
+            .expect("status lock")
+            .heartbeat_promised_ms
     }
 
     pub fn events_published(&self) -> u64 {

@@ -39,6 +39,9 @@ pub struct ApplyTx {
     tx: Transaction<'static, Postgres>,
 }
 
+/// The advisory lock key of the write floor ("locusflr"), the one `write_floor_ms()` takes shared.
+const WRITE_FLOOR_LOCK: i64 = 0x6c6f_6375_7366_6c72;
+
 impl Store {
     /// Begin an apply transaction. Applies of one region run one at a time (an advisory lock held
     /// until commit, so across processes too): two batches that both create records could
@@ -154,6 +157,8 @@ pub struct StreamPosition<'a> {
     pub newest_hlc: u64,
     /// Per actor, the highest outbox id in the batch's message ids.
     pub highest_sent: BTreeMap<&'a str, i64>,
+    /// The batch's newest heartbeat: `(stream sequence, through_ms)`.
+    pub heartbeat: Option<(u64, u64)>,
 }
 
 impl ApplyTx {
@@ -321,14 +326,24 @@ impl ApplyTx {
         let mut ranges = load_ranges(&mut self.tx, origin).await?;
         ranges.insert_all(position.sequences.iter().copied());
         save_ranges(&mut self.tx, origin, &ranges).await?;
+        // A heartbeat's promise holds here only once every event before it is applied; batches
+        // of a shared consumer commit in any order, so one may come before an earlier one. Then
+        // the next heartbeat makes the promise.
+        let applied_through = position
+            .heartbeat
+            .filter(|&(sequence, _)| ranges.holes_below(sequence).is_empty())
+            .map(|(_, through_ms)| through_ms as i64);
         sqlx::query(
-            "INSERT INTO applied_positions (origin, stream_sequence, last_event_hlc) VALUES ($1, $2, $3)
+            "INSERT INTO applied_positions (origin, stream_sequence, last_event_hlc, applied_through_ms)
+             VALUES ($1, $2, $3, $4)
              ON CONFLICT (origin) DO UPDATE SET stream_sequence = GREATEST(applied_positions.stream_sequence, EXCLUDED.stream_sequence),
-                 last_event_hlc = EXCLUDED.last_event_hlc, applied_at = now()",
+                 last_event_hlc = EXCLUDED.last_event_hlc, applied_at = now(),
+                 applied_through_ms = GREATEST(applied_positions.applied_through_ms, EXCLUDED.applied_through_ms)",
         )
         .bind(origin)
         .bind(stream_sequence)
         .bind(last_event_hlc as i64)
+        .bind(applied_through)
         .execute(&mut *self.tx)
         .await?;
         if !position.highest_sent.is_empty() {
@@ -371,6 +386,48 @@ pub struct LoggedConflict {
 }
 
 impl Store {
+    /// Per origin, the newest heartbeat promise applied here (milliseconds since the epoch):
+    /// every write that origin made with an HLC below it is applied.
+    pub async fn applied_through(&self) -> Result<BTreeMap<String, u64>, StorageError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT origin, applied_through_ms FROM applied_positions WHERE applied_through_ms IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(origin, ms)| (origin, ms.max(0) as u64))
+            .collect())
+    }
+
+    /// Raise the write floor to `through_ms` (never lower it): from the commit on, no write with
+    /// an HLC below it can commit, and every write that read an older floor has committed. The
+    /// publisher's half of a heartbeat's promise (`migrations/0010_heartbeats.sql`). Gives up
+    /// after `wait` rather than hold back the writes queued behind it.
+    pub async fn raise_write_floor(
+        &self,
+        through_ms: u64,
+        wait: std::time::Duration,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = {}",
+            wait.as_millis().max(1)
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITE_FLOOR_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE write_floor SET through_ms = GREATEST(through_ms, $1)")
+            .bind(through_ms as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Conflict-log entries after id `after`, oldest first, optionally for one collection or key.
     pub async fn conflicts(
         &self,

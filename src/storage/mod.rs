@@ -26,7 +26,7 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
-pub use records::{Loaded, LockedRecord, OutboxEvent, Store};
+pub use records::{Loaded, LockedRecord, OutboxEvent, Saved, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -87,8 +87,8 @@ impl Store {
     }
 
     /// Commit `state` and its outbox `event` (wire bytes, written by `actor`) if the record is
-    /// still at `expected_rev` (0: still absent). Returns false when another writer got there
-    /// first; nothing was written then.
+    /// still at `expected_rev` (0: still absent) and the event's HLC is not below the write
+    /// floor. Nothing is written otherwise.
     pub async fn save(
         &self,
         collection: &str,
@@ -96,7 +96,7 @@ impl Store {
         expected_rev: i64,
         state: &RecordState,
         event: &OutboxEvent<'_>,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<Saved, StorageError> {
         save(&self.pool, collection, key, expected_rev, state, event).await
     }
 
@@ -238,8 +238,8 @@ impl LockedRecord {
         key: &str,
         state: &RecordState,
         event: &OutboxEvent<'_>,
-    ) -> Result<bool, StorageError> {
-        let written = save(
+    ) -> Result<Saved, StorageError> {
+        let saved = save(
             &mut *self.tx,
             collection,
             key,
@@ -248,10 +248,10 @@ impl LockedRecord {
             event,
         )
         .await?;
-        if written {
+        if saved == Saved::Yes {
             self.tx.commit().await?;
         }
-        Ok(written)
+        Ok(saved)
     }
 }
 
@@ -287,6 +287,21 @@ async fn load<'e>(
 pub struct OutboxEvent<'a> {
     pub bytes: &'a [u8],
     pub actor: &'a str,
+    /// The physical milliseconds of the new version's HLC, checked against the write floor;
+    /// `None` for an event that carries an existing version (a new home), which no heartbeat
+    /// promise is about.
+    pub hlc_ms: Option<u64>,
+}
+
+/// What became of a save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Yes,
+    /// The row changed since it was read: read again and retry.
+    Raced,
+    /// The write's HLC is below the write floor (milliseconds) a heartbeat has promised past
+    /// (see `migrations/0010_heartbeats.sql`): stamp a newer HLC and retry.
+    BelowFloor(u64),
 }
 
 async fn save<'e>(
@@ -296,27 +311,32 @@ async fn save<'e>(
     expected_rev: i64,
     state: &RecordState,
     event: &OutboxEvent<'_>,
-) -> Result<bool, StorageError> {
+) -> Result<Saved, StorageError> {
+    // `floor` runs once per statement, before `written` (which reads it).
     let sql = if expected_rev == 0 {
-        "WITH written AS (
+        "WITH floor AS (SELECT write_floor_ms() AS ms),
+         written AS (
              INSERT INTO records (collection, key, rev, state, bucket, hash_hi, hash_lo)
-             VALUES ($1, $2, 1, $3, $6, $7, $8)
+             SELECT $1, $2, 1, $3, $6, $7, $8 FROM floor WHERE $10::bigint IS NULL OR $10 >= floor.ms
              ON CONFLICT (collection, key) DO NOTHING
              RETURNING 1),
          queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written)
-         SELECT count(*) FROM written WHERE $5::bigint = 0"
+         SELECT (SELECT count(*) FROM written WHERE $5::bigint = 0), (SELECT ms FROM floor)"
     } else {
-        "WITH written AS (
+        "WITH floor AS (SELECT write_floor_ms() AS ms),
+         written AS (
              UPDATE records SET rev = rev + 1, state = $3, updated_at = now(),
                     resolution = CASE WHEN jsonb_array_length($3::jsonb -> 'versions') > 1 THEN resolution END,
                     bucket = $6, hash_hi = $7, hash_lo = $8
+               FROM floor
               WHERE collection = $1 AND key = $2 AND rev = $5
+                AND ($10::bigint IS NULL OR $10 >= floor.ms)
              RETURNING 1),
          queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written)
-         SELECT count(*) FROM written"
+         SELECT (SELECT count(*) FROM written), (SELECT ms FROM floor)"
     };
     let hash = state_hash(state);
-    let written: i64 = sqlx::query_scalar(sql)
+    let (written, floor_ms): (i64, i64) = sqlx::query_as(sql)
         .bind(collection)
         .bind(key)
         .bind(Json(state))
@@ -326,9 +346,14 @@ async fn save<'e>(
         .bind(hash.hi)
         .bind(hash.lo)
         .bind(event.actor)
+        .bind(event.hlc_ms.map(|ms| ms as i64))
         .fetch_one(executor)
         .await?;
-    Ok(written == 1)
+    Ok(match event.hlc_ms {
+        _ if written == 1 => Saved::Yes,
+        Some(ms) if (ms as i64) < floor_ms => Saved::BelowFloor(floor_ms as u64),
+        _ => Saved::Raced,
+    })
 }
 
 pub(super) fn corrupt(error: sqlx::Error) -> StorageError {

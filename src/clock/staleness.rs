@@ -1,0 +1,128 @@
+//! Bounded-staleness reads: whether this region's replica may serve a read that accepts data up to
+//! `max_staleness_ms` old. Pure.
+//!
+//! Every peer's heartbeats tell this region "every write of mine with an HLC below T is applied
+//! here". A read may be served locally when every peer has promised at least `now −
+//! max_staleness`: the record's home alone is not enough, because failover and `anywhere` writes
+//! can come from any region.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// `region` has not promised far enough; `behind_ms` is how far behind now its promise is
+    /// (`None`: no heartbeat from it applied yet).
+    Stale {
+        region: String,
+        behind_ms: Option<u64>,
+    },
+}
+
+/// Judge the replica against `peers`' promises (`applied_through`, milliseconds since the epoch).
+/// The stalest peer is named.
+pub fn freshness(
+    peers: &[&str],
+    applied_through: &BTreeMap<String, u64>,
+    now_ms: u64,
+    max_staleness_ms: u64,
+) -> Freshness {
+    let needed = now_ms.saturating_sub(max_staleness_ms);
+    let stalest = peers
+        .iter()
+        .map(|peer| (peer, applied_through.get(*peer).copied()))
+        .filter(|(_, through)| through.is_none_or(|t| t < needed))
+        .min_by_key(|(_, through)| through.unwrap_or(0));
+    match stalest {
+        None => Freshness::Fresh,
+        Some((region, through)) => Freshness::Stale {
+            region: (*region).to_owned(),
+            behind_ms: through.map(|t| now_ms.saturating_sub(t)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PEERS: [&str; 4] = ["ap", "eu", "sa", "us"];
+
+    fn promises() -> impl Strategy<Value = BTreeMap<String, u64>> {
+        proptest::collection::btree_map(
+            proptest::sample::select(PEERS.to_vec()).prop_map(str::to_owned),
+            0u64..10_000,
+            0..4,
+        )
+    }
+
+    #[test]
+    fn a_peer_without_a_heartbeat_is_stale_and_no_peer_is_fresh() {
+        let none = BTreeMap::new();
+        assert_eq!(freshness(&[], &none, 5_000, 0), Freshness::Fresh);
+        assert_eq!(
+            freshness(&["eu"], &none, 5_000, 1_000_000),
+            Freshness::Stale {
+                region: "eu".into(),
+                behind_ms: None
+            }
+        );
+        let through = BTreeMap::from([("eu".to_owned(), 4_000), ("us".to_owned(), 4_900)]);
+        assert_eq!(
+            freshness(&["eu", "us"], &through, 5_000, 500),
+            Freshness::Stale {
+                region: "eu".into(),
+                behind_ms: Some(1_000)
+            }
+        );
+        assert_eq!(
+            freshness(&["eu", "us"], &through, 5_000, 1_000),
+            Freshness::Fresh
+        );
+    }
+
+    proptest! {
+        /// Fresh exactly when every peer promised at least now − max staleness.
+        #[test]
+        fn fresh_means_every_peer_promised_far_enough(
+            through in promises(), now in 0u64..12_000, max in 0u64..12_000, n in 0usize..=4,
+        ) {
+            let peers = &PEERS[..n];
+            let every = peers.iter().all(|p| through.get(*p).is_some_and(|t| *t + max >= now));
+            prop_assert_eq!(freshness(peers, &through, now, max) == Freshness::Fresh, every);
+        }
+
+        /// Accepting older data, or learning of newer promises, never turns a fresh replica stale.
+        #[test]
+        fn fresh_stays_fresh_with_more_tolerance_or_newer_promises(
+            through in promises(), now in 0u64..12_000, max in 0u64..12_000,
+            more in 0u64..5_000, raise in 0u64..5_000, n in 0usize..=4,
+        ) {
+            let peers = &PEERS[..n];
+            if freshness(peers, &through, now, max) == Freshness::Fresh {
+                prop_assert_eq!(freshness(peers, &through, now, max + more), Freshness::Fresh);
+                let raised = through.iter().map(|(p, t)| (p.clone(), t + raise)).collect();
+                prop_assert_eq!(freshness(peers, &raised, now, max), Freshness::Fresh);
+            }
+        }
+
+        /// A stale verdict names a peer that really is behind, and the stalest of them.
+        #[test]
+        fn a_stale_verdict_names_the_stalest_peer(
+            through in promises(), now in 0u64..12_000, max in 0u64..12_000, n in 0usize..=4,
+        ) {
+            let peers = &PEERS[..n];
+            if let Freshness::Stale { region, behind_ms } = freshness(peers, &through, now, max) {
+                prop_assert!(peers.contains(&region.as_str()));
+                let named = through.get(&region).copied();
+                prop_assert!(named.is_none_or(|t| t + max < now));
+                prop_assert_eq!(behind_ms, named.map(|t| now.saturating_sub(t)));
+                for peer in peers {
+                    prop_assert!(named.unwrap_or(0) <= through.get(*peer).copied().unwrap_or(0)
+                        || named.is_none());
+                }
+            }
+        }
+    }
+}
