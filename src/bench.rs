@@ -641,6 +641,7 @@ async fn writes(args: WritesArgs) -> anyhow::Result<()> {
                     let region = region.clone();
                     async move {
                         let request = WriteRequest {
+                            idempotency: None,
                             collection: "bench-direct".into(),
                             key: format!("c{client}-k{}", n % keys),
                             op: WriteOp::Put(sample_value(client, n)),
@@ -794,6 +795,7 @@ async fn resolvers(args: ResolversArgs) -> anyhow::Result<()> {
     println!("writing {} local carts…", args.conflicts);
     for key in 0..args.conflicts {
         let request = WriteRequest {
+            idempotency: None,
             collection: "carts".into(),
             key: format!("cart{key:06}"),
             op: WriteOp::Put(cart_versions(key)[0].value.clone()),

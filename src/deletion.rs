@@ -35,6 +35,9 @@ const PURGE_BATCH: i64 = 2_000;
 const SETTLE: Duration = Duration::from_secs(120);
 /// Passes run at least this often while a deletion is settling.
 const PASS_EVERY: Duration = Duration::from_secs(10);
+/// How long a write's idempotency key is honoured; each pass of this worker forgets older ones
+/// (the same kind of chore: rows that served their purpose).
+const IDEMPOTENCY_KEYS_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Purge every deleted collection, whenever a deletion is written or applied here and every
 /// [`PASS_EVERY`] until each has settled.
@@ -45,6 +48,17 @@ pub async fn run(region: Arc<Region>) {
             Ok(()) => {}
             Err(error) => {
                 tracing::warn!(%error, "purge of deleted collections failed; trying again")
+            }
+        }
+        match region
+            .store
+            .forget_idempotency_keys(IDEMPOTENCY_KEYS_KEPT)
+            .await
+        {
+            Ok(0) => {}
+            Ok(forgotten) => tracing::debug!(forgotten, "idempotency keys forgotten"),
+            Err(error) => {
+                tracing::warn!(%error, "forgetting old idempotency keys failed; trying again")
             }
         }
         tokio::select! {

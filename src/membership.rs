@@ -284,6 +284,7 @@ pub async fn record_member(
         return Ok(false);
     }
     let request = WriteRequest {
+        idempotency: None,
         collection: REGIONS_COLLECTION.to_owned(),
         key: id.to_owned(),
         op: WriteOp::Put(serde_json::to_value(record).expect("a member record serializes")),

@@ -30,7 +30,7 @@ use crate::replication::event::Event;
 use crate::replication::status::ReplicationStatus;
 use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
 use crate::storage::{
-    Loaded, LockedRecord, OutboxEvent, RegionIdentity, Saved, StorageError, Store,
+    IdempotentWrite, Loaded, LockedRecord, OutboxEvent, RegionIdentity, Saved, StorageError, Store,
 };
 
 /// NATS's default `max_payload`, assumed until the server says otherwise.
@@ -83,6 +83,16 @@ pub struct WriteRequest {
     /// `Locus-Home`: where a new record should live.
     pub home_hint: Option<String>,
     pub route: Route,
+    /// `Idempotency-Key`: a retry of this request gets the first outcome.
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// A client's key for one write, with the fingerprint of the request it was first used for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// Hex sha256 of the method, collection, key and body.
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +102,10 @@ pub struct Written {
     /// The write made a record a reader can find where there was none (or only a tombstone).
     pub created: bool,
     pub session: SessionToken,
+    /// A failover write: kept here because the home was unreachable.
+    pub failover: bool,
+    /// The outcome of an earlier request with the same idempotency key, not a new write.
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +137,8 @@ pub enum ServiceError {
     /// [`crate::replication::incarnation`]).
     #[error("this region is still checking with its peers whether its database was restored; retry shortly")]
     IncarnationUnsettled,
+    #[error("the Idempotency-Key was used for a different request")]
+    IdempotencyKeyReused,
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -422,6 +438,7 @@ impl Region {
     /// each region's purge worker removes the rows afterwards. Returns the horizon.
     pub async fn delete_collection(&self, collection: &str) -> Result<Hlc, ServiceError> {
         let marker = WriteRequest {
+            idempotency: None,
             collection: DELETION_COLLECTION.to_owned(),
             key: collection.to_owned(),
             op: WriteOp::Put(serde_json::json!({})),
@@ -436,6 +453,7 @@ impl Region {
             }
         };
         let policy = WriteRequest {
+            idempotency: None,
             collection: POLICY_COLLECTION.to_owned(),
             key: collection.to_owned(),
             op: WriteOp::Delete,
@@ -508,6 +526,9 @@ impl Region {
     }
 
     pub async fn write(&self, request: &WriteRequest) -> Result<WriteOutcome, ServiceError> {
+        if let Some(written) = self.replay(request).await? {
+            return Ok(WriteOutcome::Written(written));
+        }
         let (collection, key) = (&request.collection, &request.key);
         let mut trust_cache = true;
         let mut loads = 0;
@@ -596,11 +617,40 @@ impl Region {
                 actor: actor.as_str(),
                 hlc_ms: Some(hlc.millis()),
             };
+            let session = SessionToken {
+                collection: collection.clone(),
+                key: key.clone(),
+                version: version.vector.clone(),
+                written_at: self.id().to_owned(),
+            };
+            let failover = request.route == Route::Failover;
+            let encoded_session = session.encode();
+            let idempotent = request
+                .idempotency
+                .as_ref()
+                .map(|idempotency| IdempotentWrite {
+                    key: &idempotency.key,
+                    fingerprint: &idempotency.fingerprint,
+                    created,
+                    failover,
+                    session: &encoded_session,
+                });
             let saved = match lock {
-                Some(locked) => locked.save(collection, key, &state, &event).await?,
+                Some(locked) => {
+                    locked
+                        .save(collection, key, &state, &event, idempotent.as_ref())
+                        .await?
+                }
                 None => {
                     self.store
-                        .save(collection, key, base.rev, &state, &event)
+                        .save(
+                            collection,
+                            key,
+                            base.rev,
+                            &state,
+                            &event,
+                            idempotent.as_ref(),
+                        )
                         .await?
                 }
             };
@@ -622,6 +672,13 @@ impl Region {
                         .observe(Hlc::from_parts(floor_ms, 0), wall_clock_ms());
                     continue;
                 }
+                // A request with the same key was written meanwhile: its outcome is the answer.
+                Saved::KeyTaken => {
+                    return match self.replay(request).await? {
+                        Some(written) => Ok(WriteOutcome::Written(written)),
+                        None => Err(ServiceError::Contention),
+                    }
+                }
             }
             self.cache.remember(
                 collection,
@@ -641,20 +698,42 @@ impl Region {
                 self.resolvers.changed.notify_one();
             }
             self.outbox_signal.notify_one();
-            let session = SessionToken {
-                collection: collection.clone(),
-                key: key.clone(),
-                version: version.vector,
-                written_at: self.id().to_owned(),
-            };
             return Ok(WriteOutcome::Written(Written {
                 state,
                 policy: base.policy,
                 created,
                 session,
+                failover,
+                replayed: false,
             }));
         }
         Err(ServiceError::Contention)
+    }
+
+    /// The outcome of the write this request's idempotency key was first used for, if any; a
+    /// key first used for another request is refused.
+    async fn replay(&self, request: &WriteRequest) -> Result<Option<Written>, ServiceError> {
+        let Some(idempotency) = &request.idempotency else {
+            return Ok(None);
+        };
+        let Some(remembered) = self.store.remembered_write(&idempotency.key).await? else {
+            return Ok(None);
+        };
+        if remembered.fingerprint != idempotency.fingerprint {
+            return Err(ServiceError::IdempotencyKeyReused);
+        }
+        let session = SessionToken::decode(&remembered.session).map_err(|e| {
+            StorageError::Corrupt(format!("a remembered write's session token: {e}"))
+        })?;
+        let policy = self.policy(&request.collection).await?.unwrap_or_default();
+        Ok(Some(Written {
+            state: remembered.state,
+            policy,
+            created: remembered.created,
+            session,
+            failover: remembered.failover,
+            replayed: true,
+        }))
     }
 
     /// Where the write goes and whether its preconditions hold, judged on `base`.
@@ -761,6 +840,8 @@ impl Region {
                 policy,
                 created: false,
                 session,
+                failover: false,
+                replayed: false,
             }));
         }
         Err(ServiceError::Contention)
@@ -847,7 +928,7 @@ impl Region {
             actor: actor.as_str(),
             hlc_ms: None,
         };
-        if locked.save(collection, key, state, &event).await? != Saved::Yes {
+        if locked.save(collection, key, state, &event, None).await? != Saved::Yes {
             return Ok(false);
         }
         self.cache.forget(collection, key);

@@ -8,6 +8,7 @@ mod health;
 mod heartbeats;
 mod helpers;
 mod homing;
+mod idempotency;
 mod integrity;
 mod membership;
 mod records;

@@ -81,6 +81,7 @@ pub async fn configure(
     )
     .map_err(|e| ApiError::bad_request("bad-policy", e.to_string()))?;
     let request = WriteRequest {
+        idempotency: None,
         collection: POLICY_COLLECTION.to_owned(),
         key: name.clone(),
         op: WriteOp::Put(serde_json::to_value(&policy).expect("policies serialize")),

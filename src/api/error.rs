@@ -78,6 +78,9 @@ pub enum ApiError {
     /// A peer this region called (not to forward a request) failed to answer.
     #[error("{0}")]
     PeerFailed(String),
+    /// An `Idempotency-Key` already used for a different request.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
 }
@@ -99,6 +102,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -144,6 +148,9 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             ApiError::PreconditionFailed(_) => ("precondition-failed", "Precondition failed"),
             ApiError::Conflict(_) => ("conflict", "Conflict"),
+            ApiError::IdempotencyKeyReused(_) => {
+                ("idempotency-key-reused", "Idempotency key reused")
+            }
             ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge(_) => {
                 ("payload-too-large", "Payload too large")
             }
@@ -179,6 +186,9 @@ impl From<ServiceError> for ApiError {
                 retry_after: 1,
             },
             ServiceError::Contention => ApiError::Contention,
+            ServiceError::IdempotencyKeyReused => {
+                ApiError::IdempotencyKeyReused(format!("{error}; use a new key for each new write"))
+            }
             ServiceError::IncarnationUnsettled => ApiError::NotReady(error.to_string()),
             ServiceError::Storage(e) => ApiError::Storage(e),
         }

@@ -12,12 +12,12 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
 use axum::response::Response;
 
-use super::headers::{LOCUS_FORWARDED_BY, LOCUS_HOME, LOCUS_SESSION};
+use super::headers::{IDEMPOTENCY_KEY, LOCUS_FORWARDED_BY, LOCUS_HOME, LOCUS_SESSION};
 use crate::peer_health::Signal;
 use crate::service::Region;
 
 /// Request headers a forward carries over from the client.
-fn forwarded_headers() -> [HeaderName; 6] {
+fn forwarded_headers() -> [HeaderName; 7] {
     [
         header::CONTENT_TYPE,
         header::IF_MATCH,
@@ -25,6 +25,7 @@ fn forwarded_headers() -> [HeaderName; 6] {
         header::ACCEPT,
         LOCUS_HOME,
         LOCUS_SESSION,
+        IDEMPOTENCY_KEY,
     ]
 }
 

@@ -25,6 +25,10 @@ pub const LOCUS_CONFLICT: HeaderName = HeaderName::from_static("locus-conflict")
 /// A read's bound on staleness, in milliseconds: served here only when every peer's heartbeats
 /// say this region is that fresh, and at the record's home otherwise.
 pub const LOCUS_MAX_STALENESS: HeaderName = HeaderName::from_static("locus-max-staleness");
+/// A client's key for a write: a retry with the same key gets the first outcome.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// `true` on an answer that replays the outcome of an earlier request with the same key.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 pub const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
 
 fn text<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h str>, ApiError> {
@@ -65,6 +69,41 @@ pub fn session(headers: &HeaderMap) -> Result<Option<SessionToken>, ApiError> {
                 .map_err(|e| ApiError::bad_request("bad-session", format!("Locus-Session: {e}")))
         })
         .transpose()
+}
+
+/// `Idempotency-Key`: 1 to 255 visible ASCII characters (a UUID is the usual choice), with the
+/// fingerprint of the request it comes with.
+pub fn idempotency_key(
+    headers: &HeaderMap,
+    method: &axum::http::Method,
+    collection: &str,
+    key: &str,
+    body: &[u8],
+) -> Result<Option<crate::service::IdempotencyKey>, ApiError> {
+    let Some(value) = text(headers, &IDEMPOTENCY_KEY)? else {
+        return Ok(None);
+    };
+    if value.is_empty() || value.len() > 255 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "bad-idempotency-key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in [
+        method.as_str().as_bytes(),
+        collection.as_bytes(),
+        key.as_bytes(),
+        body,
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    Ok(Some(crate::service::IdempotencyKey {
+        key: value.to_owned(),
+        fingerprint: hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+    }))
 }
 
 /// `Locus-Max-Staleness`: milliseconds, a whole number.

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
 use super::forward::ForwardError;
-use super::headers::{self, LOCUS_FAILOVER, LOCUS_SESSION, LOCUS_SIBLINGS};
+use super::headers::{self, IDEMPOTENT_REPLAYED, LOCUS_FAILOVER, LOCUS_SESSION, LOCUS_SIBLINGS};
 use super::{cursor, ApiQuery, CollectionPath, RecordPath, SharedState};
 use crate::clock::hlc::Hlc;
 use crate::clock::staleness::Freshness;
@@ -324,13 +324,15 @@ pub async fn get(
     params(("c" = String, Path, description = "collection"), ("key" = String, Path, description = "record key"),
            ("If-Match" = Option<String>, Header, description = "ETag: write only if unchanged"),
            ("If-None-Match" = Option<String>, Header, description = "`*`: create only"),
-           ("Locus-Home" = Option<String>, Header, description = "home region of a new record")),
+           ("Locus-Home" = Option<String>, Header, description = "home region of a new record"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key gets the first outcome (`Idempotent-Replayed: true`) instead of writing again; kept a day")),
     request_body(content = Object, description = "the record's JSON value", content_type = "application/json"),
     responses(
         (status = 201, description = "created", body = RecordBody),
         (status = 200, description = "updated", body = RecordBody),
         (status = 400, description = "malformed JSON, name or header", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "precondition failed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "body over the limit", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "home unreachable", body = Problem, content_type = "application/problem+json"),
@@ -353,6 +355,13 @@ pub async fn put(
     .await?;
     let value = headers::parse_record_value(&bytes)?;
     let request = WriteRequest {
+        idempotency: headers::idempotency_key(
+            &request_headers,
+            &Method::PUT,
+            &collection,
+            &key,
+            &bytes,
+        )?,
         collection,
         key,
         op: WriteOp::Put(value),
@@ -366,11 +375,13 @@ pub async fn put(
 #[utoipa::path(
     delete, path = "/v1/collections/{c}/records/{key}", tag = "records",
     params(("c" = String, Path, description = "collection"), ("key" = String, Path, description = "record key"),
-           ("If-Match" = Option<String>, Header, description = "ETag: delete only if unchanged")),
+           ("If-Match" = Option<String>, Header, description = "ETag: delete only if unchanged"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key gets the first outcome instead of deleting again")),
     responses(
         (status = 204, description = "deleted (a tombstone was written)"),
         (status = 404, description = "absent or already deleted", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "precondition failed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "home unreachable", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -382,6 +393,13 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let route = s.authorize(&request_headers, Scope::Write)?;
     let request = WriteRequest {
+        idempotency: headers::idempotency_key(
+            &request_headers,
+            &Method::DELETE,
+            &collection,
+            &key,
+            &[],
+        )?,
         collection,
         key,
         op: WriteOp::Delete,
@@ -409,7 +427,7 @@ async fn write(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (home, policy) = match s.region.write(&request).await? {
-        WriteOutcome::Written(written) => return Ok(written_response(&request, written, false)),
+        WriteOutcome::Written(written) => return Ok(written_response(&request, written)),
         WriteOutcome::Forward { home, policy } => (home, policy),
     };
     let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
@@ -427,7 +445,7 @@ async fn write(
             tracing::info!(collection = %request.collection, key = %request.key, %home, "home unreachable; failover write");
             request.route = Route::Failover;
             match s.region.write(&request).await? {
-                WriteOutcome::Written(written) => Ok(written_response(&request, written, true)),
+                WriteOutcome::Written(written) => Ok(written_response(&request, written)),
                 WriteOutcome::Forward { home, .. } => {
                     Err(forward_error(ForwardError::UnknownPeer(home), retry_after))
                 }
@@ -437,7 +455,7 @@ async fn write(
     }
 }
 
-fn written_response(request: &WriteRequest, written: Written, failover: bool) -> Response {
+fn written_response(request: &WriteRequest, written: Written) -> Response {
     let mut response = match (&request.op, written.state.versions.first()) {
         (WriteOp::Put(_), Some(version)) => {
             let status = if written.created {
@@ -461,8 +479,11 @@ fn written_response(request: &WriteRequest, written: Written, failover: bool) ->
         LOCUS_SESSION,
         HeaderValue::from_str(&written.session.encode()).expect("base64 is header-safe"),
     );
-    if failover {
+    if written.failover {
         headers.insert(LOCUS_FAILOVER, HeaderValue::from_static("true"));
+    }
+    if written.replayed {
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     response
 }

@@ -445,6 +445,7 @@ pub async fn remove(region: &Region, name: &str) -> Result<Binding, ResolverErro
 
 async fn write_binding(region: &Region, name: &str, op: WriteOp) -> Result<(), ResolverError> {
     let request = WriteRequest {
+        idempotency: None,
         collection: RESOLVER_COLLECTION.to_owned(),
         key: name.to_owned(),
         op,

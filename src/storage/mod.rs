@@ -26,7 +26,9 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
-pub use records::{Loaded, LockedRecord, OutboxEvent, Saved, Store};
+pub use records::{
+    IdempotentWrite, Loaded, LockedRecord, OutboxEvent, RememberedWrite, Saved, Store,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

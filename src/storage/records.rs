@@ -96,8 +96,18 @@ impl Store {
         expected_rev: i64,
         state: &RecordState,
         event: &OutboxEvent<'_>,
+        idempotent: Option<&IdempotentWrite<'_>>,
     ) -> Result<Saved, StorageError> {
-        save(&self.pool, collection, key, expected_rev, state, event).await
+        save(
+            &self.pool,
+            collection,
+            key,
+            expected_rev,
+            state,
+            event,
+            idempotent,
+        )
+        .await
     }
 
     /// Take the record's row lock in a transaction and load it: the path of a writer that lost
@@ -238,6 +248,7 @@ impl LockedRecord {
         key: &str,
         state: &RecordState,
         event: &OutboxEvent<'_>,
+        idempotent: Option<&IdempotentWrite<'_>>,
     ) -> Result<Saved, StorageError> {
         let saved = save(
             &mut *self.tx,
@@ -246,6 +257,7 @@ impl LockedRecord {
             self.loaded.rev,
             state,
             event,
+            idempotent,
         )
         .await?;
         if saved == Saved::Yes {
@@ -293,6 +305,17 @@ pub struct OutboxEvent<'a> {
     pub hlc_ms: Option<u64>,
 }
 
+/// A write made under an `Idempotency-Key`: remembered with the write, in its statement.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotentWrite<'a> {
+    pub key: &'a str,
+    pub fingerprint: &'a str,
+    pub created: bool,
+    pub failover: bool,
+    /// The write's session token, encoded.
+    pub session: &'a str,
+}
+
 /// What became of a save.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Saved {
@@ -302,6 +325,8 @@ pub enum Saved {
     /// The write's HLC is below the write floor (milliseconds) a heartbeat has promised past
     /// (see `migrations/0010_heartbeats.sql`): stamp a newer HLC and retry.
     BelowFloor(u64),
+    /// Another write under the same idempotency key got there first: answer with its outcome.
+    KeyTaken,
 }
 
 async fn save<'e>(
@@ -311,6 +336,7 @@ async fn save<'e>(
     expected_rev: i64,
     state: &RecordState,
     event: &OutboxEvent<'_>,
+    idempotent: Option<&IdempotentWrite<'_>>,
 ) -> Result<Saved, StorageError> {
     // `floor` runs once per statement, before `written` (which reads it).
     let sql = if expected_rev == 0 {
@@ -320,7 +346,9 @@ async fn save<'e>(
              SELECT $1, $2, 1, $3, $6, $7, $8 FROM floor WHERE $10::bigint IS NULL OR $10 >= floor.ms
              ON CONFLICT (collection, key) DO NOTHING
              RETURNING 1),
-         queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written)
+         queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written),
+         remembered AS (INSERT INTO idempotent_writes (idempotency_key, fingerprint, created, failover, state, session)
+             SELECT $11, $12, $13, $14, $3, $15 FROM written WHERE $11::text IS NOT NULL)
          SELECT (SELECT count(*) FROM written WHERE $5::bigint = 0), (SELECT ms FROM floor)"
     } else {
         "WITH floor AS (SELECT write_floor_ms() AS ms),
@@ -332,11 +360,13 @@ async fn save<'e>(
               WHERE collection = $1 AND key = $2 AND rev = $5
                 AND ($10::bigint IS NULL OR $10 >= floor.ms)
              RETURNING 1),
-         queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written)
+         queued AS (INSERT INTO outbox (event, actor) SELECT $4, $9 FROM written),
+         remembered AS (INSERT INTO idempotent_writes (idempotency_key, fingerprint, created, failover, state, session)
+             SELECT $11, $12, $13, $14, $3, $15 FROM written WHERE $11::text IS NOT NULL)
          SELECT (SELECT count(*) FROM written), (SELECT ms FROM floor)"
     };
     let hash = state_hash(state);
-    let (written, floor_ms): (i64, i64) = sqlx::query_as(sql)
+    let saved = sqlx::query_as::<_, (i64, i64)>(sql)
         .bind(collection)
         .bind(key)
         .bind(Json(state))
@@ -347,8 +377,21 @@ async fn save<'e>(
         .bind(hash.lo)
         .bind(event.actor)
         .bind(event.hlc_ms.map(|ms| ms as i64))
+        .bind(idempotent.map(|i| i.key))
+        .bind(idempotent.map(|i| i.fingerprint))
+        .bind(idempotent.map(|i| i.created))
+        .bind(idempotent.map(|i| i.failover))
+        .bind(idempotent.map(|i| i.session))
         .fetch_one(executor)
-        .await?;
+        .await;
+    let (written, floor_ms) = match saved {
+        Err(sqlx::Error::Database(error))
+            if error.constraint() == Some("idempotent_writes_pkey") =>
+        {
+            return Ok(Saved::KeyTaken)
+        }
+        other => other?,
+    };
     Ok(match event.hlc_ms {
         _ if written == 1 => Saved::Yes,
         Some(ms) if (ms as i64) < floor_ms => Saved::BelowFloor(floor_ms as u64),
@@ -362,5 +405,56 @@ pub(super) fn corrupt(error: sqlx::Error) -> StorageError {
             StorageError::Corrupt(error.to_string())
         }
         other => other.into(),
+    }
+}
+
+/// A write remembered under its idempotency key.
+#[derive(Debug, Clone)]
+pub struct RememberedWrite {
+    pub fingerprint: String,
+    pub created: bool,
+    pub failover: bool,
+    /// The record as that write left it.
+    pub state: RecordState,
+    pub session: String,
+}
+
+impl Store {
+    /// The write made under `key`, if one was (and is not yet forgotten).
+    pub async fn remembered_write(
+        &self,
+        key: &str,
+    ) -> Result<Option<RememberedWrite>, StorageError> {
+        let row: Option<(String, bool, bool, Json<RecordState>, String)> = sqlx::query_as(
+            "SELECT fingerprint, created, failover, state, session FROM idempotent_writes
+              WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(corrupt)?;
+        Ok(row.map(
+            |(fingerprint, created, failover, Json(state), session)| RememberedWrite {
+                fingerprint,
+                created,
+                failover,
+                state,
+                session,
+            },
+        ))
+    }
+
+    /// Forget the idempotency keys of writes older than `age`; how many.
+    pub async fn forget_idempotency_keys(
+        &self,
+        age: std::time::Duration,
+    ) -> Result<u64, StorageError> {
+        let done = sqlx::query(
+            "DELETE FROM idempotent_writes WHERE written_at < now() - make_interval(secs => $1)",
+        )
+        .bind(age.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }
