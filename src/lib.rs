@@ -27,6 +27,7 @@
 pub mod api;
 pub mod app;
 pub mod bench;
+pub mod client_cli;
 pub mod clock;
 pub mod config;
 pub mod deletion;

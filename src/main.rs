@@ -75,6 +75,8 @@ enum Command {
     /// Benchmarks that print measured figures.
     #[command(subcommand)]
     Bench(locus::bench::BenchCommand),
+    #[command(flatten)]
+    Client(locus::client_cli::ClientCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(command) => locus::bench::run(command).await,
+        Command::Client(command) => locus::client_cli::run(command).await,
         Command::NatsUsers {
             deployment,
             admin,

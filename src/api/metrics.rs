@@ -10,6 +10,7 @@ pub struct HttpMetrics {
     registry: Registry,
     requests: IntCounterVec,
     latency: HistogramVec,
+    forwarded_in: IntCounterVec,
 }
 
 impl HttpMetrics {
@@ -41,10 +42,23 @@ impl HttpMetrics {
         registry
             .register(Box::new(latency.clone()))
             .expect("unique metric");
+        // What a client that routes well saves: each of these cost a hop between regions.
+        let forwarded_in = IntCounterVec::new(
+            Opts::new(
+                "locus_forwarded_requests_received_total",
+                "Requests a peer forwarded here (writes and home reads sent to a region that is not the home), by peer",
+            ),
+            &["from"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(forwarded_in.clone()))
+            .expect("unique metric");
         HttpMetrics {
             registry: registry.clone(),
             requests,
             latency,
+            forwarded_in,
         }
     }
 
@@ -55,6 +69,10 @@ impl HttpMetrics {
         self.latency
             .with_label_values(&labels)
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn forwarded_from(&self, peer: &str) {
+        self.forwarded_in.with_label_values(&[peer]).inc();
     }
 
     pub fn registry(&self) -> &Registry {

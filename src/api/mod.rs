@@ -89,7 +89,10 @@ impl ApiState {
             }
             return match token {
                 None => Err(ApiError::Unauthorized),
-                Some(t) if self.is_peer_token(t) => Ok(Route::Forwarded),
+                Some(t) if self.is_peer_token(t) => {
+                    self.metrics.forwarded_from(peer);
+                    Ok(Route::Forwarded)
+                }
                 Some(_) => Err(ApiError::Forbidden),
             };
         }

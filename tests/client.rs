@@ -1,0 +1,350 @@
+//! The geo-aware client (`locus-client`) and its command line, against three real regions: writes
+//! go straight to the home, reads stay available and see the client's own writes, and a region
+//! that is down costs the client one failed attempt, not a timeout per request.
+
+use std::time::{Duration, Instant};
+
+use locus_client::{Client, ClientConfig, Consistency, Error, Found, WriteOptions};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{eventually, nats, record_path, Cluster, Setup, TcpProxy};
+
+async fn client(c: &Cluster, read_preference: Option<&str>) -> Client {
+    let mut config = ClientConfig::new(c.ids().iter().map(|id| c.url(id).to_owned()));
+    config.probe_every = Duration::from_millis(200);
+    config.read_preference = read_preference.map(str::to_owned);
+    Client::connect(config)
+        .await
+        .expect("the client discovers the regions")
+}
+
+/// Requests forwarded to `id` by its peers, by its metrics.
+async fn forwarded_in(c: &Cluster, id: &str) -> u64 {
+    c.metrics(id)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("locus_forwarded_requests_received_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
+fn value_of(found: Option<Found>) -> Value {
+    match found {
+        Some(Found::Record { record, .. }) => record.value,
+        other => panic!("expected a record, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_client_writes_straight_home_reads_its_own_writes_anywhere_and_resolves_siblings() {
+    // us reaches NATS through a link the test cuts, to make its replica lag.
+    let mut link = TcpProxy::start(nats().trim_start_matches("nats://")).await;
+    let through_link = format!("nats://{}", link.addr);
+    let c = Setup::regions(&["eu", "us", "ap"])
+        .tweak(move |config| {
+            if config.region == "us" {
+                config.nats_url = through_link.clone();
+            }
+        })
+        .start()
+        .await;
+    let anywhere = client(&c, None).await;
+    let ids: Vec<String> = anywhere.regions().into_iter().map(|r| r.0).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+
+    // New records homed in each region, then updates: every write lands at the home itself.
+    for (i, home) in ["eu", "us", "ap", "eu", "us", "ap"].into_iter().enumerate() {
+        let key = format!("k{i}");
+        let options = WriteOptions {
+            home: Some(home.to_owned()),
+            ..WriteOptions::default()
+        };
+        let created = anywhere
+            .put_with("things", &key, &json!({"n": i}), options)
+            .await
+            .unwrap();
+        assert!(created.created);
+        assert_eq!(created.region, home);
+        let updated = anywhere
+            .put("things", &key, &json!({"n": i, "v": 2}))
+            .await
+            .unwrap();
+        assert_eq!((updated.region.as_str(), updated.created), (home, false));
+    }
+    for id in ["eu", "us", "ap"] {
+        assert_eq!(
+            forwarded_in(&c, id).await,
+            0,
+            "{id} saw a forwarded request"
+        );
+    }
+    // The same update sent to a region that is not the home is forwarded, and counted.
+    let forwarded = c.put("us", "things", "k0", &json!({"n": 0, "v": 3})).await;
+    assert_eq!(forwarded.status(), StatusCode::OK);
+    assert_eq!(forwarded_in(&c, "eu").await, 1);
+
+    // With us cut off from replication, a client that reads at us still reads its own writes.
+    link.cut();
+    let at_us = client(&c, Some("us")).await;
+    for round in 0..8 {
+        at_us
+            .put("things", "k0", &json!({"round": round}))
+            .await
+            .unwrap();
+        let read = at_us.get("things", "k0").await.unwrap();
+        assert_eq!(value_of(read), json!({"round": round}));
+    }
+    // Another client, without those session tokens, sees us's stale replica there, unless it
+    // bounds the staleness.
+    let stranger = client(&c, Some("us")).await;
+    assert_ne!(
+        value_of(stranger.get("things", "k0").await.unwrap()),
+        json!({"round": 7})
+    );
+    eventually(20, "us's lag shows in its heartbeats", || async {
+        let bounded = stranger
+            .get_with(
+                "things",
+                "k0",
+                Consistency::MaxStaleness(Duration::from_secs(1)),
+            )
+            .await
+            .unwrap();
+        value_of(bounded) == json!({"round": 7})
+    })
+    .await;
+
+    // Concurrent versions (written in eu and, cut off, in us) come back as siblings, and the
+    // client resolves them with their ETag.
+    c.configure_everywhere(
+        "carts",
+        &json!({"homing": "anywhere", "conflicts": {"strategy": "siblings"}}),
+    )
+    .await;
+    for (id, item) in [("eu", "apple"), ("us", "pear")] {
+        let r = c.put(id, "carts", "c1", &json!({"items": [item]})).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{id}");
+    }
+    link.resume().await;
+    // Every region must hold both versions before the resolution, or one would merge it with a
+    // version it has not seen yet (and show siblings again).
+    eventually(30, "every region holds both versions", || async {
+        let mut all = true;
+        for id in ["eu", "us", "ap"] {
+            all &= c.get(id, "carts", "c1").await.status() == StatusCode::MULTIPLE_CHOICES;
+        }
+        all
+    })
+    .await;
+    let Some(Found::Siblings(siblings)) = anywhere.get("carts", "c1").await.unwrap() else {
+        panic!("the client does not show the siblings");
+    };
+    assert_eq!(siblings.siblings.len(), 2);
+    let resolved = anywhere
+        .resolve(&siblings, &json!({"items": ["apple", "pear"]}))
+        .await
+        .unwrap();
+    assert!(!resolved.created);
+    eventually(20, "every region shows the resolution", || async {
+        let mut all = true;
+        for id in ["eu", "us", "ap"] {
+            let body: Value = c.get(id, "carts", "c1").await.json().await.unwrap();
+            all &= body["value"] == json!({"items": ["apple", "pear"]});
+        }
+        all
+    })
+    .await;
+
+    // Conditional writes: a stale ETag is refused, create-only on an existing record too.
+    let stale = anywhere
+        .put_with(
+            "carts",
+            "c1",
+            &json!({}),
+            WriteOptions {
+                if_match: Some(siblings.etag.clone()),
+                ..WriteOptions::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(Error::Api { status: 412, .. })),
+        "{stale:?}"
+    );
+    let again = anywhere
+        .put_with(
+            "things",
+            "k1",
+            &json!({}),
+            WriteOptions {
+                create_only: true,
+                ..WriteOptions::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(again, Err(Error::Api { status: 412, .. })),
+        "{again:?}"
+    );
+
+    // Listing pages through everything, deletes remove.
+    let mut keys = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = anywhere
+            .list("things", None, Some(4), cursor.as_deref())
+            .await
+            .unwrap();
+        keys.extend(
+            page.records
+                .iter()
+                .map(|r| r["key"].as_str().unwrap().to_owned()),
+        );
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4", "k5"]);
+    let deleted = anywhere.delete("things", "k5").await.unwrap();
+    assert_eq!(deleted.region, "ap", "the delete went to k5's home");
+    assert!(anywhere
+        .get_with("things", "k5", Consistency::Home)
+        .await
+        .unwrap()
+        .is_none());
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn with_a_region_down_the_client_reads_elsewhere_and_writes_homed_there_fail_at_once() {
+    let mut c = Setup::regions(&["eu", "us", "ap"]).start().await;
+    let client = client(&c, None).await;
+    for (i, home) in ["eu", "us", "ap"].into_iter().enumerate() {
+        let options = WriteOptions {
+            home: Some(home.to_owned()),
+            ..WriteOptions::default()
+        };
+        client
+            .put_with("things", &format!("k{i}"), &json!({"n": i}), options)
+            .await
+            .unwrap();
+    }
+    eventually(20, "every region holds the three records", || async {
+        let mut all = true;
+        for id in ["eu", "us", "ap"] {
+            for i in 0..3 {
+                all &= c.get(id, "things", &format!("k{i}")).await.status() == StatusCode::OK;
+            }
+        }
+        all
+    })
+    .await;
+
+    c.stop("ap").await;
+    for round in 0..15 {
+        for i in 0..3 {
+            let read = client.get("things", &format!("k{i}")).await;
+            assert_eq!(value_of(read.unwrap()), json!({"n": i}), "round {round}");
+        }
+    }
+    assert!(
+        client
+            .regions()
+            .iter()
+            .any(|(id, _, available, _)| id == "ap" && !available),
+        "ap is out of rotation: {:?}",
+        client.regions()
+    );
+
+    // A write for a record homed in ap gets the policy's answer (reject) at once.
+    let started = Instant::now();
+    let refused = client.put("things", "k2", &json!({"n": 22})).await;
+    let took = started.elapsed();
+    match refused {
+        Err(Error::HomeUnavailable { home, .. }) => assert_eq!(home.as_deref(), Some("ap")),
+        other => panic!("expected the home to be unavailable, got {other:?}"),
+    }
+    assert!(took < Duration::from_millis(1_500), "took {took:?}");
+    // Records homed elsewhere take writes as before.
+    let written = client.put("things", "k0", &json!({"n": 10})).await.unwrap();
+    assert_eq!(written.region, "eu");
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn the_command_line_reads_and_writes_through_the_client() {
+    let c = Setup::regions(&["eu", "us"]).start().await;
+    let seeds = format!("{},{}", c.url("eu"), c.url("us"));
+    // The regions serve from this test's runtime: the command runs without blocking it.
+    let locus = async |args: &[&str]| {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+            .args(args)
+            .env("LOCUS_SEEDS", &seeds)
+            .env("RUST_LOG", "error")
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        let json: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            panic!("{args:?} printed no JSON ({e}): {stdout}\n{stderr}")
+        });
+        (output.status.success(), json)
+    };
+    let (ok, written) = locus(&[
+        "put",
+        "notes",
+        "n1",
+        r#"{"text":"hi"}"#,
+        "--home-region",
+        "us",
+    ])
+    .await;
+    assert!(ok, "{written}");
+    assert_eq!(written["created"], true);
+    assert_eq!(written["region"], "us");
+    assert!(written["idempotency_key"].is_string());
+    // The same write again (the same request, under its key) is a replay, not a second write.
+    let key = written["idempotency_key"].as_str().unwrap().to_owned();
+    let (ok, again) = locus(&[
+        "put",
+        "notes",
+        "n1",
+        r#"{"text":"hi"}"#,
+        "--home-region",
+        "us",
+        "--idempotency-key",
+        &key,
+    ])
+    .await;
+    assert!(ok && again["replayed"] == true, "{again}");
+    // A new process knows no homes: it reads and writes at the nearest region, which
+    // forwards to the home once it holds the record.
+    eventually(20, "eu holds n1", || async {
+        c.get("eu", "notes", "n1").await.status() == StatusCode::OK
+    })
+    .await;
+    let (ok, read) = locus(&["get", "notes", "n1", "--home"]).await;
+    assert!(ok);
+    assert_eq!(
+        (read["value"].clone(), read["home"].clone()),
+        (json!({"text": "hi"}), json!("us"))
+    );
+    let (ok, page) = locus(&["list", "notes", "--limit", "10"]).await;
+    assert!(ok);
+    assert_eq!(page["records"].as_array().unwrap().len(), 1);
+    let (ok, _) = locus(&["delete", "notes", "n1"]).await;
+    assert!(ok);
+    let (ok, absent) = locus(&["get", "notes", "n1", "--home"]).await;
+    assert!(!ok, "an absent record exits 1");
+    assert_eq!(absent, Value::Null);
+    let raw = c
+        .request("eu", Method::GET, &record_path("notes", "n1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::NOT_FOUND);
+    c.teardown().await;
+}
