@@ -93,6 +93,31 @@ pub enum BenchCommand {
     /// Write rate and replication lag between two regions with plain connections, then with TLS on
     /// every hop (HTTPS, PostgreSQL verify-full, NATS with TLS both ways and per-region users).
     Tls(TlsArgs),
+    /// The geo-aware client across delay proxies that stand in for distance: write latency through
+    /// the client, directly at the home and through a fixed non-home region; read latency with
+    /// every region well and with one region slow.
+    Client(ClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub servers: Servers,
+    /// Seconds of each phase.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// One-way delay between regions, and between the client and a far region.
+    #[arg(long, default_value_t = 30)]
+    pub far_ms: u64,
+    /// One-way delay between the client and its near region (eu).
+    #[arg(long, default_value_t = 2)]
+    pub near_ms: u64,
+    /// One-way delay of the region made slow in the last phase (ap).
+    #[arg(long, default_value_t = 200)]
+    pub slow_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -150,6 +175,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Repair(args) => repair(args).await,
         BenchCommand::Bootstrap(args) => bootstrap(args).await,
         BenchCommand::Tls(args) => tls(args).await,
+        BenchCommand::Client(args) => client(args).await,
     }
 }
 
@@ -1414,5 +1440,208 @@ async fn tls(args: TlsArgs) -> anyhow::Result<()> {
             100.0 * secure.max_rate / plain.max_rate
         );
     }
+    Ok(())
+}
+
+/// Run `op` from `callers` tasks for `seconds`; each call's latency.
+async fn timed_calls<F, Fut>(callers: usize, seconds: u64, op: F) -> anyhow::Result<Figures>
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = 0;
+                while Instant::now() < until {
+                    let call = Instant::now();
+                    op(caller, n).await?;
+                    latencies.push(call.elapsed().as_micros() as u64);
+                    n += 1;
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies_us = Vec::new();
+    for task in tasks {
+        latencies_us.extend(task.await??);
+    }
+    Ok(Figures {
+        ops: latencies_us.len(),
+        elapsed: started.elapsed(),
+        latencies_us,
+    })
+}
+
+fn latency_line(name: &str, figures: &Figures) -> String {
+    format!(
+        "{name:<44} p50 {:>7.2} ms   p99 {:>7.2} ms   ({} calls)",
+        figures.percentile(0.50),
+        figures.percentile(0.99),
+        figures.ops
+    )
+}
+
+async fn client(args: ClientArgs) -> anyhow::Result<()> {
+    use crate::delay_proxy::DelayProxy;
+    use locus_client::{Client, ClientConfig, WriteOptions};
+
+    let deployment = format!("bench{:08x}", rand::random::<u32>());
+    let ids = ["eu", "us", "ap"];
+    let far = Duration::from_millis(args.far_ms);
+    let near = Duration::from_millis(args.near_ms);
+    let mut listeners = Vec::new();
+    for _ in ids {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    // Regions reach each other across the far delay; the client reaches eu across the near one.
+    let mut between_regions = Vec::new();
+    let mut to_client = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        between_regions.push(DelayProxy::start(addr, far).await?);
+        let delay = if i == 0 { near } else { far };
+        to_client.push(DelayProxy::start(addr, delay).await?);
+    }
+    let configs: Vec<Config> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let peers = ids
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, p)| crate::config::Peer {
+                    id: (*p).into(),
+                    api_url: between_regions[j].url(),
+                })
+                .collect();
+            scratch_config(
+                &args.servers.postgres,
+                &args.servers.nats,
+                &deployment,
+                id,
+                peers,
+                8,
+            )
+        })
+        .collect();
+    println!(
+        "locus bench client: deployment {deployment}; regions {} ms apart one way, the client {} ms from eu and {} ms from us and ap",
+        args.far_ms, args.near_ms, args.far_ms
+    );
+    let mut running = Vec::new();
+    for (config, listener) in configs.into_iter().zip(listeners) {
+        running.push(crate::app::start(config, Some(listener)).await?);
+    }
+    let mut config = ClientConfig::new(to_client.iter().map(DelayProxy::url));
+    config.probe_every = Duration::from_millis(500);
+    let client = Client::connect(config).await?;
+    let http = reqwest::Client::new();
+
+    // Records homed in us, far from the client.
+    const KEYS: usize = 64;
+    for key in 0..KEYS {
+        let options = WriteOptions {
+            home: Some("us".into()),
+            ..WriteOptions::default()
+        };
+        client
+            .put_with("bench", &format!("k{key}"), &sample_value(0, key), options)
+            .await?;
+    }
+    let (us_url, eu_url) = (to_client[1].url(), to_client[0].url());
+    let put_at = |url: String| {
+        let http = http.clone();
+        move |caller: usize, n: usize| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let key = format!("k{}", (caller * 7919 + n) % KEYS);
+                put_sample(&http, &url, "bench", &key, (caller, n)).await
+            }
+        }
+    };
+    println!(
+        "writes to records homed in us ({} callers, {} s each):",
+        args.clients, args.seconds
+    );
+    let through_client = {
+        let client = client.clone();
+        timed_calls(args.clients, args.seconds, move |caller, n| {
+            let client = client.clone();
+            async move {
+                let key = format!("k{}", (caller * 7919 + n) % KEYS);
+                let written = client.put("bench", &key, &sample_value(caller, n)).await?;
+                anyhow::ensure!(written.region == "us", "written at {}", written.region);
+                Ok(())
+            }
+        })
+        .await?
+    };
+    println!("  {}", latency_line("through the client", &through_client));
+    let at_home = timed_calls(args.clients, args.seconds, put_at(us_url)).await?;
+    println!("  {}", latency_line("directly at the home (us)", &at_home));
+    let via_eu = timed_calls(args.clients, args.seconds, put_at(eu_url)).await?;
+    println!("  {}", latency_line("through eu, forwarded to us", &via_eu));
+
+    let reads = |client: Client| {
+        move |caller: usize, n: usize| {
+            let client = client.clone();
+            async move {
+                let key = format!("k{}", (caller * 7919 + n) % KEYS);
+                anyhow::ensure!(client.get("bench", &key).await?.is_some(), "k{key} absent");
+                Ok(())
+            }
+        }
+    };
+    // A fresh client for the reads, so the writes' session tokens play no part.
+    let reader = Client::connect({
+        let mut config = ClientConfig::new(to_client.iter().map(DelayProxy::url));
+        config.probe_every = Duration::from_millis(500);
+        config
+    })
+    .await?;
+    println!("reads through the client:");
+    let well = timed_calls(args.clients, args.seconds, reads(reader.clone())).await?;
+    println!("  {}", latency_line("every region well", &well));
+    to_client[2].set_delay(Duration::from_millis(args.slow_ms));
+    between_regions[2].set_delay(Duration::from_millis(args.slow_ms));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slow = timed_calls(args.clients, args.seconds, reads(reader.clone())).await?;
+    println!(
+        "  {}",
+        latency_line(&format!("ap {} ms away one way", args.slow_ms), &slow)
+    );
+    let averages: Vec<String> = reader
+        .regions()
+        .into_iter()
+        .map(|(id, _, _, latency)| format!("{id} {:.1} ms", latency.unwrap_or(f64::NAN)))
+        .collect();
+    println!("  the client's latency averages: {}", averages.join(", "));
+    println!(
+        "  p99 with ap slow is {:+.1}% ({:+.2} ms) of p99 with every region well",
+        (slow.percentile(0.99) / well.percentile(0.99) - 1.0) * 100.0,
+        slow.percentile(0.99) - well.percentile(0.99)
+    );
+
+    for region in running {
+        region.stop().await?;
+    }
+    for id in ids {
+        let url = format!(
+            "{}/locus_bench_{deployment}_{id}",
+            args.servers.postgres.trim_end_matches('/')
+        );
+        let _ = sqlx::Postgres::drop_database(&url).await;
+    }
+    let _ = crate::replication::delete_streams(&args.servers.nats, &deployment, &ids).await;
     Ok(())
 }

@@ -30,6 +30,7 @@ pub mod bench;
 pub mod client_cli;
 pub mod clock;
 pub mod config;
+pub mod delay_proxy;
 pub mod deletion;
 pub mod logging;
 pub mod membership;

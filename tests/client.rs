@@ -348,3 +348,97 @@ async fn the_command_line_reads_and_writes_through_the_client() {
     assert_eq!(raw.status(), StatusCode::NOT_FOUND);
     c.teardown().await;
 }
+
+/// Record reads each region has answered, by their metrics.
+async fn served(c: &Cluster) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for id in ["eu", "us", "ap"] {
+        counts.push(reads_served(c, id).await);
+    }
+    counts
+}
+
+/// Record reads `id` has answered, by its metrics.
+async fn reads_served(c: &Cluster, id: &str) -> u64 {
+    c.metrics(id)
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("locus_http_requests_total{")
+                && l.contains("method=\"GET\"")
+                && l.contains("route=\"/v1/collections/{c}/records/{key}\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn reads_go_mostly_to_the_near_region_and_a_region_that_turns_slow_sheds_them() {
+    use locus::delay_proxy::DelayProxy;
+    let c = Setup::regions(&["eu", "us", "ap"]).start().await;
+    // Distance, as delay proxies between the client and each region: eu is near.
+    let mut links = Vec::new();
+    for (id, one_way_ms) in [("eu", 1), ("us", 25), ("ap", 25)] {
+        let addr = c.url(id).trim_start_matches("http://").to_owned();
+        links.push(
+            DelayProxy::start(&addr, Duration::from_millis(one_way_ms))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut config = ClientConfig::new(links.iter().map(DelayProxy::url));
+    config.probe_every = Duration::from_millis(200);
+    let client = Client::connect(config).await.unwrap();
+    for i in 0..5 {
+        client
+            .put("things", &format!("k{i}"), &json!({"n": i}))
+            .await
+            .unwrap();
+    }
+    eventually(20, "every region holds the records", || async {
+        let mut all = true;
+        for id in ["eu", "us", "ap"] {
+            for i in 0..5 {
+                all &= c.get(id, "things", &format!("k{i}")).await.status() == StatusCode::OK;
+            }
+        }
+        all
+    })
+    .await;
+    // A reader without session tokens, once its probes have measured every region.
+    let mut config = ClientConfig::new(links.iter().map(DelayProxy::url));
+    config.probe_every = Duration::from_millis(200);
+    let reader = Client::connect(config).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let before = served(&c).await;
+    for n in 0..60 {
+        assert_eq!(
+            value_of(reader.get("things", &format!("k{}", n % 5)).await.unwrap()),
+            json!({"n": n % 5})
+        );
+    }
+    let after = served(&c).await;
+    let share: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(share.iter().sum::<u64>(), 60, "{share:?}");
+    assert!(
+        share[0] >= 30,
+        "the near region carries most reads: {share:?}"
+    );
+
+    // ap turns slow: it sheds its reads to the others.
+    links[2].set_delay(Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let before = served(&c).await;
+    for n in 0..60 {
+        assert_eq!(
+            value_of(reader.get("things", &format!("k{}", n % 5)).await.unwrap()),
+            json!({"n": n % 5})
+        );
+    }
+    let after = served(&c).await;
+    let share: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(share[2] <= 2, "the slow region is avoided: {share:?}");
+    assert!(share[0] >= 30, "{share:?}");
+    c.teardown().await;
+}

@@ -241,6 +241,8 @@ struct Placement {
 
 struct State {
     regions: Vec<Region>,
+    /// Which region each seed is (by the `Locus-Region` of its answers): its URL is used for it.
+    seed_regions: HashMap<String, String>,
     homes: Bounded<RecordKey, String>,
     sessions: Bounded<RecordKey, String>,
     placements: HashMap<String, Placement>,
@@ -332,6 +334,7 @@ impl Client {
             .map_err(|e| Error::Transport(e.to_string()))?;
         let state = State {
             regions: Vec::new(),
+            seed_regions: HashMap::new(),
             homes: Bounded::new(config.cache_capacity),
             sessions: Bounded::new(config.cache_capacity),
             placements: HashMap::new(),
@@ -367,8 +370,47 @@ impl Client {
             .collect()
     }
 
+    /// Learn which region each seed not yet placed is, from the `Locus-Region` of its answer.
+    async fn place_seeds(&self) {
+        let config = &self.inner.config;
+        for seed in &config.seeds {
+            let seed = seed.trim_end_matches('/');
+            let placed = self
+                .inner
+                .state
+                .lock()
+                .expect("client state")
+                .seed_regions
+                .values()
+                .any(|url| url == seed);
+            if placed {
+                continue;
+            }
+            let probe = self
+                .authorized(self.inner.http.get(format!("{seed}/healthz")))
+                .timeout(config.request_timeout)
+                .send()
+                .await;
+            if let Some(id) = probe.ok().and_then(|answer| {
+                answer
+                    .headers()
+                    .get("locus-region")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            }) {
+                self.inner
+                    .state
+                    .lock()
+                    .expect("client state")
+                    .seed_regions
+                    .insert(id, seed.to_owned());
+            }
+        }
+    }
+
     /// Read the region list again from any seed or known region.
     pub async fn refresh(&self) -> Result<(), Error> {
+        self.place_seeds().await;
         let config = &self.inner.config;
         let mut sources: Vec<String> = config.seeds.clone();
         sources.extend(self.regions().into_iter().map(|(_, url, _, _)| url));
@@ -398,9 +440,8 @@ impl Client {
         })
     }
 
-    /// Take a `/v1/regions` answer from `source`: seeds keep their own URLs, health is kept.
+    /// Take a `/v1/regions` answer from `source`; health already measured is kept.
     fn adopt(&self, source: &str, listed: &Value) {
-        let seeds = &self.inner.config.seeds;
         let mut state = self.inner.state.lock().expect("client state");
         let mut regions = Vec::new();
         for entry in listed["regions"].as_array().into_iter().flatten() {
@@ -408,19 +449,15 @@ impl Client {
                 continue;
             };
             let known = state.regions.iter().find(|r| r.id == id);
-            let advertised = if entry["self"] == true {
-                Some(source.to_owned())
-            } else {
-                entry["api_url"].as_str().map(str::to_owned)
-            };
-            // A seed (or a URL already in use that came from a seed) wins over an advertised URL,
-            // which may be an address only the regions can reach.
-            let url = known
-                .filter(|r| seeds.contains(&r.url))
-                .map(|r| r.url.clone())
-                .or_else(|| advertised.filter(|_| entry["self"] == true))
-                .or_else(|| known.map(|r| r.url.clone()))
-                .or_else(|| entry["api_url"].as_str().map(str::to_owned));
+            // A seed's own URL wins over the URL its peers advertise, which may be an address
+            // only the regions can reach; the region that answered is reachable at `source`.
+            let url = state
+                .seed_regions
+                .get(id)
+                .cloned()
+                .or_else(|| (entry["self"] == true).then(|| source.to_owned()))
+                .or_else(|| entry["api_url"].as_str().map(str::to_owned))
+                .or_else(|| known.map(|r| r.url.clone()));
             let Some(url) = url else { continue };
             regions.push(Region {
                 id: id.to_owned(),
