@@ -337,6 +337,38 @@ fn scratch_config(
     }
 }
 
+/// Scratch configurations of regions `ids`, each knowing the others at `peer_urls` (by index).
+fn mesh_configs(
+    servers: &Servers,
+    deployment: &str,
+    ids: &[&str],
+    peer_urls: &[String],
+    pool: u32,
+) -> Vec<Config> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let peers = ids
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, p)| crate::config::Peer {
+                    id: (*p).into(),
+                    api_url: peer_urls[j].clone(),
+                })
+                .collect();
+            scratch_config(
+                &servers.postgres,
+                &servers.nats,
+                deployment,
+                id,
+                peers,
+                pool,
+            )
+        })
+        .collect()
+}
+
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -459,29 +491,13 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
         .iter()
         .map(|l| format!("http://{}", l.local_addr().unwrap()))
         .collect();
-    let configs: Vec<Config> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let peers = ids
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(j, p)| crate::config::Peer {
-                    id: (*p).into(),
-                    api_url: urls[j].clone(),
-                })
-                .collect();
-            scratch_config(
-                &args.servers.postgres,
-                &args.servers.nats,
-                &deployment,
-                id,
-                peers,
-                (args.clients as u32).max(8),
-            )
-        })
-        .collect();
+    let configs = mesh_configs(
+        &args.servers,
+        &deployment,
+        &ids,
+        &urls,
+        (args.clients as u32).max(8),
+    );
     println!("locus bench replication: deployment {deployment}; eu and us run, ap starts late");
     let mut listeners = listeners.into_iter();
     let eu = crate::app::start(configs[0].clone(), listeners.next()).await?;
@@ -1511,29 +1527,8 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
         let delay = if i == 0 { near } else { far };
         to_client.push(DelayProxy::start(addr, delay).await?);
     }
-    let configs: Vec<Config> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let peers = ids
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(j, p)| crate::config::Peer {
-                    id: (*p).into(),
-                    api_url: between_regions[j].url(),
-                })
-                .collect();
-            scratch_config(
-                &args.servers.postgres,
-                &args.servers.nats,
-                &deployment,
-                id,
-                peers,
-                8,
-            )
-        })
-        .collect();
+    let peer_urls: Vec<String> = between_regions.iter().map(DelayProxy::url).collect();
+    let configs = mesh_configs(&args.servers, &deployment, &ids, &peer_urls, 8);
     println!(
         "locus bench client: deployment {deployment}; regions {} ms apart one way, the client {} ms from eu and {} ms from us and ap",
         args.far_ms, args.near_ms, args.far_ms

@@ -8,7 +8,7 @@ use locus_client::{Client, ClientConfig, Consistency, Error, Found, WriteOptions
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, nats, record_path, Cluster, Setup, TcpProxy};
+use crate::helpers::{eventually, record_path, until_everywhere, Cluster, Setup};
 
 async fn client(c: &Cluster, read_preference: Option<&str>) -> Client {
     let mut config = ClientConfig::new(c.ids().iter().map(|id| c.url(id).to_owned()));
@@ -39,15 +39,8 @@ fn value_of(found: Option<Found>) -> Value {
 #[tokio::test]
 async fn the_client_writes_straight_home_reads_its_own_writes_anywhere_and_resolves_siblings() {
     // us reaches NATS through a link the test cuts, to make its replica lag.
-    let mut link = TcpProxy::start(nats().trim_start_matches("nats://")).await;
-    let through_link = format!("nats://{}", link.addr);
-    let c = Setup::regions(&["eu", "us", "ap"])
-        .tweak(move |config| {
-            if config.region == "us" {
-                config.nats_url = through_link.clone();
-            }
-        })
-        .start()
+    let (c, mut link) = Setup::regions(&["eu", "us", "ap"])
+        .start_with_nats_link("us")
         .await;
     let anywhere = client(&c, None).await;
     let ids: Vec<String> = anywhere.regions().into_iter().map(|r| r.0).collect();
@@ -231,15 +224,11 @@ async fn with_a_region_down_the_client_reads_elsewhere_and_writes_homed_there_fa
             .await
             .unwrap();
     }
-    eventually(20, "every region holds the three records", || async {
-        let mut all = true;
-        for id in ["eu", "us", "ap"] {
-            for i in 0..3 {
-                all &= c.get(id, "things", &format!("k{i}")).await.status() == StatusCode::OK;
-            }
-        }
-        all
-    })
+    until_everywhere(
+        &c,
+        "things",
+        &(0..3).map(|i| format!("k{i}")).collect::<Vec<_>>(),
+    )
     .await;
 
     c.stop("ap").await;
@@ -349,6 +338,19 @@ async fn the_command_line_reads_and_writes_through_the_client() {
     c.teardown().await;
 }
 
+/// Which regions answered 60 reads through `reader`, by their metrics.
+async fn reads_by_region(c: &Cluster, reader: &Client) -> Vec<u64> {
+    let before = served(c).await;
+    for n in 0..60 {
+        assert_eq!(
+            value_of(reader.get("things", &format!("k{}", n % 5)).await.unwrap()),
+            json!({"n": n % 5})
+        );
+    }
+    let after = served(c).await;
+    after.iter().zip(&before).map(|(a, b)| a - b).collect()
+}
+
 /// Record reads each region has answered, by their metrics.
 async fn served(c: &Cluster) -> Vec<u64> {
     let mut counts = Vec::new();
@@ -395,15 +397,11 @@ async fn reads_go_mostly_to_the_near_region_and_a_region_that_turns_slow_sheds_t
             .await
             .unwrap();
     }
-    eventually(20, "every region holds the records", || async {
-        let mut all = true;
-        for id in ["eu", "us", "ap"] {
-            for i in 0..5 {
-                all &= c.get(id, "things", &format!("k{i}")).await.status() == StatusCode::OK;
-            }
-        }
-        all
-    })
+    until_everywhere(
+        &c,
+        "things",
+        &(0..5).map(|i| format!("k{i}")).collect::<Vec<_>>(),
+    )
     .await;
     // A reader without session tokens, once its probes have measured every region.
     let mut config = ClientConfig::new(links.iter().map(DelayProxy::url));
@@ -411,15 +409,7 @@ async fn reads_go_mostly_to_the_near_region_and_a_region_that_turns_slow_sheds_t
     let reader = Client::connect(config).await.unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
 
-    let before = served(&c).await;
-    for n in 0..60 {
-        assert_eq!(
-            value_of(reader.get("things", &format!("k{}", n % 5)).await.unwrap()),
-            json!({"n": n % 5})
-        );
-    }
-    let after = served(&c).await;
-    let share: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let share = reads_by_region(&c, &reader).await;
     assert_eq!(share.iter().sum::<u64>(), 60, "{share:?}");
     assert!(
         share[0] >= 30,
@@ -429,15 +419,7 @@ async fn reads_go_mostly_to_the_near_region_and_a_region_that_turns_slow_sheds_t
     // ap turns slow: it sheds its reads to the others.
     links[2].set_delay(Duration::from_millis(300));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let before = served(&c).await;
-    for n in 0..60 {
-        assert_eq!(
-            value_of(reader.get("things", &format!("k{}", n % 5)).await.unwrap()),
-            json!({"n": n % 5})
-        );
-    }
-    let after = served(&c).await;
-    let share: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let share = reads_by_region(&c, &reader).await;
     assert!(share[2] <= 2, "the slow region is avoided: {share:?}");
     assert!(share[0] >= 30, "{share:?}");
     c.teardown().await;

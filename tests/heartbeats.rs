@@ -10,7 +10,7 @@ use locus::clock::hlc::Hlc;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, header, nats, record_path, Cluster, Setup, TcpProxy};
+use crate::helpers::{eventually, header, record_path, Cluster, Setup};
 
 /// Region `id`'s view of `peer` in `/v1/regions`.
 async fn peer_entry(c: &Cluster, id: &str, peer: &str) -> Value {
@@ -46,16 +46,8 @@ async fn bounded_read(c: &Cluster, id: &str, key: &str, max_ms: &str) -> (String
 
 #[tokio::test]
 async fn a_stalled_consumer_shows_its_lag_and_bounded_staleness_reads_go_to_the_home() {
-    // us reaches NATS through a link the test can cut: its consumers stall, its API stays up.
-    let mut link = TcpProxy::start(nats().trim_start_matches("nats://")).await;
-    let through_link = format!("nats://{}", link.addr);
-    let c = Setup::regions(&["eu", "us", "ap"])
-        .tweak(move |config| {
-            if config.region == "us" {
-                config.nats_url = through_link.clone();
-            }
-        })
-        .start()
+    let (c, mut link) = Setup::regions(&["eu", "us", "ap"])
+        .start_with_nats_link("us")
         .await;
     assert_eq!(
         c.put("eu", "notes", "n1", &json!({"v": 1})).await.status(),

@@ -170,6 +170,24 @@ impl Setup {
         self.tweak = Box::new(f);
         self
     }
+
+    /// Start, with `region` reaching NATS through a link the test can cut (its consumers stall and
+    /// its publisher stops; its API stays up).
+    pub async fn start_with_nats_link(self, region: &'static str) -> (Cluster, TcpProxy) {
+        let link = TcpProxy::start(nats().trim_start_matches("nats://")).await;
+        let through_link = format!("nats://{}", link.addr);
+        let tweak = self.tweak;
+        let setup = Setup {
+            tweak: Box::new(move |config| {
+                tweak(config);
+                if config.region == region {
+                    config.nats_url = through_link.clone();
+                }
+            }),
+            ..self
+        };
+        (setup.start().await, link)
+    }
 }
 
 pub struct Cluster {
@@ -673,6 +691,20 @@ where
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Wait until every region of `c` holds every one of `keys` of `collection`.
+pub async fn until_everywhere(c: &Cluster, collection: &str, keys: &[String]) {
+    eventually(20, "every region holds the records", || async {
+        let mut all = true;
+        for id in c.ids() {
+            for key in keys {
+                all &= c.get(id, collection, key).await.status() == StatusCode::OK;
+            }
+        }
+        all
+    })
+    .await;
 }
 
 pub fn record_path(collection: &str, key: &str) -> String {
