@@ -244,7 +244,8 @@ fn sample_value(client: usize, n: usize) -> serde_json::Value {
     })
 }
 
-/// Run `clients` tasks for `seconds`, each calling `op(client, n)` in a loop, printing progress.
+/// Run `clients` tasks for `seconds`, each calling `op(client, n)` in a loop, printing progress;
+/// each call's latency.
 async fn drive<F, Fut>(label: &str, clients: usize, seconds: u64, op: F) -> anyhow::Result<Figures>
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
@@ -279,7 +280,7 @@ where
             loop {
                 tick.tick().await;
                 eprintln!(
-                    "  {label}: {:>4.0}s, {} writes",
+                    "  {label}: {:>4.0}s, {} calls",
                     started.elapsed().as_secs_f64(),
                     done.load(Ordering::Relaxed)
                 );
@@ -1459,41 +1460,6 @@ async fn tls(args: TlsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run `op` from `callers` tasks for `seconds`; each call's latency.
-async fn timed_calls<F, Fut>(callers: usize, seconds: u64, op: F) -> anyhow::Result<Figures>
-where
-    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
-{
-    let started = Instant::now();
-    let until = started + Duration::from_secs(seconds);
-    let tasks: Vec<_> = (0..callers)
-        .map(|caller| {
-            let op = op.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut n = 0;
-                while Instant::now() < until {
-                    let call = Instant::now();
-                    op(caller, n).await?;
-                    latencies.push(call.elapsed().as_micros() as u64);
-                    n += 1;
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut latencies_us = Vec::new();
-    for task in tasks {
-        latencies_us.extend(task.await??);
-    }
-    Ok(Figures {
-        ops: latencies_us.len(),
-        elapsed: started.elapsed(),
-        latencies_us,
-    })
-}
-
 fn latency_line(name: &str, figures: &Figures) -> String {
     format!(
         "{name:<44} p50 {:>7.2} ms   p99 {:>7.2} ms   ({} calls)",
@@ -1570,7 +1536,7 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
     );
     let through_client = {
         let client = client.clone();
-        timed_calls(args.clients, args.seconds, move |caller, n| {
+        drive("client", args.clients, args.seconds, move |caller, n| {
             let client = client.clone();
             async move {
                 let key = format!("k{}", (caller * 7919 + n) % KEYS);
@@ -1582,9 +1548,9 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
         .await?
     };
     println!("  {}", latency_line("through the client", &through_client));
-    let at_home = timed_calls(args.clients, args.seconds, put_at(us_url)).await?;
+    let at_home = drive("at us", args.clients, args.seconds, put_at(us_url)).await?;
     println!("  {}", latency_line("directly at the home (us)", &at_home));
-    let via_eu = timed_calls(args.clients, args.seconds, put_at(eu_url)).await?;
+    let via_eu = drive("through eu", args.clients, args.seconds, put_at(eu_url)).await?;
     println!("  {}", latency_line("through eu, forwarded to us", &via_eu));
 
     let reads = |client: Client| {
@@ -1605,12 +1571,12 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!("reads through the client:");
-    let well = timed_calls(args.clients, args.seconds, reads(reader.clone())).await?;
+    let well = drive("reads", args.clients, args.seconds, reads(reader.clone())).await?;
     println!("  {}", latency_line("every region well", &well));
     to_client[2].set_delay(Duration::from_millis(args.slow_ms));
     between_regions[2].set_delay(Duration::from_millis(args.slow_ms));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let slow = timed_calls(args.clients, args.seconds, reads(reader.clone())).await?;
+    let slow = drive("reads", args.clients, args.seconds, reads(reader.clone())).await?;
     println!(
         "  {}",
         latency_line(&format!("ap {} ms away one way", args.slow_ms), &slow)

@@ -8,7 +8,7 @@
 //! else the write starts over from a fresh read.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -346,15 +346,24 @@ impl Region {
     /// Whether this replica may serve a read that accepts data `max_staleness_ms` old, by the
     /// heartbeats of every current peer ([`crate::clock::staleness`]).
     pub async fn freshness(&self, max_staleness_ms: u64) -> Result<Freshness, ServiceError> {
-        let applied_through = self.store.applied_through().await?;
+        let (now_ms, applied_through) = self.applied_through().await?;
         let members = self.members.peers();
         let peers: Vec<&str> = members.iter().map(|p| p.id.as_str()).collect();
         Ok(staleness::freshness(
             &peers,
             &applied_through,
-            wall_clock_ms(),
+            now_ms,
             max_staleness_ms,
         ))
+    }
+
+    /// Per peer, the newest heartbeat promise applied here, with the wall clock it is judged at;
+    /// the lag gauges are set from them on the way.
+    pub async fn applied_through(&self) -> Result<(u64, BTreeMap<String, u64>), StorageError> {
+        let applied_through = self.store.applied_through().await?;
+        let now_ms = wall_clock_ms();
+        self.replication.set_lag(now_ms, &applied_through);
+        Ok((now_ms, applied_through))
     }
 
     /// Fold a remote event's HLC into this region's clock (unless it is too far ahead).
@@ -624,16 +633,18 @@ impl Region {
                 written_at: self.id().to_owned(),
             };
             let failover = request.route == Route::Failover;
-            let encoded_session = session.encode();
+            // Remembered only under an idempotency key (the answer encodes it again).
+            let encoded_session = request.idempotency.as_ref().map(|_| session.encode());
             let idempotent = request
                 .idempotency
                 .as_ref()
-                .map(|idempotency| IdempotentWrite {
+                .zip(encoded_session.as_deref())
+                .map(|(idempotency, session)| IdempotentWrite {
                     key: &idempotency.key,
                     fingerprint: &idempotency.fingerprint,
                     created,
                     failover,
-                    session: &encoded_session,
+                    session,
                 });
             let saved = match lock {
                 Some(locked) => {

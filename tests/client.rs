@@ -19,6 +19,29 @@ async fn client(c: &Cluster, read_preference: Option<&str>) -> Client {
         .expect("the client discovers the regions")
 }
 
+/// `k0`, `k1`, … : the keys the tests write.
+fn keys(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("k{i}")).collect()
+}
+
+/// Create `k<i>` = `{"n": i}` of `things` homed in `homes[i]`, through `client`.
+async fn create_at_homes(client: &Client, homes: &[&str]) -> Vec<locus_client::Written> {
+    let mut written = Vec::new();
+    for (i, home) in homes.iter().enumerate() {
+        let options = WriteOptions {
+            home: Some((*home).to_owned()),
+            ..WriteOptions::default()
+        };
+        written.push(
+            client
+                .put_with("things", &format!("k{i}"), &json!({"n": i}), options)
+                .await
+                .unwrap(),
+        );
+    }
+    written
+}
+
 /// Requests forwarded to `id` by its peers, by its metrics.
 async fn forwarded_in(c: &Cluster, id: &str) -> u64 {
     c.metrics(id)
@@ -47,16 +70,10 @@ async fn the_client_writes_straight_home_reads_its_own_writes_anywhere_and_resol
     assert_eq!(ids.len(), 3, "{ids:?}");
 
     // New records homed in each region, then updates: every write lands at the home itself.
-    for (i, home) in ["eu", "us", "ap", "eu", "us", "ap"].into_iter().enumerate() {
+    let homes = ["eu", "us", "ap", "eu", "us", "ap"];
+    let created = create_at_homes(&anywhere, &homes).await;
+    for (i, (home, created)) in homes.into_iter().zip(created).enumerate() {
         let key = format!("k{i}");
-        let options = WriteOptions {
-            home: Some(home.to_owned()),
-            ..WriteOptions::default()
-        };
-        let created = anywhere
-            .put_with("things", &key, &json!({"n": i}), options)
-            .await
-            .unwrap();
         assert!(created.created);
         assert_eq!(created.region, home);
         let updated = anywhere
@@ -119,7 +136,7 @@ async fn the_client_writes_straight_home_reads_its_own_writes_anywhere_and_resol
         let r = c.put(id, "carts", "c1", &json!({"items": [item]})).await;
         assert_eq!(r.status(), StatusCode::CREATED, "{id}");
     }
-    link.resume().await;
+    link.resume().await.unwrap();
     // Every region must hold both versions before the resolution, or one would merge it with a
     // version it has not seen yet (and show siblings again).
     eventually(30, "every region holds both versions", || async {
@@ -214,22 +231,8 @@ async fn the_client_writes_straight_home_reads_its_own_writes_anywhere_and_resol
 async fn with_a_region_down_the_client_reads_elsewhere_and_writes_homed_there_fail_at_once() {
     let mut c = Setup::regions(&["eu", "us", "ap"]).start().await;
     let client = client(&c, None).await;
-    for (i, home) in ["eu", "us", "ap"].into_iter().enumerate() {
-        let options = WriteOptions {
-            home: Some(home.to_owned()),
-            ..WriteOptions::default()
-        };
-        client
-            .put_with("things", &format!("k{i}"), &json!({"n": i}), options)
-            .await
-            .unwrap();
-    }
-    until_everywhere(
-        &c,
-        "things",
-        &(0..3).map(|i| format!("k{i}")).collect::<Vec<_>>(),
-    )
-    .await;
+    create_at_homes(&client, &["eu", "us", "ap"]).await;
+    until_everywhere(&c, "things", &keys(3)).await;
 
     c.stop("ap").await;
     for round in 0..15 {
@@ -397,12 +400,7 @@ async fn reads_go_mostly_to_the_near_region_and_a_region_that_turns_slow_sheds_t
             .await
             .unwrap();
     }
-    until_everywhere(
-        &c,
-        "things",
-        &(0..5).map(|i| format!("k{i}")).collect::<Vec<_>>(),
-    )
-    .await;
+    until_everywhere(&c, "things", &keys(5)).await;
     // A reader without session tokens, once its probes have measured every region.
     let mut config = ClientConfig::new(links.iter().map(DelayProxy::url));
     config.probe_every = Duration::from_millis(200);

@@ -4,11 +4,11 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{expect_problem, postgres_base, Setup, TcpProxy};
+use crate::helpers::{expect_problem, link_to, postgres_base, Setup};
 
 #[tokio::test]
 async fn readiness_follows_postgres_and_the_region_survives_its_loss() {
-    let proxy = TcpProxy::start("127.0.0.1:5432").await;
+    let proxy = link_to("127.0.0.1:5432").await;
     let run = format!("{:08x}", rand::random::<u32>());
     let direct = format!("{}/locus_test_{run}_ready", postgres_base());
     let proxied = format!("postgres://postgres@{}/locus_test_{run}_ready", proxy.addr);

@@ -109,7 +109,7 @@ async fn a_stalled_consumer_shows_its_lag_and_bounded_staleness_reads_go_to_the_
     crate::helpers::expect_problem(bad, StatusCode::BAD_REQUEST).await;
 
     // The link mended, us catches up and is fresh again.
-    link.resume().await;
+    link.resume().await.unwrap();
     eventually(30, "us catches up with eu", || async {
         lag_ms(&c, "us", "eu").await.is_some_and(|lag| lag < 2_000)
             && lag_ms(&c, "us", "ap").await.is_some_and(|lag| lag < 2_000)

@@ -2,15 +2,14 @@
 //! real PostgreSQL, driven over real HTTP.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use locus::app::{self, RunningRegion};
 use locus::config::{Config, Forwarding, Limits, Peer, Replication};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
 use sqlx::migrate::MigrateDatabase;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub const ADMIN: &str = "test-admin-token";
@@ -173,8 +172,8 @@ impl Setup {
 
     /// Start, with `region` reaching NATS through a link the test can cut (its consumers stall and
     /// its publisher stops; its API stays up).
-    pub async fn start_with_nats_link(self, region: &'static str) -> (Cluster, TcpProxy) {
-        let link = TcpProxy::start(nats().trim_start_matches("nats://")).await;
+    pub async fn start_with_nats_link(self, region: &'static str) -> (Cluster, Link) {
+        let link = link_to(nats().trim_start_matches("nats://")).await;
         let through_link = format!("nats://{}", link.addr);
         let tweak = self.tweak;
         let setup = Setup {
@@ -739,69 +738,13 @@ pub async fn expect_problem(response: Response, status: StatusCode) -> String {
     body["detail"].as_str().expect("a detail").to_owned()
 }
 
-/// A TCP proxy the test controls: cut it and every connection through it drops and new ones are
-/// refused, as when a network link or a server goes away.
-pub struct TcpProxy {
-    pub addr: SocketAddr,
-    target: String,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    acceptor: JoinHandle<()>,
-}
+/// A link to `target` (`host:port`) the test can cut and mend.
+pub type Link = locus::delay_proxy::DelayProxy;
 
-impl TcpProxy {
-    pub async fn start(target: &str) -> TcpProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let tasks = Arc::new(Mutex::new(Vec::new()));
-        let acceptor = Self::accept(listener, target.to_owned(), tasks.clone());
-        TcpProxy {
-            addr,
-            target: target.to_owned(),
-            tasks,
-            acceptor,
-        }
-    }
-
-    fn accept(
-        listener: TcpListener,
-        target: String,
-        tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    ) -> JoinHandle<()> {
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                tasks.lock().unwrap().push(task);
-            }
-        })
-    }
-
-    /// Mend a cut link: accept on the same address again.
-    pub async fn resume(&mut self) {
-        let mut listener = None;
-        for _ in 0..50 {
-            match TcpListener::bind(self.addr).await {
-                Ok(bound) => {
-                    listener = Some(bound);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-            }
-        }
-        let listener = listener.expect("the proxy's port is free again");
-        self.acceptor = Self::accept(listener, self.target.clone(), self.tasks.clone());
-    }
-
-    pub fn cut(&self) {
-        self.acceptor.abort();
-        for task in self.tasks.lock().unwrap().drain(..) {
-            task.abort();
-        }
-    }
+pub async fn link_to(target: &str) -> Link {
+    Link::start(target, std::time::Duration::ZERO)
+        .await
+        .unwrap()
 }
 
 /// A peer that accepts connections and never answers: a forwarded request to it times out.

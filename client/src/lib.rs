@@ -315,14 +315,13 @@ impl Answer {
     }
 }
 
-/// A request, as often as it is attempted.
+/// A request, as often as it is attempted. Every call is safe to send again after a timeout: reads
+/// are, and every write carries its idempotency key.
 struct Call<'a> {
     method: Method,
     path: String,
     headers: HeaderMap,
     body: Option<&'a Value>,
-    /// Sent with an idempotency key (or a read): safe to send again after a timeout.
-    retry_safe: bool,
 }
 
 impl Client {
@@ -580,19 +579,18 @@ impl Client {
             };
             match outcome {
                 Ok(answer) => {
-                    let (kind, _) = answer.problem();
+                    // Only an error status has a problem document worth reading.
                     let region_unwell = matches!(answer.status.as_u16(), 502 | 503)
                         && matches!(
-                            kind.as_str(),
+                            answer.problem().0.as_str(),
                             "not-ready" | "storage-unavailable" | "contention"
                         );
-                    let timed_out = answer.status == StatusCode::GATEWAY_TIMEOUT;
                     if region_unwell {
                         self.record_health(&region, Err(()));
                     } else {
                         self.record_health(&region, Ok(started.elapsed()));
                     }
-                    let again = region_unwell || (timed_out && call.retry_safe);
+                    let again = region_unwell || answer.status == StatusCode::GATEWAY_TIMEOUT;
                     last = Some(Ok(answer));
                     if !again {
                         break;
@@ -600,12 +598,7 @@ impl Client {
                 }
                 Err(error) => {
                     self.record_health(&region, Err(()));
-                    let unsent = error.is_connect();
                     last = Some(Err(Error::Transport(format!("{region}: {error}"))));
-                    // A request that may have arrived is sent again only when that is safe.
-                    if !(unsent || call.retry_safe) {
-                        break;
-                    }
                 }
             }
         }
@@ -633,7 +626,6 @@ impl Client {
             path: format!("/v1/collections/{}", encode(collection)),
             headers: HeaderMap::new(),
             body: None,
-            retry_safe: true,
         };
         let placement = match self.send(Target::Nearest, call).await {
             Ok(answer) if answer.status == StatusCode::OK => {
@@ -733,7 +725,6 @@ impl Client {
             path,
             headers,
             body: None,
-            retry_safe: true,
         };
         let answer = self.send(target, call).await?;
         let etag = answer.header("etag").unwrap_or_default().to_owned();
@@ -842,7 +833,6 @@ impl Client {
             path: record_path(collection, key),
             headers,
             body: value,
-            retry_safe: true,
         };
         let answer = match self.send(target, call).await {
             Ok(answer) if answer.status == StatusCode::GATEWAY_TIMEOUT => {
@@ -931,7 +921,6 @@ impl Client {
             path,
             headers: HeaderMap::new(),
             body: None,
-            retry_safe: true,
         };
         let answer = self.send(Target::Nearest, call).await?;
         if answer.status != StatusCode::OK {
@@ -978,16 +967,9 @@ async fn background(inner: Weak<Inner>) {
                 client.record_health(&id, outcome);
             }
         });
-        futures_join(probes).await;
+        futures_util::future::join_all(probes).await;
         drop(client);
         tokio::time::sleep(every).await;
-    }
-}
-
-async fn futures_join<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
-    let handles: Vec<_> = futures.map(|f| Box::pin(f)).collect();
-    for handle in handles {
-        handle.await;
     }
 }
 

@@ -82,9 +82,7 @@ pub async fn list(
     let dead_letters = region.store.dead_letter_count().await?;
     region.replication.set_dead_letters_held(dead_letters);
     region.replication.set_outbox_backlog(backlog);
-    let applied_through = region.store.applied_through().await?;
-    let now_ms = crate::clock::hlc::wall_clock_ms();
-    region.replication.set_lag(now_ms, &applied_through);
+    let (now_ms, applied_through) = region.applied_through().await?;
     let mut regions = vec![RegionEntry {
         id: region.id().to_owned(),
         this_region: true,
