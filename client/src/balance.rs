@@ -20,11 +20,14 @@ pub struct RegionHealth {
     pub failures: u32,
     /// Out of rotation until then.
     pub ejected_until: Option<Instant>,
+    /// The last `/readyz` probe failed: out of rotation until the region answers again, however
+    /// long that takes (passive ejections end with their time).
+    pub probe_failed: bool,
 }
 
 impl RegionHealth {
     pub fn available(&self, now: Instant) -> bool {
-        self.ejected_until.is_none_or(|until| now >= until)
+        !self.probe_failed && self.ejected_until.is_none_or(|until| now >= until)
     }
 
     /// An answer (any status the region itself gave) after `latency`.
@@ -36,6 +39,7 @@ impl RegionHealth {
         });
         self.failures = 0;
         self.ejected_until = None;
+        self.probe_failed = false;
     }
 
     /// A connection error, a timeout or a failed probe: out of rotation for a while that grows
@@ -43,6 +47,12 @@ impl RegionHealth {
     pub fn failed(&mut self, now: Instant) {
         self.failures = self.failures.saturating_add(1);
         self.ejected_until = Some(now + ejection(self.failures));
+    }
+
+    /// A failed `/readyz` probe: out until an answer.
+    pub fn failed_probe(&mut self, now: Instant) {
+        self.failed(now);
+        self.probe_failed = true;
     }
 }
 
@@ -128,6 +138,7 @@ mod tests {
                 latency_ms: latency.map(f64::from),
                 failures: ejected as u32,
                 ejected_until: ejected.then(|| now + Duration::from_secs(5)),
+                probe_failed: false,
             })
             .collect()
     }
@@ -200,6 +211,17 @@ mod tests {
             health.answered(Duration::from_millis(3));
             prop_assert!(health.available(now));
             prop_assert_eq!(health.failures, 0);
+        }
+
+        /// A failed probe keeps a region out until it answers, however long that takes.
+        #[test]
+        fn a_failed_probe_keeps_a_region_out_until_it_answers(later_secs in 0u64..100_000) {
+            let now = Instant::now();
+            let mut health = RegionHealth::default();
+            health.failed_probe(now);
+            prop_assert!(!health.available(now + Duration::from_secs(later_secs)));
+            health.answered(Duration::from_millis(3));
+            prop_assert!(health.available(now));
         }
     }
 

@@ -12,8 +12,9 @@
 //! - every write carries an `Idempotency-Key`, so one whose answer was lost (a timeout, a `504`)
 //!   is sent again safely: the region answers with the first outcome instead of writing twice;
 //! - the session token of each write is kept, so reads of that record see it in any region;
-//! - a region that fails or times out is ejected for a while that grows with each failure, and
-//!   probes of `/readyz` bring it back; retries go to another region, within a retry budget.
+//! - a region that fails or times out is ejected for a while that grows with each failure; one
+//!   whose `/readyz` probe fails stays out until it answers again; retries go to another region,
+//!   within a retry budget.
 //!
 //! The load-balancing rules are pure and property-tested in [`balance`].
 
@@ -261,6 +262,15 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// What took a region out of rotation.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// A request failed: out for a while that grows with each failure in a row.
+    Request,
+    /// A `/readyz` probe failed: out until the region answers.
+    Probe,
+}
+
 /// Where an attempt goes.
 #[derive(Debug, Clone, PartialEq)]
 enum Target {
@@ -506,14 +516,17 @@ impl Client {
         chosen.map(|r| (r.id.clone(), r.url.clone()))
     }
 
-    fn record_health(&self, region: &str, outcome: Result<Duration, ()>) {
+    fn record_health(&self, region: &str, outcome: Result<Duration, Failure>) {
         let mut state = self.inner.state.lock().expect("client state");
         if let Some(r) = state.regions.iter_mut().find(|r| r.id == region) {
             match outcome {
                 Ok(latency) => r.health.answered(latency),
-                Err(()) => {
-                    tracing::debug!(region, "region ejected");
-                    r.health.failed(Instant::now())
+                Err(failure) => {
+                    tracing::debug!(region, ?failure, "region ejected");
+                    match failure {
+                        Failure::Request => r.health.failed(Instant::now()),
+                        Failure::Probe => r.health.failed_probe(Instant::now()),
+                    }
                 }
             }
         }
@@ -586,7 +599,7 @@ impl Client {
                             "not-ready" | "storage-unavailable" | "contention"
                         );
                     if region_unwell {
-                        self.record_health(&region, Err(()));
+                        self.record_health(&region, Err(Failure::Request));
                     } else {
                         self.record_health(&region, Ok(started.elapsed()));
                     }
@@ -597,7 +610,7 @@ impl Client {
                     }
                 }
                 Err(error) => {
-                    self.record_health(&region, Err(()));
+                    self.record_health(&region, Err(Failure::Request));
                     last = Some(Err(Error::Transport(format!("{region}: {error}"))));
                 }
             }
@@ -962,12 +975,14 @@ async fn background(inner: Weak<Inner>) {
                     .await;
                 let outcome = match probe {
                     Ok(response) if response.status().is_success() => Ok(started.elapsed()),
-                    _ => Err(()),
+                    _ => Err(Failure::Probe),
                 };
                 client.record_health(&id, outcome);
             }
         });
-        futures_util::future::join_all(probes).await;
+        for probe in probes {
+            probe.await;
+        }
         drop(client);
         tokio::time::sleep(every).await;
     }
