@@ -169,7 +169,7 @@ pub async fn states(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<CollectionQuery>,
     body: axum::body::Body,
-) -> Result<Json<StatesBody>, ApiError> {
+) -> Result<Json<StoredStates>, ApiError> {
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
     let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
@@ -185,7 +185,13 @@ pub async fn states(
         .store
         .states_of(&query.collection, &request.keys, FETCH_BYTES)
         .await?;
-    Ok(Json(StatesBody { records }))
+    Ok(Json(StoredStates { records }))
+}
+
+/// [`StatesBody`] as the peer sends it: the states as stored, not decoded and encoded again.
+#[derive(serde::Serialize)]
+pub struct StoredStates {
+    records: Vec<(String, Box<serde_json::value::RawValue>)>,
 }
 
 #[utoipa::path(get, path = "/v1/peer/actors/{actor}", tag = "peer",
