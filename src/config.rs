@@ -248,6 +248,9 @@ pub struct Replication {
     /// How often the region's publisher sends a heartbeat through its stream (the promise
     /// bounded-staleness reads and the lag in `/v1/regions` rest on). At least 50.
     pub heartbeat_interval_ms: u64,
+    /// How often the region looks for tombstones every region has applied, and removes them.
+    /// At least 50.
+    pub reclaim_interval_ms: u64,
 }
 
 impl Default for Replication {
@@ -258,6 +261,7 @@ impl Default for Replication {
             streams_in_region_clusters: false,
             session_wait_ms: 500,
             heartbeat_interval_ms: 1000,
+            reclaim_interval_ms: 10_000,
         }
     }
 }
@@ -522,6 +526,12 @@ impl Config {
         if self.replication.heartbeat_interval_ms < 50 {
             return Err(invalid(
                 "replication.heartbeat_interval_ms",
+                "must be at least 50",
+            ));
+        }
+        if self.replication.reclaim_interval_ms < 50 {
+            return Err(invalid(
+                "replication.reclaim_interval_ms",
                 "must be at least 50",
             ));
         }

@@ -16,6 +16,20 @@
 //! above the region's outbox sequence and its home epoch above the old ones, so a region still
 //! holding the old record never takes the new one for superseded.
 //!
+//! Tombstones of deleted records go the same way once every region has applied them. Heartbeats
+//! carry each region's view (how far it has applied every origin), so each region knows a time
+//! below which every write is applied everywhere ([`applied_everywhere_through`]). A tombstone
+//! below it can no longer be needed: every region holds it or what superseded it, and no region
+//! can still receive a version it superseded. Each region then raises its reclamation horizon and
+//! deletes those rows, and a record created again starts afresh as after a collection deletion.
+//! A region restored from an old backup may hold records whose tombstones went everywhere else:
+//! while it catches up it deletes what a peer lacks and every region had applied, and its peers
+//! pull nothing that old from it meanwhile ([`crate::replication::repair`]).
+//!
+//! Applies keep every version that arrives, however old: absence cannot tell a reclaimed record
+//! from one a region lost, and repair must bring back what was lost. A region that is copying the
+//! deployment's data (a new one) neither reclaims nor sends its view until the copy is complete.
+//!
 //! Local writes do not take the apply lock, so a write racing the marker's arrival can store a
 //! removed version after a pass; passes therefore go on for [`SETTLE`] after the horizon, then the
 //! deletion counts as purged in this process (a restart purges once more).
@@ -25,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::hlc::{wall_clock_ms, Hlc};
+use crate::clock::staleness::applied_everywhere_through;
 use crate::record::policy::DELETION_COLLECTION;
 use crate::service::Region;
 use crate::storage::StorageError;
@@ -50,6 +65,9 @@ pub async fn run(region: Arc<Region>) {
                 tracing::warn!(%error, "purge of deleted collections failed; trying again")
             }
         }
+        if let Err(error) = reclaim_tombstones(&region).await {
+            tracing::warn!(%error, "reclaiming tombstones failed; trying again");
+        }
         match region
             .store
             .forget_idempotency_keys(IDEMPOTENCY_KEYS_KEPT)
@@ -61,11 +79,56 @@ pub async fn run(region: Arc<Region>) {
                 tracing::warn!(%error, "forgetting old idempotency keys failed; trying again")
             }
         }
+        let every = PASS_EVERY.min(Duration::from_millis(
+            region.config.replication.reclaim_interval_ms,
+        ));
         tokio::select! {
             _ = region.purge_wanted.notified() => {}
-            _ = tokio::time::sleep(PASS_EVERY) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// Remove the tombstones every region has applied; returns how many.
+pub async fn reclaim_tombstones(region: &Region) -> Result<u64, StorageError> {
+    if region.is_bootstrapping() || !region.catching_up().is_empty() {
+        return Ok(0); // what it has applied is not all it holds yet
+    }
+    let (_, own_view) = region.applied_through().await?;
+    let mut views = region.replication.peer_views();
+    views.insert(region.id().to_owned(), own_view);
+    let peers = region.members.peers();
+    let members: Vec<&str> = std::iter::once(region.id())
+        .chain(peers.iter().map(|peer| peer.id.as_str()))
+        .collect();
+    let Some(through_ms) = applied_everywhere_through(&members, &views) else {
+        return Ok(0);
+    };
+    // Every write stamped below `through_ms` is applied everywhere: the horizon is the greatest
+    // HLC below it.
+    let horizon = Hlc::from_parts(through_ms.saturating_sub(1), u16::MAX);
+    let mut reclaimed = 0;
+    loop {
+        let n = region
+            .store
+            .reclaim_tombstones(horizon, PURGE_BATCH)
+            .await?;
+        reclaimed += n;
+        if n < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    region
+        .replication
+        .tombstones_reclaimed(through_ms, reclaimed);
+    if reclaimed > 0 {
+        tracing::debug!(
+            reclaimed,
+            through_ms,
+            "reclaimed tombstones every region has applied"
+        );
+    }
+    Ok(reclaimed)
 }
 
 async fn pass(region: &Region, settled: &mut BTreeMap<String, Hlc>) -> Result<(), StorageError> {

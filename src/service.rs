@@ -562,8 +562,11 @@ impl Region {
                         loaded
                     };
                     let policy = self.policy_of(collection, loaded.policy.as_ref());
-                    self.cache
-                        .remember_policy(collection, &policy, loaded.deleted_before);
+                    self.cache.remember_policy(
+                        collection,
+                        &policy,
+                        loaded.collection_deleted_before,
+                    );
                     let summary = match loaded.visible_state() {
                         Some(state) => state.summary(),
                         None => Summary::absent(self.new_home(request, &policy, &loaded)),
@@ -598,8 +601,9 @@ impl Region {
                 let mut clock = self.clock.lock().expect("clock lock");
                 clock.stamp_write(wall_clock_ms(), base.summary.max_hlc)
             };
-            // A record made anew in a deleted collection: its counter starts above any its
-            // region may have issued before (see `Summary::write_above`).
+            // A record made anew in a deleted collection, or where a reclaimed tombstone may
+            // have been: its counter starts above any its region may have issued before (see
+            // `Summary::write_above`).
             let counter_floor = match base.deleted_before {
                 Some(_) if !base.summary.exists => self.store.outbox_sequence().await? as u64 + 1,
                 _ => 0,

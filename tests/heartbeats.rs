@@ -192,3 +192,91 @@ async fn every_write_below_a_heartbeat_promise_is_applied_when_the_promise_is() 
     );
     c.teardown().await;
 }
+
+/// Rows of collection `tombs` stored in region `id`, by key.
+async fn stored_keys(c: &Cluster, id: &str) -> Vec<String> {
+    c.stored_states(id, &["tombs"])
+        .await
+        .into_iter()
+        .map(|(_, key, _)| key)
+        .collect()
+}
+
+#[tokio::test]
+async fn tombstones_are_reclaimed_only_once_every_region_applied_them_and_records_come_back_new() {
+    let (c, mut link) = Setup::regions(&["eu", "us", "ap"])
+        .tweak(|config| config.replication.reclaim_interval_ms = 500)
+        .start_with_nats_link("ap")
+        .await;
+    let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        let put = c.put("eu", "tombs", key, &json!({"key": key})).await;
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
+    crate::helpers::until_everywhere(&c, "tombs", &keys).await;
+
+    // ap stops applying: what eu deletes now cannot be reclaimed anywhere, ap still needs it.
+    link.cut();
+    for key in &keys[..5] {
+        assert_eq!(
+            c.delete("eu", "tombs", key).await.status(),
+            StatusCode::NO_CONTENT
+        );
+    }
+    eventually(20, "us applies the deletes", || async {
+        c.get("us", "tombs", "k4").await.status() == StatusCode::NOT_FOUND
+    })
+    .await;
+    // Several reclamation passes and heartbeats later, the tombstones are all still held.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in ["eu", "us", "ap"] {
+        assert_eq!(stored_keys(&c, id).await, keys, "{id} kept every row");
+    }
+
+    // ap applies them; then every region reclaims them, and says so.
+    link.resume().await.unwrap();
+    for id in ["eu", "us", "ap"] {
+        eventually(30, "the tombstones are reclaimed", || async {
+            stored_keys(&c, id).await == keys[5..]
+        })
+        .await;
+        let metrics = c.metrics(id).await;
+        let reclaimed: u64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("locus_tombstones_reclaimed_total "))
+            .unwrap_or_else(|| panic!("{id} counts reclaimed tombstones"))
+            .parse()
+            .unwrap();
+        assert!(reclaimed >= 5, "{id} reclaimed {reclaimed}");
+        let regions = c.get_json(id, "/v1/regions").await;
+        assert!(
+            regions["tombstones_reclaimed_through_ms"]
+                .as_u64()
+                .is_some(),
+            "{regions}"
+        );
+        assert_eq!(
+            c.get(id, "tombs", "k0").await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    // A record written again after its tombstone was reclaimed is new everywhere, wherever it
+    // is written.
+    for (id, key) in [("us", "k1"), ("ap", "k2")] {
+        let put = c.put(id, "tombs", key, &json!({"again": key})).await;
+        assert_eq!(put.status(), StatusCode::CREATED, "{id} {key}");
+    }
+    for id in ["eu", "us", "ap"] {
+        eventually(20, "the records written again read everywhere", || async {
+            let k1 = c.get(id, "tombs", "k1").await;
+            let k2 = c.get(id, "tombs", "k2").await;
+            k1.status() == StatusCode::OK && k2.status() == StatusCode::OK && {
+                k1.json::<Value>().await.unwrap()["value"] == json!({"again": "k1"})
+                    && k2.json::<Value>().await.unwrap()["value"] == json!({"again": "k2"})
+            }
+        })
+        .await;
+    }
+    c.teardown().await;
+}

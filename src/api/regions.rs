@@ -68,6 +68,10 @@ pub struct RegionsBody {
     pub bootstrapping: bool,
     /// Regions retired from the deployment (`/v1/regions/{id}/retire`).
     pub retired: Vec<String>,
+    /// Tombstones stamped before this time (milliseconds since the epoch) are reclaimed here:
+    /// every region had applied them. Null until every region's heartbeats have said how far it
+    /// has applied every other.
+    pub tombstones_reclaimed_through_ms: Option<u64>,
     pub regions: Vec<RegionEntry>,
 }
 
@@ -139,6 +143,7 @@ pub async fn list(
         catching_up_from: region.catching_up(),
         bootstrapping: region.is_bootstrapping(),
         retired: region.members.retired(),
+        tombstones_reclaimed_through_ms: region.replication.reclaimed_through_ms(),
         regions,
     }))
 }

@@ -101,8 +101,11 @@ pub async fn digests(
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
     let buckets = s.region.store.bucket_digests(&query.collection).await?;
+    let reclaimed = s.region.store.reclaimed_through().await?;
     Ok(Json(DigestsBody {
         buckets: buckets.iter().map(DigestEntry::of).collect(),
+        reclaimed_through: reclaimed.map(|hlc| hlc.as_u64().to_string()),
+        restoring: !s.region.catching_up().is_empty(),
     }))
 }
 

@@ -42,6 +42,26 @@ pub fn freshness(
     }
 }
 
+/// Views of the deployment, by region: each region's `applied_through` (origin → milliseconds)
+/// as its heartbeats last said, this region's own as it is now.
+pub type Views = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// How far every write is applied everywhere: the milliseconds below which every write of every
+/// origin among `members` is applied in every other member, by `views`. `None` while some member
+/// has not said how far it has applied some origin (or there is no second member): nothing can be
+/// known applied everywhere then. A tombstone below it can be reclaimed: no region can still
+/// receive a write it superseded, nor lack the tombstone itself.
+pub fn applied_everywhere_through(members: &[&str], views: &Views) -> Option<u64> {
+    let mut through: Option<u64> = None;
+    for member in members {
+        for origin in members.iter().filter(|origin| *origin != member) {
+            let promised = *views.get(*member)?.get(*origin)?;
+            through = Some(through.map_or(promised, |t| t.min(promised)));
+        }
+    }
+    through
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +142,62 @@ mod tests {
                     prop_assert!(named.unwrap_or(0) <= through.get(*peer).copied().unwrap_or(0)
                         || named.is_none());
                 }
+            }
+        }
+    }
+
+    fn views() -> impl Strategy<Value = Views> {
+        proptest::collection::btree_map(
+            proptest::sample::select(PEERS.to_vec()).prop_map(str::to_owned),
+            promises(),
+            0..5,
+        )
+    }
+
+    fn members() -> impl Strategy<Value = Vec<&'static str>> {
+        proptest::sample::subsequence(PEERS.to_vec(), 0..=4)
+    }
+
+    proptest! {
+        /// Never past what any member promised for any other origin, and exactly the least such
+        /// promise when every one is known.
+        #[test]
+        fn applied_everywhere_is_the_least_promise(members in members(), views in views()) {
+            let promises: Vec<Option<u64>> = members
+                .iter()
+                .flat_map(|m| members.iter().filter(move |o| *o != m).map(move |o| (m, o)))
+                .map(|(m, o)| views.get(*m).and_then(|v| v.get(*o)).copied())
+                .collect();
+            let expected = if promises.iter().any(Option::is_none) {
+                None
+            } else {
+                promises.iter().flatten().copied().min()
+            };
+            prop_assert_eq!(applied_everywhere_through(&members, &views), expected);
+        }
+
+        /// A member applying more never moves the horizon back, and a member that has said
+        /// nothing holds it back entirely.
+        #[test]
+        fn applied_everywhere_is_monotone(
+            members in members(),
+            views in views(),
+            who in proptest::sample::select(PEERS.to_vec()),
+            origin in proptest::sample::select(PEERS.to_vec()),
+            more in 0u64..10_000,
+        ) {
+            let before = applied_everywhere_through(&members, &views);
+            let mut raised = views.clone();
+            let entry = raised.entry(who.to_owned()).or_default().entry(origin.to_owned()).or_insert(0);
+            *entry += more;
+            let after = applied_everywhere_through(&members, &raised);
+            if let Some(before) = before {
+                prop_assert!(after.is_some_and(|after| after >= before));
+            }
+            if members.len() > 1 && members.contains(&who) {
+                let mut silent = views.clone();
+                silent.remove(who);
+                prop_assert_eq!(applied_everywhere_through(&members, &silent), None);
             }
         }
     }

@@ -452,6 +452,7 @@ pub async fn apply_batch(
                 .push(event),
             Change::ModuleChunk(chunk) => chunks.push(chunk),
             Change::Heartbeat(beat) if beat.origin == origin => {
+                region.replication.peer_view(origin, &beat.applied);
                 if let Some(&sequence) = sequences.get(i) {
                     heartbeat = heartbeat.max(Some((sequence, beat.through_ms)));
                 }

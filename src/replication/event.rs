@@ -9,6 +9,8 @@
 //! larger than a NATS message. Chunks are content-addressed, so replays are harmless too; a region
 //! assembles a module only once it holds every chunk and the whole hashes to the sha256 named.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::record::{Home, Version};
@@ -110,15 +112,21 @@ pub struct Heartbeat {
     pub origin: String,
     /// Milliseconds since the epoch.
     pub through_ms: u64,
+    /// The origin's own view, per peer: how far it has applied that peer's writes (the peer's
+    /// heartbeat promises it applied). With every region's view, a region knows what is applied
+    /// everywhere, and so which tombstones no region can need any more.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied: BTreeMap<String, u64>,
 }
 
 impl Heartbeat {
-    pub fn new(origin: &str, through_ms: u64) -> Heartbeat {
+    pub fn new(origin: &str, through_ms: u64, applied: BTreeMap<String, u64>) -> Heartbeat {
         Heartbeat {
             v: WIRE_VERSION,
             kind: HEARTBEAT_KIND.to_owned(),
             origin: origin.to_owned(),
             through_ms,
+            applied,
         }
     }
 
@@ -306,10 +314,20 @@ mod tests {
 
     #[test]
     fn heartbeats_decode_as_heartbeats_and_a_bad_one_is_refused() {
-        let beat = Heartbeat::new("eu", 1_700_000_000_123);
+        let beat = Heartbeat::new(
+            "eu",
+            1_700_000_000_123,
+            BTreeMap::from([("us".to_owned(), 1_700_000_000_001)]),
+        );
         assert_eq!(
             Change::decode(&beat.encode()).unwrap(),
             Change::Heartbeat(beat)
+        );
+        // A heartbeat from a region that does not send its view yet still decodes, viewless.
+        let viewless = br#"{"v":1,"kind":"heartbeat","origin":"eu","through_ms":5}"#;
+        assert_eq!(
+            Change::decode(viewless).unwrap(),
+            Change::Heartbeat(Heartbeat::new("eu", 5, BTreeMap::new()))
         );
         assert!(matches!(
             Change::decode(br#"{"v":1,"kind":"heartbeat","origin":"eu"}"#),

@@ -15,6 +15,7 @@
 //! publisher's clock less [`HEARTBEAT_MARGIN`], so only writes stamped that long before the raise
 //! and still uncommitted must take a new HLC.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -161,7 +162,19 @@ async fn send_heartbeat(
     subject: &str,
     through_ms: u64,
 ) -> Result<(), async_nats::Error> {
-    let beat = Heartbeat::new(region.id(), through_ms).encode();
+    // The view rides along for tombstone reclamation; a beat without it only delays that. A
+    // region still copying the deployment's data, or catching up after a restore, has not
+    // applied everything its stream positions say: it sends none.
+    let copying = region.is_bootstrapping() || !region.catching_up().is_empty();
+    let applied = match region.store.applied_through().await {
+        Ok(_) if copying => BTreeMap::new(),
+        Ok(applied) => applied,
+        Err(error) => {
+            tracing::debug!(region = region.id(), %error, "heartbeat sent without this region's view");
+            BTreeMap::new()
+        }
+    };
+    let beat = Heartbeat::new(region.id(), through_ms, applied).encode();
     js.publish(subject.to_owned(), beat.into()).await?.await?;
     region.replication.heartbeat_sent(through_ms);
     Ok(())

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::consumer::apply_with_retries;
 use super::event::{Change, Event};
 use super::status::RepairProgress;
+use crate::clock::hlc::Hlc;
 use crate::record::digest::StateHash;
 use crate::record::RecordState;
 use crate::service::Region;
@@ -66,8 +67,13 @@ pub struct RepairReport {
     /// Records that failed to merge even alone: marked as dead letters, skipped by later rounds
     /// until the peer's state changes.
     pub records_unrepairable: u64,
-    /// Records skipped because they were marked unrepairable at the peer's current state.
+    /// Records skipped: marked unrepairable at the peer's current state, or, from a peer catching
+    /// up after a restore, older than what every region had applied.
     pub records_skipped: u64,
+    /// Records deleted here because the peer no longer holds them although every region had
+    /// applied all they held (their tombstone was reclaimed): what a restore from an old backup
+    /// brings back.
+    pub records_pruned: u64,
     /// Resolver modules fetched whole because they were missing here (a lost chunk, say).
     pub modules_fetched: u64,
     pub seconds: f64,
@@ -101,6 +107,14 @@ pub struct DigestEntry {
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DigestsBody {
     pub buckets: Vec<DigestEntry>,
+    /// The HLC (a decimal string) at or below which this region has reclaimed tombstones, every
+    /// region having applied everything up to it; null if it never has.
+    #[serde(default)]
+    pub reclaimed_through: Option<String>,
+    /// This region is catching up after a restore: what it holds that old may be records deleted
+    /// everywhere since its backup.
+    #[serde(default)]
+    pub restoring: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -256,18 +270,27 @@ impl PeerClient {
             .to_vec())
     }
 
+    /// The peer's bucket digests of `collection`, and its tombstone reclamation horizon.
     pub async fn digests(
         &self,
         peer: &str,
         collection: &str,
-    ) -> Result<Vec<DigestEntry>, RepairError> {
+    ) -> Result<(Vec<DigestEntry>, Option<Hlc>, bool), RepairError> {
         let body: DigestsBody = self
             .call(peer, |c, base| {
                 c.get(format!("{base}/v1/peer/digests"))
                     .query(&[("collection", collection)])
             })
             .await?;
-        Ok(body.buckets)
+        let reclaimed = match body.reclaimed_through {
+            None => None,
+            Some(hlc) => {
+                Some(Hlc::from_u64(hlc.parse().map_err(|_| {
+                    peer_failed(peer, format!("{hlc:?} is not an HLC"))
+                })?))
+            }
+        };
+        Ok((body.buckets, reclaimed, body.restoring))
     }
 
     pub async fn hashes(
@@ -388,7 +411,29 @@ async fn pull_everything(
             client.digests(peer, &collection)
         );
         let ours: BTreeMap<i32, BucketDigest> = ours?.into_iter().map(|d| (d.bucket, d)).collect();
-        let theirs = theirs?;
+        let (theirs, reclaimed, restoring) = theirs?;
+        // Only a region restored from a backup deletes what a peer lacks: elsewhere, a record a
+        // peer lacks is one it lost, and the peer's own round brings it back.
+        let reclaimed = reclaimed.filter(|_| !region.catching_up().is_empty());
+        // From a restored peer, nothing every region had applied: it may be what a reclaimed
+        // tombstone superseded. Pulled once the peer has caught up, if it still holds it.
+        let too_old = if restoring {
+            region.store.reclaimed_through().await?
+        } else {
+            None
+        };
+        if let Some(horizon) = reclaimed {
+            // Buckets the peer holds nothing of: what is here and old enough is gone there.
+            let listed: std::collections::BTreeSet<i32> =
+                theirs.iter().map(|entry| entry.bucket).collect();
+            let ours_only: Vec<i32> = ours
+                .keys()
+                .copied()
+                .filter(|bucket| !listed.contains(bucket))
+                .collect();
+            report.records_pruned +=
+                prune_buckets(region, peer, &collection, &ours_only, horizon).await?;
+        }
         report.buckets_compared += theirs.len() as u64;
         let differing: Vec<&DigestEntry> = theirs
             .iter()
@@ -417,16 +462,18 @@ async fn pull_everything(
             records += entry.count;
             to_compare += entry.count.max(0) as u64;
         }
-        plan.push((collection, sets));
+        plan.push((collection, sets, reclaimed, too_old));
     }
     let meter = Meter::new(region, peer, to_compare);
-    for (collection, sets) in plan {
+    for (collection, sets, reclaimed, too_old) in plan {
         pull_collection(
             region,
             client,
             peer,
             &collection,
             &sets,
+            reclaimed,
+            too_old,
             report,
             &throttle,
             &meter,
@@ -522,7 +569,67 @@ const MERGE_RECORDS: usize = 1_000;
 struct Listed {
     keys_compared: u64,
     records_skipped: u64,
+    records_pruned: u64,
     seconds: f64,
+}
+
+/// Delete the rows of `buckets` (which `peer` holds nothing of) that every region had applied
+/// everything of by the peer's reclamation `horizon` ([`crate::storage::Store::prune_reclaimed`]).
+async fn prune_buckets(
+    region: &Region,
+    peer: &str,
+    collection: &str,
+    buckets: &[i32],
+    horizon: Hlc,
+) -> Result<u64, RepairError> {
+    let mut pruned = 0;
+    let mut after: Option<HashCursor> = None;
+    for set in buckets.chunks(HASH_PAGE as usize) {
+        loop {
+            let page = region
+                .store
+                .bucket_hashes(collection, set, after.as_ref(), HASH_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(HashCursor {
+                bucket: last.bucket,
+                key: last.key.clone(),
+            });
+            let keys: Vec<String> = page.iter().map(|entry| entry.key.clone()).collect();
+            pruned += prune(region, peer, collection, &keys, horizon).await?;
+            if (page.len() as i64) < HASH_PAGE {
+                break;
+            }
+        }
+        after = None;
+    }
+    Ok(pruned)
+}
+
+/// Delete the rows of `keys` (which `peer` does not hold) at or below its reclamation `horizon`.
+async fn prune(
+    region: &Region,
+    peer: &str,
+    collection: &str,
+    keys: &[String],
+    horizon: Hlc,
+) -> Result<u64, StorageError> {
+    // System collections are never reclaimed nor purged: a row missing there is missing.
+    if keys.is_empty() || collection.starts_with(crate::record::policy::SYSTEM_PREFIX) {
+        return Ok(0);
+    }
+    let pruned = region
+        .store
+        .prune_reclaimed(collection, keys, horizon)
+        .await?;
+    if pruned > 0 {
+        for key in keys {
+            region.forget_cached(collection, key);
+        }
+        tracing::warn!(region = region.id(), %peer, %collection, pruned,
+            "deleted records the peer no longer holds although every region had applied them: they came back with a restored database");
+    }
+    Ok(pruned)
 }
 
 /// Repair the differing buckets of one collection in three overlapping stages: list the peer's
@@ -536,6 +643,8 @@ async fn pull_collection(
     peer: &str,
     collection: &str,
     bucket_sets: &[Vec<i32>],
+    reclaimed: Option<Hlc>,
+    too_old: Option<Hlc>,
     report: &mut RepairReport,
     throttle: &Throttle,
     meter: &Meter<'_>,
@@ -556,6 +665,7 @@ async fn pull_collection(
                 peer,
                 collection,
                 buckets,
+                reclaimed,
                 &marked,
                 &keys_tx,
                 &mut listed,
@@ -591,6 +701,14 @@ async fn pull_collection(
                 }
             }
             report.records_fetched += states.len() as u64;
+            if let Some(horizon) = too_old {
+                let before = states.len();
+                states.retain(|(_, state)| state.max_hlc().is_none_or(|newest| newest > horizon));
+                report.records_skipped += (before - states.len()) as u64;
+                if states.is_empty() {
+                    continue;
+                }
+            }
             let merging = Instant::now();
             let copied = states.len() as u64;
             merge_or_mark(region, peer, collection, states, report).await?;
@@ -603,6 +721,7 @@ async fn pull_collection(
     let (listed, (), ()) = tokio::try_join!(listing, fetching, merging)?;
     report.keys_compared += listed.keys_compared;
     report.records_skipped += listed.records_skipped;
+    report.records_pruned += listed.records_pruned;
     report.seconds_listing += listed.seconds;
     Ok(())
 }
@@ -616,6 +735,7 @@ async fn list_differing(
     peer: &str,
     collection: &str,
     buckets: &[i32],
+    reclaimed: Option<Hlc>,
     marked: &std::collections::HashMap<String, StateHash>,
     keys_tx: &tokio::sync::mpsc::Sender<Vec<String>>,
     listed: &mut Listed,
@@ -625,9 +745,19 @@ async fn list_differing(
     let mut wanted: Vec<String> = Vec::new();
     loop {
         let listing = Instant::now();
-        let (page, next) = client.hashes(peer, collection, buckets, after).await?;
+        let (page, next) = client
+            .hashes(peer, collection, buckets, after.clone())
+            .await?;
         listed.keys_compared += page.len() as u64;
-        let differing = region.store.differing_keys(collection, &page).await?;
+        let comparison = region
+            .store
+            .compare_page(collection, &page, after.as_ref(), next.is_none())
+            .await?;
+        if let Some(horizon) = reclaimed {
+            listed.records_pruned +=
+                prune(region, peer, collection, &comparison.ours_only, horizon).await?;
+        }
+        let differing = comparison.differing;
         meter.compared(page.len() as u64);
         listed.seconds += listing.elapsed().as_secs_f64();
         for theirs in differing {

@@ -101,6 +101,10 @@ struct Inner {
     recent: BTreeMap<String, VecDeque<(Instant, usize)>>,
     events_published: u64,
     heartbeat_promised_ms: Option<u64>,
+    /// Each peer's view from its last heartbeat: how far it has applied each origin.
+    peer_views: BTreeMap<String, BTreeMap<String, u64>>,
+    /// This region's tombstone reclamation horizon (milliseconds), once it has one.
+    reclaimed_through_ms: Option<u64>,
     publisher_error: Option<String>,
     nats_version: Option<String>,
 }
@@ -117,6 +121,7 @@ struct Metrics {
     integrity: IntCounter,
     incarnation_rotations: IntCounter,
     purged_rows: IntCounter,
+    tombstones_reclaimed: IntCounter,
     nats_version: IntGaugeVec,
     dead_letters: IntCounterVec,
     repair_rounds: IntCounterVec,
@@ -226,6 +231,14 @@ impl ReplicationStatus {
                 IntCounter::new(
                     "locus_deleted_rows_purged_total",
                     "Rows of deleted collections removed or rewritten by the purge worker",
+                )
+                .unwrap(),
+            ),
+            tombstones_reclaimed: register(
+                registry,
+                IntCounter::new(
+                    "locus_tombstones_reclaimed_total",
+                    "Tombstones removed once every region had applied them",
                 )
                 .unwrap(),
             ),
@@ -422,6 +435,31 @@ impl ReplicationStatus {
 
     pub fn purged(&self, rows: u64) {
         self.metrics.purged_rows.inc_by(rows);
+    }
+
+    pub fn tombstones_reclaimed(&self, through_ms: u64, rows: u64) {
+        self.metrics.tombstones_reclaimed.inc_by(rows);
+        self.inner.lock().expect("status lock").reclaimed_through_ms = Some(through_ms);
+    }
+
+    pub fn reclaimed_through_ms(&self) -> Option<u64> {
+        self.inner.lock().expect("status lock").reclaimed_through_ms
+    }
+
+    /// Remember `peer`'s view, as its heartbeat carried it (a viewless beat changes nothing).
+    pub fn peer_view(&self, peer: &str, view: &BTreeMap<String, u64>) {
+        if view.is_empty() {
+            return;
+        }
+        self.inner
+            .lock()
+            .expect("status lock")
+            .peer_views
+            .insert(peer.to_owned(), view.clone());
+    }
+
+    pub fn peer_views(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.inner.lock().expect("status lock").peer_views.clone()
     }
 
     pub fn incarnation_rotated(&self) {

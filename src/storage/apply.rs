@@ -222,14 +222,17 @@ impl ApplyTx {
                     Some((rev, state, resolution)) => (rev, Some(state), resolution),
                     None => (0, None, None),
                 };
+                let collection_deleted_before =
+                    super::records::deletion_horizon(deletions.get(&key.0).cloned());
+                // Applies keep every version that arrives for a record without a row, old or
+                // not: a record a region lost comes back by repair, whatever its age.
                 let loaded = Loaded {
+                    deleted_before: collection_deleted_before,
+                    collection_deleted_before,
                     state,
                     rev,
                     policy: policies.get(&key.0).cloned(),
                     resolution,
-                    deleted_before: super::records::deletion_horizon(
-                        deletions.get(&key.0).cloned(),
-                    ),
                 };
                 (key.clone(), loaded)
             })

@@ -14,7 +14,7 @@ use crate::record::digest::state_hash;
 use crate::record::RecordState;
 
 /// The greatest HLC of a stored state's versions, in SQL (HLCs are decimal strings in the state).
-const MAX_HLC: &str =
+pub(super) const MAX_HLC: &str =
     "(SELECT max((v->>'hlc')::numeric) FROM jsonb_array_elements(state->'versions') v)";
 const MIN_HLC: &str =
     "(SELECT min((v->>'hlc')::numeric) FROM jsonb_array_elements(state->'versions') v)";
@@ -111,5 +111,44 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The region's tombstone reclamation horizon (`migrations/0012_tombstone_reclamation.sql`).
+    pub async fn reclaimed_through(&self) -> Result<Option<Hlc>, StorageError> {
+        let through: Option<i64> =
+            sqlx::query_scalar("SELECT through_hlc::bigint FROM reclaimed_tombstones")
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(through.map(|hlc| Hlc::from_u64(hlc as u64)))
+    }
+
+    /// Raise the reclamation horizon to `through` (never lower it) and delete up to `limit` rows
+    /// of user collections whose single version is a tombstone at or below it; returns how many.
+    /// One apply transaction: applies run before or after it, never between the raise and the
+    /// delete, and a statement that finds a row gone also finds the horizon that made it go.
+    pub async fn reclaim_tombstones(&self, through: Hlc, limit: i64) -> Result<u64, StorageError> {
+        let mut tx = self.begin_apply().await?;
+        let through = through.as_u64() as i64;
+        sqlx::query(
+            "INSERT INTO reclaimed_tombstones (through_hlc) VALUES ($1)
+             ON CONFLICT (singleton) DO UPDATE
+               SET through_hlc = GREATEST(reclaimed_tombstones.through_hlc, EXCLUDED.through_hlc)",
+        )
+        .bind(through)
+        .execute(&mut **tx.transaction())
+        .await?;
+        let done = sqlx::query(
+            "DELETE FROM records WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM records
+                  WHERE tombstone_hlc <= $1 AND left(collection, 1) <> $2
+                  LIMIT $3))",
+        )
+        .bind(through)
+        .bind(crate::record::policy::SYSTEM_PREFIX.to_string())
+        .bind(limit)
+        .execute(&mut **tx.transaction())
+        .await?;
+        tx.commit(None).await?;
+        Ok(done.rows_affected())
     }
 }

@@ -23,9 +23,12 @@ pub struct Loaded {
     pub policy: Option<RecordState>,
     /// The resolver's materialised view of the record's concurrent versions, if any.
     pub resolution: Option<Resolution>,
-    /// The horizon of the collection's deletion, if it was ever deleted: versions stamped at or
-    /// below it are gone, whether or not the purge has removed them from this row yet.
+    /// The horizon below which this record's versions are gone ([`record_horizon`]): its
+    /// collection's deletion (whether or not the purge has removed them from this row yet) or,
+    /// for a record without a row, the reclamation of tombstones.
     pub deleted_before: Option<Hlc>,
+    /// The horizon of the collection's deletion alone, if it was ever deleted.
+    pub collection_deleted_before: Option<Hlc>,
 }
 
 impl Loaded {
@@ -47,6 +50,23 @@ impl Loaded {
 /// A deletion marker's horizon: the greatest HLC among its versions.
 pub(super) fn deletion_horizon(marker: Option<RecordState>) -> Option<Hlc> {
     marker.and_then(|state| state.max_hlc())
+}
+
+/// The horizon a local write judges one record by: its collection's deletion horizon and, for a
+/// record of a user collection without a row here, the region's tombstone reclamation horizon
+/// too. Such a record may be one whose tombstone was reclaimed here but is still held elsewhere:
+/// a write that creates it takes the same precautions as after a collection deletion (a counter
+/// floor, a newer home epoch), so a region still holding the tombstone never takes the new
+/// version for an older one (`migrations/0012_tombstone_reclamation.sql`).
+pub(super) fn record_horizon(
+    collection: &str,
+    has_row: bool,
+    deletion: Option<Hlc>,
+    reclaimed: Option<Hlc>,
+) -> Option<Hlc> {
+    let reclaimed = reclaimed
+        .filter(|_| !has_row && !collection.starts_with(crate::record::policy::SYSTEM_PREFIX));
+    deletion.max(reclaimed)
 }
 
 #[derive(Debug, Clone)]
@@ -273,11 +293,12 @@ async fn load<'e>(
     key: &str,
 ) -> Result<Loaded, StorageError> {
     let row = sqlx::query(
-        "SELECT r.rev, r.state, r.resolution, p.state AS policy, d.state AS deletion
+        "SELECT r.rev, r.state, r.resolution, p.state AS policy, d.state AS deletion, t.reclaimed
            FROM (SELECT 1) AS one
            LEFT JOIN records r ON r.collection = $1 AND r.key = $2
            LEFT JOIN records p ON p.collection = $3 AND p.key = $1
-           LEFT JOIN records d ON d.collection = $4 AND d.key = $1",
+           LEFT JOIN records d ON d.collection = $4 AND d.key = $1
+           LEFT JOIN (SELECT through_hlc::bigint AS reclaimed FROM reclaimed_tombstones) t ON true",
     )
     .bind(collection)
     .bind(key)
@@ -285,12 +306,22 @@ async fn load<'e>(
     .bind(DELETION_COLLECTION)
     .fetch_one(executor)
     .await?;
+    let state = decode_state(row.try_get("state").map_err(corrupt)?);
+    let reclaimed: Option<i64> = row.try_get("reclaimed")?;
+    let collection_deleted_before =
+        deletion_horizon(decode_state(row.try_get("deletion").map_err(corrupt)?));
     Ok(Loaded {
         rev: row.try_get::<Option<i64>, _>("rev")?.unwrap_or(0),
-        state: decode_state(row.try_get("state").map_err(corrupt)?),
+        deleted_before: record_horizon(
+            collection,
+            state.is_some(),
+            collection_deleted_before,
+            reclaimed.map(|hlc| Hlc::from_u64(hlc as u64)),
+        ),
+        collection_deleted_before,
+        state,
         policy: decode_state(row.try_get("policy").map_err(corrupt)?),
         resolution: decode_resolution(row.try_get("resolution")?),
-        deleted_before: deletion_horizon(decode_state(row.try_get("deletion").map_err(corrupt)?)),
     })
 }
 

@@ -3,12 +3,13 @@
 //! INCLUDE (hash)` index, so comparing regions reads no record bodies until a difference is found.
 
 use futures_util::TryStreamExt;
-use sqlx::types::Json;
 use serde_json::value::RawValue;
+use sqlx::types::Json;
 use sqlx::Row;
 
 use super::records::corrupt;
 use super::{StorageError, Store};
+use crate::clock::hlc::Hlc;
 use crate::record::digest::{bucket_of, state_hash, StateHash};
 use crate::record::RecordState;
 
@@ -99,16 +100,22 @@ impl Store {
         Ok(page)
     }
 
-    /// The entries of `theirs` (a peer's page, in `(bucket, key)` order) whose hash here differs
-    /// or that are missing here: a merge join against this region's rows of the page's buckets
+    /// Compare a page of a peer's listing (`theirs`, in `(bucket, key)` order, following the
+    /// page that ended at `after`) with this region's rows of the page's buckets: a merge join
     /// (whole buckets: a row comparison bound would not narrow the index scan), streamed.
-    pub async fn differing_keys(
+    /// Returns the peer's entries whose hash here differs or that are missing here, and the keys
+    /// held here that the peer's listing passed over (after the page's last entry too when it
+    /// is the listing's `last_page`).
+    pub async fn compare_page(
         &self,
         collection: &str,
         theirs: &[BucketHash],
-    ) -> Result<Vec<BucketHash>, StorageError> {
+        after: Option<&HashCursor>,
+        last_page: bool,
+    ) -> Result<PageComparison, StorageError> {
+        let mut comparison = PageComparison::default();
         if theirs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(comparison);
         }
         let mut buckets: Vec<i32> = theirs.iter().map(|entry| entry.bucket).collect();
         buckets.dedup(); // in bucket order already
@@ -120,34 +127,70 @@ impl Store {
         .bind(collection)
         .bind(&buckets)
         .fetch(self.pool());
-        let mut differing = Vec::new();
-        let mut here: Option<BucketHash> = None;
+        // Rows at or before `after` were compared with the previous page.
+        let unlisted = |row: &BucketHash| {
+            after.is_none_or(|after| {
+                (row.bucket, row.key.as_str()) > (after.bucket, after.key.as_str())
+            })
+        };
+        let mut here: Option<BucketHash> = ours.try_next().await?.map(BucketHash::from_row);
         for entry in theirs {
             // Advance our side to the first row at or past the peer's entry.
-            loop {
-                match &here {
-                    Some(row)
-                        if (row.bucket, row.key.as_str()) >= (entry.bucket, entry.key.as_str()) =>
-                    {
-                        break
-                    }
-                    _ => match ours.try_next().await? {
-                        Some(row) => here = Some(BucketHash::from_row(row)),
-                        None => {
-                            here = None;
-                            break;
-                        }
-                    },
+            while let Some(row) = here.take() {
+                if (row.bucket, row.key.as_str()) >= (entry.bucket, entry.key.as_str()) {
+                    here = Some(row);
+                    break;
                 }
+                if unlisted(&row) {
+                    comparison.ours_only.push(row.key);
+                }
+                here = ours.try_next().await?.map(BucketHash::from_row);
             }
             let same = here.as_ref().is_some_and(|row| {
                 row.bucket == entry.bucket && row.key == entry.key && row.hash == entry.hash
             });
             if !same {
-                differing.push(entry.clone());
+                comparison.differing.push(entry.clone());
             }
         }
-        Ok(differing)
+        if last_page {
+            let last = theirs.last().expect("not empty");
+            while let Some(row) = here.take() {
+                if (row.bucket, row.key.as_str()) > (last.bucket, last.key.as_str())
+                    && unlisted(&row)
+                {
+                    comparison.ours_only.push(row.key);
+                }
+                here = ours.try_next().await?.map(BucketHash::from_row);
+            }
+        }
+        Ok(comparison)
+    }
+
+    /// Delete the rows of `keys` whose every version is at or below `horizon`: records a peer no
+    /// longer holds although every region applied all they hold (their tombstone was reclaimed
+    /// there, or their collection's deletion purged them). What a region restored from an old
+    /// backup brings back. Returns how many.
+    pub async fn prune_reclaimed(
+        &self,
+        collection: &str,
+        keys: &[String],
+        horizon: Hlc,
+    ) -> Result<u64, StorageError> {
+        let mut tx = self.begin_apply().await?;
+        let sql = format!(
+            "DELETE FROM records
+              WHERE collection = $1 AND key = ANY($2) AND {} <= $3::numeric",
+            super::deletions::MAX_HLC
+        );
+        let done = sqlx::query(&sql)
+            .bind(collection)
+            .bind(keys)
+            .bind(horizon.as_u64().to_string())
+            .execute(&mut **tx.transaction())
+            .await?;
+        tx.commit(None).await?;
+        Ok(done.rows_affected())
     }
 
     /// The stored states of `keys` of `collection` (absent keys are left out), in key order,
@@ -221,6 +264,15 @@ impl Store {
 pub struct HashCursor {
     pub bucket: i32,
     pub key: String,
+}
+
+/// What comparing one page of a peer's listing found ([`Store::compare_page`]).
+#[derive(Debug, Default)]
+pub struct PageComparison {
+    /// The peer's entries that differ here or are missing here.
+    pub differing: Vec<BucketHash>,
+    /// Keys held here that the peer does not hold.
+    pub ours_only: Vec<String>,
 }
 
 /// One record's place and hash, as anti-entropy lists them.
