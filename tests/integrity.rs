@@ -534,6 +534,90 @@ async fn a_region_restored_from_an_earlier_dump_loses_nothing_and_reuses_no_vers
     c.teardown().await;
 }
 
+/// Keys of collection `graves` stored in region `id`.
+async fn graves(c: &Cluster, id: &str) -> Vec<String> {
+    c.stored_states(id, &["graves"])
+        .await
+        .into_iter()
+        .map(|(_, key, _)| key)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_region_restored_from_before_deletes_whose_tombstones_are_reclaimed_brings_none_back() {
+    let mut c = crate::helpers::Setup::regions(&["eu", "us"])
+        .tweak(|config| config.replication.reclaim_interval_ms = 300)
+        .start()
+        .await;
+    let eu_config = c.region("eu").region.config.clone();
+    let keys: Vec<String> = (0..5).map(|i| format!("g{i}")).collect();
+    for key in &keys {
+        let put = c.put("eu", "graves", key, &json!({ "key": key })).await;
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
+    crate::helpers::until_everywhere(&c, "graves", &keys).await;
+    let dump = dump_database(&eu_config.database_url, "graves");
+    // Deleted after the dump, and reclaimed everywhere: nothing but the dump remembers them.
+    for key in &keys[..3] {
+        assert_eq!(
+            c.delete("eu", "graves", key).await.status(),
+            StatusCode::NO_CONTENT
+        );
+    }
+    for id in ["eu", "us"] {
+        eventually(30, "the tombstones are reclaimed", || async {
+            graves(&c, id).await == keys[3..]
+        })
+        .await;
+    }
+
+    // eu comes back from the dump, reaching us slowly, so its catch-up takes a while.
+    c.stop("eu").await;
+    restore_database(&eu_config.database_url, &dump).await;
+    let _ = std::fs::remove_file(&dump);
+    let slow = locus::delay_proxy::DelayProxy::start(
+        c.url("us").trim_start_matches("http://"),
+        std::time::Duration::from_millis(400),
+    )
+    .await
+    .unwrap();
+    let mut config = eu_config.clone();
+    for peer in &mut config.peers {
+        peer.api_url = slow.url();
+    }
+    c.restart("eu", config).await;
+    eventually(30, "eu knows it was restored", || async {
+        c.get_json("eu", "/v1/regions").await["catching_up_from"] == json!(["us"])
+    })
+    .await;
+    // Meanwhile us repairs from eu, which still holds the deleted records: it takes none back.
+    let report = repair_at(&c, "us", "eu").await;
+    assert!(report["records_skipped"].as_u64().unwrap() >= 3, "{report}");
+    assert_eq!(graves(&c, "us").await, keys[3..]);
+    assert_eq!(
+        c.get_json("eu", "/v1/regions").await["catching_up_from"],
+        json!(["us"]),
+        "eu was still catching up during us's round"
+    );
+
+    // eu's catch-up deletes them: us lacks them and every region had applied what they hold.
+    slow.set_delay(std::time::Duration::ZERO);
+    eventually(60, "the restored eu becomes ready", || async {
+        c.get_status("eu", "/readyz").await == StatusCode::OK
+    })
+    .await;
+    for id in ["eu", "us"] {
+        assert_eq!(graves(&c, id).await, keys[3..], "{id}");
+        for key in &keys[..3] {
+            assert_eq!(
+                c.get(id, "graves", key).await.status(),
+                StatusCode::NOT_FOUND
+            );
+        }
+    }
+    c.teardown().await;
+}
+
 /// The dead letters `id` holds, through the admin API.
 async fn dead_letters(c: &Cluster, id: &str) -> Vec<Value> {
     let response = admin_call(c, id, Method::GET, "/v1/dead-letters").await;

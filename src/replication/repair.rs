@@ -403,7 +403,16 @@ async fn pull_everything(
     // and can show its progress against that.
     let mut plan = Vec::new();
     let mut to_compare = 0;
-    for collection in client.collections(peer).await? {
+    let mut collections = client.collections(peer).await?;
+    if !region.catching_up().is_empty() {
+        // A collection the peer holds nothing of may hold what a restore brought back here.
+        for ours in region.store.collections_with_records().await? {
+            if !collections.contains(&ours) {
+                collections.push(ours);
+            }
+        }
+    }
+    for collection in collections {
         report.collections += 1;
         // Both sides scan their collection at once.
         let (ours, theirs) = tokio::join!(
