@@ -841,3 +841,77 @@ async fn the_peer_hash_listing_pages_through_every_key_of_the_chosen_buckets_onc
     assert_eq!(listed, expected, "in (bucket, key) order, each once");
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn comparing_a_listing_page_by_page_finds_exactly_the_keys_the_peer_lacks() {
+    use locus::record::digest::bucket_of;
+    use locus::storage::repair::{BucketHash, HashCursor};
+    let c = cluster(&["eu"]).await;
+    // Six keys sharing one bucket, so pages end inside it, and three elsewhere.
+    let crowded = bucket_of("x0");
+    let mut keys: Vec<String> = (0..)
+        .map(|i| format!("x{i}"))
+        .filter(|k| bucket_of(k) == crowded)
+        .take(6)
+        .collect();
+    keys.extend(["a", "b", "c"].map(str::to_owned));
+    for key in &keys {
+        assert_eq!(
+            c.put("eu", "compared", key, &json!(1)).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let store = &c.region("eu").region.store;
+    let mut buckets: Vec<i32> = keys.iter().map(|k| bucket_of(k)).collect();
+    buckets.sort_unstable();
+    buckets.dedup();
+    let ours = store
+        .bucket_hashes("compared", &buckets, None, 100)
+        .await
+        .unwrap();
+    assert_eq!(ours.len(), keys.len());
+
+    // The peer lacks the first, a middle and the last key of the crowded bucket (a bucket it
+    // holds nothing of is not listed: the round prunes those buckets whole), and holds one key
+    // this region lacks.
+    let in_crowded: Vec<&BucketHash> = ours.iter().filter(|e| e.bucket == crowded).collect();
+    let lacked: Vec<String> = [0, 2, 5].map(|i| in_crowded[i].key.clone()).into();
+    let mut theirs: Vec<BucketHash> = ours
+        .iter()
+        .filter(|e| !lacked.contains(&e.key))
+        .cloned()
+        .collect();
+    let extra = BucketHash {
+        bucket: crowded,
+        key: format!("{}~", in_crowded[3].key),
+        hash: in_crowded[3].hash,
+    };
+    theirs.push(extra.clone());
+    theirs.sort_by(|a, b| (a.bucket, &a.key).cmp(&(b.bucket, &b.key)));
+
+    for page_size in [1, 2, 3, 100] {
+        let pages: Vec<&[BucketHash]> = theirs.chunks(page_size).collect();
+        let mut ours_only = Vec::new();
+        let mut differing = Vec::new();
+        let mut after: Option<HashCursor> = None;
+        for (i, page) in pages.iter().enumerate() {
+            let compared = store
+                .compare_page("compared", page, after.as_ref(), i + 1 == pages.len())
+                .await
+                .unwrap();
+            ours_only.extend(compared.ours_only);
+            differing.extend(compared.differing.into_iter().map(|e| e.key));
+            let last = page.last().unwrap();
+            after = Some(HashCursor {
+                bucket: last.bucket,
+                key: last.key.clone(),
+            });
+        }
+        ours_only.sort();
+        let mut expected = lacked.clone();
+        expected.sort();
+        assert_eq!(ours_only, expected, "pages of {page_size}");
+        assert_eq!(differing, vec![extra.key.clone()], "pages of {page_size}");
+    }
+    c.teardown().await;
+}

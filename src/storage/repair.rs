@@ -114,11 +114,17 @@ impl Store {
         last_page: bool,
     ) -> Result<PageComparison, StorageError> {
         let mut comparison = PageComparison::default();
-        if theirs.is_empty() {
+        // The bucket the previous page ended in, too: its rows past that page's last entry are
+        // compared with this page.
+        let mut buckets: Vec<i32> = after
+            .map(|after| after.bucket)
+            .into_iter()
+            .chain(theirs.iter().map(|entry| entry.bucket))
+            .collect();
+        buckets.dedup(); // in bucket order already
+        if buckets.is_empty() {
             return Ok(comparison);
         }
-        let mut buckets: Vec<i32> = theirs.iter().map(|entry| entry.bucket).collect();
-        buckets.dedup(); // in bucket order already
         let mut ours = sqlx::query_as::<_, (i32, String, i64, i64)>(
             "SELECT bucket, key, hash_hi, hash_lo FROM records
               WHERE collection = $1 AND bucket = ANY($2)
@@ -146,19 +152,21 @@ impl Store {
                 }
                 here = ours.try_next().await?.map(BucketHash::from_row);
             }
-            let same = here.as_ref().is_some_and(|row| {
-                row.bucket == entry.bucket && row.key == entry.key && row.hash == entry.hash
-            });
-            if !same {
+            let matched = here
+                .as_ref()
+                .filter(|row| row.bucket == entry.bucket && row.key == entry.key);
+            if matched.is_none_or(|row| row.hash != entry.hash) {
                 comparison.differing.push(entry.clone());
+            }
+            if matched.is_some() {
+                here = ours.try_next().await?.map(BucketHash::from_row);
             }
         }
         if last_page {
-            let last = theirs.last().expect("not empty");
+            // What is left here past the listing's last entry, the peer does not hold.
+            let last = theirs.last().map(|last| (last.bucket, last.key.as_str()));
             while let Some(row) = here.take() {
-                if (row.bucket, row.key.as_str()) > (last.bucket, last.key.as_str())
-                    && unlisted(&row)
-                {
+                if last.is_none_or(|last| (row.bucket, row.key.as_str()) > last) && unlisted(&row) {
                     comparison.ours_only.push(row.key);
                 }
                 here = ours.try_next().await?.map(BucketHash::from_row);
