@@ -193,15 +193,6 @@ async fn every_write_below_a_heartbeat_promise_is_applied_when_the_promise_is() 
     c.teardown().await;
 }
 
-/// Rows of collection `tombs` stored in region `id`, by key.
-async fn stored_keys(c: &Cluster, id: &str) -> Vec<String> {
-    c.stored_states(id, &["tombs"])
-        .await
-        .into_iter()
-        .map(|(_, key, _)| key)
-        .collect()
-}
-
 #[tokio::test]
 async fn tombstones_are_reclaimed_only_once_every_region_applied_them_and_records_come_back_new() {
     let (c, mut link) = Setup::regions(&["eu", "us", "ap"])
@@ -230,14 +221,18 @@ async fn tombstones_are_reclaimed_only_once_every_region_applied_them_and_record
     // Several reclamation passes and heartbeats later, the tombstones are all still held.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for id in ["eu", "us", "ap"] {
-        assert_eq!(stored_keys(&c, id).await, keys, "{id} kept every row");
+        assert_eq!(
+            c.stored_keys(id, "tombs").await,
+            keys,
+            "{id} kept every row"
+        );
     }
 
     // ap applies them; then every region reclaims them, and says so.
     link.resume().await.unwrap();
     for id in ["eu", "us", "ap"] {
         eventually(30, "the tombstones are reclaimed", || async {
-            stored_keys(&c, id).await == keys[5..]
+            c.stored_keys(id, "tombs").await == keys[5..]
         })
         .await;
         let metrics = c.metrics(id).await;

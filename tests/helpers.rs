@@ -421,6 +421,15 @@ impl Cluster {
         .unwrap()
     }
 
+    /// The keys of `collection` with a stored row (live or not) in region `id`, in key order.
+    pub async fn stored_keys(&self, id: &str, collection: &str) -> Vec<String> {
+        self.stored_states(id, &[collection])
+            .await
+            .into_iter()
+            .map(|(_, key, _)| key)
+            .collect()
+    }
+
     /// Every stored record of region `id`, system collections included, in key order.
     pub async fn whole_region(&self, id: &str) -> Vec<(String, String, Value)> {
         sqlx::query_as::<_, (String, String, Value)>(

@@ -534,15 +534,6 @@ async fn a_region_restored_from_an_earlier_dump_loses_nothing_and_reuses_no_vers
     c.teardown().await;
 }
 
-/// Keys of collection `graves` stored in region `id`.
-async fn graves(c: &Cluster, id: &str) -> Vec<String> {
-    c.stored_states(id, &["graves"])
-        .await
-        .into_iter()
-        .map(|(_, key, _)| key)
-        .collect()
-}
-
 #[tokio::test]
 async fn a_region_restored_from_before_deletes_whose_tombstones_are_reclaimed_brings_none_back() {
     let mut c = crate::helpers::Setup::regions(&["eu", "us"])
@@ -566,7 +557,7 @@ async fn a_region_restored_from_before_deletes_whose_tombstones_are_reclaimed_br
     }
     for id in ["eu", "us"] {
         eventually(30, "the tombstones are reclaimed", || async {
-            graves(&c, id).await == keys[3..]
+            c.stored_keys(id, "graves").await == keys[3..]
         })
         .await;
     }
@@ -593,7 +584,7 @@ async fn a_region_restored_from_before_deletes_whose_tombstones_are_reclaimed_br
     // Meanwhile us repairs from eu, which still holds the deleted records: it takes none back.
     let report = repair_at(&c, "us", "eu").await;
     assert!(report["records_skipped"].as_u64().unwrap() >= 3, "{report}");
-    assert_eq!(graves(&c, "us").await, keys[3..]);
+    assert_eq!(c.stored_keys("us", "graves").await, keys[3..]);
     assert_eq!(
         c.get_json("eu", "/v1/regions").await["catching_up_from"],
         json!(["us"]),
@@ -607,7 +598,7 @@ async fn a_region_restored_from_before_deletes_whose_tombstones_are_reclaimed_br
     })
     .await;
     for id in ["eu", "us"] {
-        assert_eq!(graves(&c, id).await, keys[3..], "{id}");
+        assert_eq!(c.stored_keys(id, "graves").await, keys[3..], "{id}");
         for key in &keys[..3] {
             assert_eq!(
                 c.get(id, "graves", key).await.status(),
