@@ -667,21 +667,19 @@ async fn pull_collection(
     let listing = async move {
         let mut listed = Listed::default();
         let marked = region.store.unrepairable(peer, collection).await?;
-        for buckets in bucket_sets {
-            list_differing(
-                region,
-                client,
-                peer,
-                collection,
-                buckets,
-                reclaimed,
-                &marked,
-                &keys_tx,
-                &mut listed,
-                meter,
-            )
-            .await?;
-        }
+        list_differing(
+            region,
+            client,
+            peer,
+            collection,
+            bucket_sets,
+            reclaimed,
+            &marked,
+            &keys_tx,
+            &mut listed,
+            meter,
+        )
+        .await?;
         Ok::<_, RepairError>(listed)
     };
     let fetching = async move {
@@ -735,57 +733,79 @@ async fn pull_collection(
     Ok(())
 }
 
-/// Page through the peer's hashes of `buckets`, and send the keys that differ here (and are not
-/// marked unrepairable at the peer's current state) in sorted batches of [`FETCH_KEYS`].
+/// Page through the peer's hashes of each of `bucket_sets`, and send the keys that differ here
+/// (and are not marked unrepairable at the peer's current state) in sorted batches of
+/// [`FETCH_KEYS`]. The next page is asked for while this one is compared here.
 #[allow(clippy::too_many_arguments)]
 async fn list_differing(
     region: &Region,
     client: &PeerClient,
     peer: &str,
     collection: &str,
-    buckets: &[i32],
+    bucket_sets: &[Vec<i32>],
     reclaimed: Option<Hlc>,
     marked: &std::collections::HashMap<String, StateHash>,
     keys_tx: &tokio::sync::mpsc::Sender<Vec<String>>,
     listed: &mut Listed,
     meter: &Meter<'_>,
 ) -> Result<(), RepairError> {
-    let mut after: Option<HashCursor> = None;
+    let request = |set: usize, after: Option<HashCursor>| {
+        client.hashes(peer, collection, &bucket_sets[set], after)
+    };
+    if bucket_sets.is_empty() {
+        return Ok(());
+    }
+    let (mut set, mut after): (usize, Option<HashCursor>) = (0, None);
+    let mut fetched = request(set, None).await?;
     let mut wanted: Vec<String> = Vec::new();
     loop {
         let listing = Instant::now();
-        let (page, next) = client
-            .hashes(peer, collection, buckets, after.clone())
-            .await?;
-        listed.keys_compared += page.len() as u64;
-        let comparison = region
+        let (page, next) = fetched;
+        let last_page = next.is_none();
+        // The page after this one: the set's next, or the next set's first.
+        let following = match next {
+            Some(cursor) => Some((set, Some(cursor))),
+            None if set + 1 < bucket_sets.len() => Some((set + 1, None)),
+            None => None,
+        };
+        let compare = region
             .store
-            .compare_page(collection, &page, after.as_ref(), next.is_none())
-            .await?;
+            .compare_page(collection, &page, after.as_ref(), last_page);
+        let (comparison, fetched_next) = match &following {
+            Some((next_set, next_after)) => {
+                let (comparison, fetched) =
+                    tokio::join!(compare, request(*next_set, next_after.clone()));
+                (comparison?, Some(fetched?))
+            }
+            None => (compare.await?, None),
+        };
+        listed.keys_compared += page.len() as u64;
         if let Some(horizon) = reclaimed {
             listed.records_pruned +=
                 prune(region, peer, collection, &comparison.ours_only, horizon).await?;
         }
-        let differing = comparison.differing;
         meter.compared(page.len() as u64);
         listed.seconds += listing.elapsed().as_secs_f64();
-        for theirs in differing {
+        for theirs in comparison.differing {
             if marked.get(&theirs.key) == Some(&theirs.hash) {
                 listed.records_skipped += 1;
             } else {
                 wanted.push(theirs.key);
             }
         }
-        while wanted.len() >= FETCH_KEYS || (next.is_none() && !wanted.is_empty()) {
+        let done = following.is_none();
+        while wanted.len() >= FETCH_KEYS || (done && !wanted.is_empty()) {
             let mut batch: Vec<String> = wanted.drain(..wanted.len().min(FETCH_KEYS)).collect();
             batch.sort_unstable(); // the peer answers in key order, which `fetch_states` relies on
             if keys_tx.send(batch).await.is_err() {
                 return Ok(()); // a later stage stopped on an error of its own
             }
         }
-        match next {
-            Some(next) => after = Some(next),
-            None => return Ok(()),
+        match (following, fetched_next) {
+            (Some((next_set, next_after)), Some(next_page)) => {
+                (set, after, fetched) = (next_set, next_after, next_page);
+            }
+            _ => return Ok(()),
         }
     }
 }
