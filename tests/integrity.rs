@@ -619,7 +619,10 @@ async fn dead_letters(c: &Cluster, id: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_an_operator() {
-    let c = cluster(&["eu", "us"]).await;
+    let c = crate::helpers::Setup::regions(&["eu", "us"])
+        .tweak(|config| config.replication.reclaim_interval_ms = 200)
+        .start()
+        .await;
     // us refuses one record, as a region with a local fault would (a full disk, a bad index):
     // the event cannot be applied there even alone.
     let us_pool = c.region("us").region.store.pool().clone();
@@ -664,6 +667,15 @@ async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_
         dead_letters(&c, "us").await.len() >= 2
     })
     .await;
+    // While us holds them, its heartbeats say nothing of what it applied: no tombstone it may
+    // lack is reclaimed anywhere.
+    let reclaimed_at_eu = || async {
+        c.get_json("eu", "/v1/regions").await["tombstones_reclaimed_through_ms"].as_u64()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let held = reclaimed_at_eu().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert_eq!(reclaimed_at_eu().await, held, "reclamation waits for us");
 
     // Repair fetches the refused record, fails to merge it, and marks it rather than failing
     // every round on it; the next round skips it.
@@ -752,6 +764,12 @@ async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_
     .await;
     // The stream's dead letter of "bad" went with the merge of its record.
     assert_eq!(dead_letters(&c, "us").await, Vec::<Value>::new());
+    eventually(
+        20,
+        "reclamation goes on once us holds no dead letter",
+        || async { reclaimed_at_eu().await > held },
+    )
+    .await;
     expect_problem(
         c.request("us", Method::GET, "/v1/dead-letters")
             .send()

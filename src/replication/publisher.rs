@@ -163,11 +163,17 @@ async fn send_heartbeat(
     through_ms: u64,
 ) -> Result<(), async_nats::Error> {
     // The view rides along for tombstone reclamation; a beat without it only delays that. A
-    // region still copying the deployment's data, or catching up after a restore, has not
-    // applied everything its stream positions say: it sends none.
+    // region still copying the deployment's data, catching up after a restore, or holding dead
+    // letters (events its stream positions count as applied, which it set aside) has not
+    // applied everything its positions say: it sends none.
     let copying = region.is_bootstrapping() || !region.catching_up().is_empty();
-    let applied = match region.store.applied_through().await {
-        Ok(_) if copying => BTreeMap::new(),
+    let view = async {
+        if copying || region.store.dead_letter_count().await? > 0 {
+            return Ok(BTreeMap::new());
+        }
+        region.store.applied_through().await
+    };
+    let applied = match view.await {
         Ok(applied) => applied,
         Err(error) => {
             tracing::debug!(region = region.id(), %error, "heartbeat sent without this region's view");
