@@ -403,8 +403,10 @@ async fn pull_everything(
     // and can show its progress against that.
     let mut plan = Vec::new();
     let mut to_compare = 0;
+    // A region restored from a backup, catching up: it alone deletes what a peer lacks.
+    let restored = !region.catching_up().is_empty();
     let mut collections = client.collections(peer).await?;
-    if !region.catching_up().is_empty() {
+    if restored {
         // A collection the peer holds nothing of may hold what a restore brought back here.
         for ours in region.store.collections_with_records().await? {
             if !collections.contains(&ours) {
@@ -423,7 +425,7 @@ async fn pull_everything(
         let (theirs, reclaimed, restoring) = theirs?;
         // Only a region restored from a backup deletes what a peer lacks: elsewhere, a record a
         // peer lacks is one it lost, and the peer's own round brings it back.
-        let reclaimed = reclaimed.filter(|_| !region.catching_up().is_empty());
+        let reclaimed = reclaimed.filter(|_| restored);
         // From a restored peer, nothing every region had applied: it may be what a reclaimed
         // tombstone superseded. Pulled once the peer has caught up, if it still holds it.
         let too_old = if restoring {
@@ -592,8 +594,8 @@ async fn prune_buckets(
     horizon: Hlc,
 ) -> Result<u64, RepairError> {
     let mut pruned = 0;
-    let mut after: Option<HashCursor> = None;
     for set in buckets.chunks(HASH_PAGE as usize) {
+        let mut after: Option<HashCursor> = None;
         loop {
             let page = region
                 .store
@@ -610,7 +612,6 @@ async fn prune_buckets(
                 break;
             }
         }
-        after = None;
     }
     Ok(pruned)
 }
