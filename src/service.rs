@@ -30,7 +30,8 @@ use crate::replication::event::Event;
 use crate::replication::status::ReplicationStatus;
 use crate::resolve::{Resolvers, RESOLVER_COLLECTION};
 use crate::storage::{
-    IdempotentWrite, Loaded, LockedRecord, OutboxEvent, RegionIdentity, Saved, StorageError, Store,
+    IdempotentWrite, Loaded, LockedRecord, OutboxEvent, RecordWrite, RegionIdentity, Saved,
+    StorageError, Store,
 };
 
 /// NATS's default `max_payload`, assumed until the server says otherwise.
@@ -253,6 +254,8 @@ pub struct Region {
     actor: tokio::sync::watch::Sender<Option<Actor>>,
     clock: Mutex<HybridClock>,
     cache: WriteCache,
+    /// Writes arriving together share one statement and one commit.
+    commits: crate::storage::group_commit::GroupCommit,
     /// Woken after each committed write, so the publisher ships it at once.
     pub outbox_signal: Notify,
     /// Wakes the repair worker for a round against every peer now.
@@ -290,6 +293,11 @@ impl Region {
         let bootstrapping = !identity.bootstrapped && !config.peers.is_empty();
         let members = crate::membership::Members::new(&config);
         let peer_trust = crate::tls::PeerTrust::load(&config)?;
+        let commits = crate::storage::group_commit::GroupCommit::new(
+            store.clone(),
+            crate::storage::group_commit::committers_for(config.database_pool_size),
+            &registry,
+        );
         Ok(Region {
             config,
             store,
@@ -297,6 +305,7 @@ impl Region {
             actor: tokio::sync::watch::Sender::new(None),
             clock,
             cache: WriteCache::new(),
+            commits,
             outbox_signal: Notify::new(),
             repair_wanted: Notify::new(),
             purge_wanted: Notify::new(),
@@ -657,15 +666,15 @@ impl Region {
                         .await?
                 }
                 None => {
-                    self.store
-                        .save(
+                    self.commits
+                        .save(RecordWrite::new(
                             collection,
                             key,
                             base.rev,
                             &state,
                             &event,
                             idempotent.as_ref(),
-                        )
+                        ))
                         .await?
                 }
             };

@@ -292,21 +292,25 @@ async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
     let http = reqwest::Client::new();
     let eu = servers[0].url.clone();
 
-    // Four writers to records homed at eu, until eu dies under them.
+    // 32 writers to records homed at eu, until eu dies under them: enough that group commits
+    // carry several writes each, so the kill lands while batches are in flight.
+    let writers_count = 32;
     let mut writers = Vec::new();
-    for w in 0..4 {
+    for w in 0..writers_count {
         let (http, eu) = (http.clone(), eu.clone());
         writers.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for i in 0..1000 {
-                let key = format!("w{w}-{i:04}");
+                let key = format!("w{w:02}-{i:04}");
                 match http
                     .put(format!("{eu}/v1/collections/burst/records/{key}"))
                     .json(&json!({"w": w, "i": i}))
                     .send()
                     .await
                 {
-                    Ok(r) if r.status() == StatusCode::CREATED => acknowledged.push(key),
+                    Ok(r) if r.status() == StatusCode::CREATED => {
+                        acknowledged.push((key, json!({"w": w, "i": i})))
+                    }
                     Ok(r) => panic!("{key}: {}", r.status()),
                     Err(_) => break,
                 }
@@ -314,33 +318,69 @@ async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
             acknowledged
         }));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let metrics = http
+        .get(format!("{eu}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     servers[0].child.kill().unwrap(); // SIGKILL, mid-burst
     servers[0].child.wait().unwrap();
+    let figure = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (batches, batched_writes) = (
+        figure("locus_write_batch_size_count"),
+        figure("locus_write_batch_size_sum"),
+    );
+    assert!(
+        batched_writes > batches,
+        "writes shared commits before the kill: {batched_writes} writes in {batches} batches"
+    );
     let mut acknowledged = Vec::new();
     for w in writers {
         acknowledged.extend(w.await.unwrap());
     }
     assert!(
-        !acknowledged.is_empty() && acknowledged.len() < 4000,
+        !acknowledged.is_empty() && acknowledged.len() < writers_count * 1000,
         "eu died mid-burst ({} acknowledged)",
         acknowledged.len()
     );
     servers[0] = serve("eu", &overrides(0));
 
-    // Every acknowledged write is in every region.
+    // Every acknowledged write is in every region with its value, and the regions hold the
+    // same records (writes answered with an error may or may not have committed, but
+    // identically everywhere).
+    let mut listings = Vec::new();
     for server in &servers {
         let base = server.url.clone();
         crate::helpers::eventually(
             60,
             &format!("all acknowledged writes at {base}"),
             || async {
-                let keys = all_keys(&http, &base, "burst").await;
-                acknowledged.iter().all(|k| keys.contains(k))
+                let records = all_records(&http, &base, "burst").await;
+                acknowledged
+                    .iter()
+                    .all(|(key, value)| records.get(key).map(|r| &r["value"]) == Some(value))
             },
         )
         .await;
+        listings.push(base);
     }
+    crate::helpers::eventually(30, "every region holds the same records", || async {
+        let mut whole = Vec::new();
+        for base in &listings {
+            whole.push(all_records(&http, base, "burst").await);
+        }
+        whole.windows(2).all(|pair| pair[0] == pair[1])
+    })
+    .await;
     drop(servers);
     for region in regions {
         let url = format!("{}/locus_test_kill_{run}_{region}", postgres_base());
@@ -349,9 +389,14 @@ async fn kill_9_of_a_region_mid_burst_loses_no_acknowledged_write_anywhere() {
     let _ = locus::replication::delete_streams(crate::helpers::nats(), &deployment, &regions).await;
 }
 
-/// Every key a region lists in `collection`, following the cursors.
-async fn all_keys(http: &reqwest::Client, base: &str, collection: &str) -> Vec<String> {
-    let mut keys = Vec::new();
+/// Every record a region lists in `collection`, following the cursors: key to its JSON (value,
+/// home, version and HLC).
+async fn all_records(
+    http: &reqwest::Client,
+    base: &str,
+    collection: &str,
+) -> std::collections::BTreeMap<String, Value> {
+    let mut records = std::collections::BTreeMap::new();
     let mut cursor: Option<String> = None;
     loop {
         let mut url = format!("{base}/v1/collections/{collection}/records?limit=1000");
@@ -359,16 +404,16 @@ async fn all_keys(http: &reqwest::Client, base: &str, collection: &str) -> Vec<S
             url.push_str(&format!("&cursor={c}"));
         }
         let page: Value = http.get(url).send().await.unwrap().json().await.unwrap();
-        keys.extend(
+        records.extend(
             page["records"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|r| r["key"].as_str().unwrap().to_owned()),
+                .map(|r| (r["key"].as_str().unwrap().to_owned(), r.clone())),
         );
         match page["next"].as_str() {
             Some(next) => cursor = Some(next.to_owned()),
-            None => return keys,
+            None => return records,
         }
     }
 }

@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod client;
 mod collections;
+mod group_commit;
 mod health;
 mod heartbeats;
 mod helpers;

@@ -10,11 +10,14 @@
 //! and retries, so concurrent writers to one record serialize, creates of the same new key included,
 //! while writers to different records never wait on each other. Optimism alone could starve a slow
 //! writer on a hot record, so a writer that lost twice takes the row lock instead
-//! ([`Store::lock`]): lock waiters are served in order, so every write makes progress.
+//! ([`Store::lock`]): lock waiters are served in order, so every write makes progress. Concurrent
+//! writes share that second statement and its commit ([`group_commit`]), each under its own
+//! compare-and-swap.
 
 pub mod apply;
 pub mod dead_letters;
 pub mod deletions;
+pub mod group_commit;
 pub mod outbox;
 pub mod records;
 pub mod repair;
@@ -27,7 +30,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
 pub use records::{
-    IdempotentWrite, Loaded, LockedRecord, OutboxEvent, RememberedWrite, Saved, Store,
+    IdempotentWrite, Loaded, LockedRecord, OutboxEvent, RecordWrite, RememberedWrite, Saved, Store,
 };
 
 #[derive(Debug, thiserror::Error)]

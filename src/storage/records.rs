@@ -1,6 +1,7 @@
 //! Records, their policies and the outbox: load a record with its collection's policy in one
 //! statement, and commit a new state together with its outbox event in another.
 
+use serde_json::value::RawValue;
 use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Row};
 
@@ -9,7 +10,7 @@ use super::StorageError;
 use std::borrow::Cow;
 
 use crate::clock::hlc::Hlc;
-use crate::record::digest::{bucket_of, state_hash};
+use crate::record::digest::{bucket_of, state_hash, StateHash};
 use crate::record::policy::{DELETION_COLLECTION, POLICY_COLLECTION};
 use crate::record::resolution::Resolution;
 use crate::record::{visible_record, RecordState};
@@ -118,16 +119,13 @@ impl Store {
         event: &OutboxEvent<'_>,
         idempotent: Option<&IdempotentWrite<'_>>,
     ) -> Result<Saved, StorageError> {
-        save(
-            &self.pool,
-            collection,
-            key,
-            expected_rev,
-            state,
-            event,
-            idempotent,
-        )
-        .await
+        let write = RecordWrite::new(collection, key, expected_rev, state, event, idempotent);
+        self.save_one(&write).await
+    }
+
+    /// [`Store::save`] of a write already prepared.
+    pub async fn save_one(&self, write: &RecordWrite) -> Result<Saved, StorageError> {
+        save(&self.pool, write).await
     }
 
     /// Take the record's row lock in a transaction and load it: the path of a writer that lost
@@ -270,16 +268,8 @@ impl LockedRecord {
         event: &OutboxEvent<'_>,
         idempotent: Option<&IdempotentWrite<'_>>,
     ) -> Result<Saved, StorageError> {
-        let saved = save(
-            &mut *self.tx,
-            collection,
-            key,
-            self.loaded.rev,
-            state,
-            event,
-            idempotent,
-        )
-        .await?;
+        let write = RecordWrite::new(collection, key, self.loaded.rev, state, event, idempotent);
+        let saved = save(&mut *self.tx, &write).await?;
         if saved == Saved::Yes {
             self.tx.commit().await?;
         }
@@ -347,6 +337,72 @@ pub struct IdempotentWrite<'a> {
     pub session: &'a str,
 }
 
+/// A write ready for the database: everything [`Store::save`] binds, owned and encoded once, so
+/// that it can wait for a group commit ([`super::group_commit`]) on another task.
+#[derive(Debug)]
+pub struct RecordWrite {
+    pub collection: String,
+    pub key: String,
+    /// The revision the write builds on; 0 when the record has no row.
+    pub expected_rev: i64,
+    pub(super) state: Box<RawValue>,
+    pub(super) bucket: i32,
+    pub(super) hash: StateHash,
+    pub(super) event: Vec<u8>,
+    pub(super) actor: String,
+    pub(super) hlc_ms: Option<u64>,
+    pub idempotent: Option<OwnedIdempotentWrite>,
+}
+
+/// An [`IdempotentWrite`] that owns its strings.
+#[derive(Debug)]
+pub struct OwnedIdempotentWrite {
+    pub key: String,
+    pub fingerprint: String,
+    pub created: bool,
+    pub failover: bool,
+    pub session: String,
+}
+
+impl RecordWrite {
+    pub fn new(
+        collection: &str,
+        key: &str,
+        expected_rev: i64,
+        state: &RecordState,
+        event: &OutboxEvent<'_>,
+        idempotent: Option<&IdempotentWrite<'_>>,
+    ) -> RecordWrite {
+        RecordWrite {
+            collection: collection.to_owned(),
+            key: key.to_owned(),
+            expected_rev,
+            state: serde_json::value::to_raw_value(state).expect("a record state always encodes"),
+            bucket: bucket_of(key),
+            hash: state_hash(state),
+            event: event.bytes.to_vec(),
+            actor: event.actor.to_owned(),
+            hlc_ms: event.hlc_ms,
+            idempotent: idempotent.map(|i| OwnedIdempotentWrite {
+                key: i.key.to_owned(),
+                fingerprint: i.fingerprint.to_owned(),
+                created: i.created,
+                failover: i.failover,
+                session: i.session.to_owned(),
+            }),
+        }
+    }
+
+    /// What became of this write, given whether the statement wrote it and the floor it saw.
+    fn outcome(&self, written: bool, floor_ms: i64) -> Saved {
+        match self.hlc_ms {
+            _ if written => Saved::Yes,
+            Some(ms) if (ms as i64) < floor_ms => Saved::BelowFloor(floor_ms as u64),
+            _ => Saved::Raced,
+        }
+    }
+}
+
 /// What became of a save.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Saved {
@@ -362,15 +418,10 @@ pub enum Saved {
 
 async fn save<'e>(
     executor: impl PgExecutor<'e>,
-    collection: &str,
-    key: &str,
-    expected_rev: i64,
-    state: &RecordState,
-    event: &OutboxEvent<'_>,
-    idempotent: Option<&IdempotentWrite<'_>>,
+    write: &RecordWrite,
 ) -> Result<Saved, StorageError> {
     // `floor` runs once per statement, before `written` (which reads it).
-    let sql = if expected_rev == 0 {
+    let sql = if write.expected_rev == 0 {
         "WITH floor AS (SELECT write_floor_ms() AS ms),
          written AS (
              INSERT INTO records (collection, key, rev, state, bucket, hash_hi, hash_lo)
@@ -396,23 +447,23 @@ async fn save<'e>(
              SELECT $11, $12, $13, $14, $3, $15 FROM written WHERE $11::text IS NOT NULL)
          SELECT (SELECT count(*) FROM written), (SELECT ms FROM floor)"
     };
-    let hash = state_hash(state);
+    let idempotent = write.idempotent.as_ref();
     let saved = sqlx::query_as::<_, (i64, i64)>(sql)
-        .bind(collection)
-        .bind(key)
-        .bind(Json(state))
-        .bind(event.bytes)
-        .bind(expected_rev)
-        .bind(bucket_of(key))
-        .bind(hash.hi)
-        .bind(hash.lo)
-        .bind(event.actor)
-        .bind(event.hlc_ms.map(|ms| ms as i64))
-        .bind(idempotent.map(|i| i.key))
-        .bind(idempotent.map(|i| i.fingerprint))
+        .bind(&write.collection)
+        .bind(&write.key)
+        .bind(Json(write.state.as_ref()))
+        .bind(&write.event)
+        .bind(write.expected_rev)
+        .bind(write.bucket)
+        .bind(write.hash.hi)
+        .bind(write.hash.lo)
+        .bind(&write.actor)
+        .bind(write.hlc_ms.map(|ms| ms as i64))
+        .bind(idempotent.map(|i| i.key.as_str()))
+        .bind(idempotent.map(|i| i.fingerprint.as_str()))
         .bind(idempotent.map(|i| i.created))
         .bind(idempotent.map(|i| i.failover))
-        .bind(idempotent.map(|i| i.session))
+        .bind(idempotent.map(|i| i.session.as_str()))
         .fetch_one(executor)
         .await;
     let (written, floor_ms) = match saved {
@@ -423,11 +474,89 @@ async fn save<'e>(
         }
         other => other?,
     };
-    Ok(match event.hlc_ms {
-        _ if written == 1 => Saved::Yes,
-        Some(ms) if (ms as i64) < floor_ms => Saved::BelowFloor(floor_ms as u64),
-        _ => Saved::Raced,
-    })
+    Ok(write.outcome(written == 1, floor_ms))
+}
+
+impl Store {
+    /// Commit several writes in one statement ([`super::group_commit`]): each under its own
+    /// compare-and-swap and floor check, rows locked in `(collection, key)` order, outbox events
+    /// queued in batch order. The writes must name distinct records and distinct idempotency
+    /// keys. An error (another request took one of the idempotency keys) writes nothing.
+    pub async fn save_batch(&self, writes: &[RecordWrite]) -> Result<Vec<Saved>, StorageError> {
+        // `locked` takes the row locks of the records that exist, in key order (the lock is taken
+        // above the sort), before `updated` changes them; `updated` checks each revision against
+        // the newest committed row, as a single UPDATE does.
+        let sql = "WITH floor AS (SELECT write_floor_ms() AS ms),
+             batch AS (
+                 SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[],
+                                      $6::int[], $7::bigint[], $8::bigint[], $9::bytea[], $10::text[],
+                                      $11::bigint[], $12::text[], $13::text[], $14::bool[], $15::bool[],
+                                      $16::text[])
+                     AS b(ord, collection, key, expected_rev, state, bucket, hash_hi, hash_lo, event,
+                          actor, hlc_ms, idempotency_key, fingerprint, created, failover, session)),
+             admitted AS (
+                 SELECT batch.* FROM batch, floor WHERE batch.hlc_ms IS NULL OR batch.hlc_ms >= floor.ms),
+             locked AS (
+                 SELECT r.collection, r.key FROM records r
+                   JOIN admitted a ON a.collection = r.collection AND a.key = r.key AND a.expected_rev > 0
+                  ORDER BY r.collection, r.key
+                    FOR UPDATE OF r),
+             updated AS (
+                 UPDATE records r SET rev = r.rev + 1, state = a.state, updated_at = now(),
+                        resolution = CASE WHEN jsonb_array_length(a.state -> 'versions') > 1 THEN r.resolution END,
+                        bucket = a.bucket, hash_hi = a.hash_hi, hash_lo = a.hash_lo
+                   FROM admitted a JOIN locked l ON l.collection = a.collection AND l.key = a.key
+                  WHERE r.collection = a.collection AND r.key = a.key AND r.rev = a.expected_rev
+                 RETURNING a.ord),
+             inserted AS (
+                 INSERT INTO records (collection, key, rev, state, bucket, hash_hi, hash_lo)
+                 SELECT collection, key, 1, state, bucket, hash_hi, hash_lo FROM admitted
+                  WHERE expected_rev = 0 ORDER BY collection, key
+                 ON CONFLICT (collection, key) DO NOTHING
+                 RETURNING collection, key),
+             written AS (
+                 SELECT ord FROM updated
+                 UNION ALL
+                 SELECT a.ord FROM inserted i
+                   JOIN admitted a ON a.collection = i.collection AND a.key = i.key AND a.expected_rev = 0),
+             queued AS (
+                 INSERT INTO outbox (event, actor)
+                 SELECT b.event, b.actor FROM batch b JOIN written w ON w.ord = b.ord ORDER BY b.ord),
+             remembered AS (
+                 INSERT INTO idempotent_writes (idempotency_key, fingerprint, created, failover, state, session)
+                 SELECT b.idempotency_key, b.fingerprint, b.created, b.failover, b.state, b.session
+                   FROM batch b JOIN written w ON w.ord = b.ord
+                  WHERE b.idempotency_key IS NOT NULL)
+             SELECT (SELECT coalesce(array_agg(ord), '{}') FROM written), (SELECT ms FROM floor)";
+        let columns = super::group_commit::Columns::of(writes);
+        let (written, floor_ms): (Vec<i32>, i64) = sqlx::query_as(sql)
+            .bind(&columns.ord)
+            .bind(&columns.collection)
+            .bind(&columns.key)
+            .bind(&columns.expected_rev)
+            .bind(&columns.state)
+            .bind(&columns.bucket)
+            .bind(&columns.hash_hi)
+            .bind(&columns.hash_lo)
+            .bind(&columns.event)
+            .bind(&columns.actor)
+            .bind(&columns.hlc_ms)
+            .bind(&columns.idempotency_key)
+            .bind(&columns.fingerprint)
+            .bind(&columns.created)
+            .bind(&columns.failover)
+            .bind(&columns.session)
+            .fetch_one(&self.pool)
+            .await?;
+        let mut outcomes: Vec<Saved> = writes
+            .iter()
+            .map(|write| write.outcome(false, floor_ms))
+            .collect();
+        for ord in written {
+            outcomes[ord as usize] = Saved::Yes;
+        }
+        Ok(outcomes)
+    }
 }
 
 pub(super) fn corrupt(error: sqlx::Error) -> StorageError {
