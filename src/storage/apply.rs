@@ -114,26 +114,38 @@ async fn load_ranges(
     ))
 }
 
+/// The CTEs that replace `origin`'s ranges (`$1`) with those starting at `$2` and ending at `$3`:
+/// rows of other starts go, the others are written or updated. They touch disjoint rows, so one
+/// statement does both.
+macro_rules! replace_ranges {
+    () => {
+        "gone AS (DELETE FROM applied_ranges WHERE origin = $1 AND first_seq <> ALL($2::bigint[])),
+         kept AS (INSERT INTO applied_ranges (origin, first_seq, last_seq)
+                  SELECT $1, * FROM unnest($2::bigint[], $3::bigint[])
+                  ON CONFLICT (origin, first_seq) DO UPDATE SET last_seq = EXCLUDED.last_seq)"
+    };
+}
+
+/// The starts and ends of a range set's ranges, for [`replace_ranges`].
+fn range_bounds(set: &RangeSet) -> (Vec<i64>, Vec<i64>) {
+    set.ranges()
+        .iter()
+        .map(|&(a, b)| (a as i64, b as i64))
+        .unzip()
+}
+
 async fn save_ranges(
     tx: &mut Transaction<'static, Postgres>,
     origin: &str,
     set: &RangeSet,
 ) -> Result<(), StorageError> {
-    let firsts: Vec<i64> = set.ranges().iter().map(|&(a, _)| a as i64).collect();
-    let lasts: Vec<i64> = set.ranges().iter().map(|&(_, b)| b as i64).collect();
-    sqlx::query("DELETE FROM applied_ranges WHERE origin = $1")
+    let (firsts, lasts) = range_bounds(set);
+    sqlx::query(concat!("WITH ", replace_ranges!(), " SELECT 1"))
         .bind(origin)
+        .bind(&firsts)
+        .bind(&lasts)
         .execute(&mut **tx)
         .await?;
-    sqlx::query(
-        "INSERT INTO applied_ranges (origin, first_seq, last_seq)
-         SELECT $1, * FROM unnest($2::bigint[], $3::bigint[])",
-    )
-    .bind(origin)
-    .bind(&firsts)
-    .bind(&lasts)
-    .execute(&mut **tx)
-    .await?;
     Ok(())
 }
 
@@ -328,7 +340,6 @@ impl ApplyTx {
         // merge, write.
         let mut ranges = load_ranges(&mut self.tx, origin).await?;
         ranges.insert_all(position.sequences.iter().copied());
-        save_ranges(&mut self.tx, origin, &ranges).await?;
         // A heartbeat's promise holds here only once every event before it is applied; batches
         // of a shared consumer commit in any order, so one may come before an earlier one. Then
         // the next heartbeat makes the promise.
@@ -336,32 +347,37 @@ impl ApplyTx {
             .heartbeat
             .filter(|&(sequence, _)| ranges.holes_below(sequence).is_empty())
             .map(|(_, through_ms)| through_ms as i64);
-        sqlx::query(
-            "INSERT INTO applied_positions (origin, stream_sequence, last_event_hlc, applied_through_ms)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (origin) DO UPDATE SET stream_sequence = GREATEST(applied_positions.stream_sequence, EXCLUDED.stream_sequence),
-                 last_event_hlc = EXCLUDED.last_event_hlc, applied_at = now(),
-                 applied_through_ms = GREATEST(applied_positions.applied_through_ms, EXCLUDED.applied_through_ms)",
-        )
+        let (firsts, lasts) = range_bounds(&ranges);
+        let (actors, ids): (Vec<&str>, Vec<i64>) = position.highest_sent.into_iter().unzip();
+        // The ranges, the position and the actors seen in one statement: every round trip of an
+        // apply holds the apply lock, and adds to replication lag.
+        sqlx::query(concat!(
+            "WITH ",
+            replace_ranges!(),
+            ",
+             position AS (
+                 INSERT INTO applied_positions (origin, stream_sequence, last_event_hlc, applied_through_ms)
+                 VALUES ($1, $4, $5, $6)
+                 ON CONFLICT (origin) DO UPDATE SET stream_sequence = GREATEST(applied_positions.stream_sequence, EXCLUDED.stream_sequence),
+                     last_event_hlc = EXCLUDED.last_event_hlc, applied_at = now(),
+                     applied_through_ms = GREATEST(applied_positions.applied_through_ms, EXCLUDED.applied_through_ms)),
+             actors AS (
+                 INSERT INTO actors_seen (actor, highest_outbox_id)
+                 SELECT * FROM unnest($7::text[], $8::bigint[])
+                 ON CONFLICT (actor) DO UPDATE
+                   SET highest_outbox_id = GREATEST(actors_seen.highest_outbox_id, EXCLUDED.highest_outbox_id))
+             SELECT 1"
+        ))
         .bind(origin)
+        .bind(&firsts)
+        .bind(&lasts)
         .bind(stream_sequence)
         .bind(last_event_hlc as i64)
         .bind(applied_through)
+        .bind(&actors)
+        .bind(&ids)
         .execute(&mut *self.tx)
         .await?;
-        if !position.highest_sent.is_empty() {
-            let (actors, ids): (Vec<&str>, Vec<i64>) = position.highest_sent.into_iter().unzip();
-            sqlx::query(
-                "INSERT INTO actors_seen (actor, highest_outbox_id)
-                 SELECT * FROM unnest($1::text[], $2::bigint[])
-                 ON CONFLICT (actor) DO UPDATE
-                   SET highest_outbox_id = GREATEST(actors_seen.highest_outbox_id, EXCLUDED.highest_outbox_id)",
-            )
-            .bind(&actors)
-            .bind(&ids)
-            .execute(&mut *self.tx)
-            .await?;
-        }
         self.tx.commit().await?;
         Ok(())
     }
