@@ -294,3 +294,78 @@ async fn concurrent_writes_share_commits_and_every_answered_write_is_stored_and_
     tokio::time::sleep(Duration::from_millis(200)).await;
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn a_batch_that_fails_as_a_whole_is_committed_write_by_write() {
+    let c = cluster(&["eu"]).await;
+    let store = c.region("eu").region.store.clone();
+    let with_key = |key: &str, idempotency_key: &str| {
+        let event = OutboxEvent {
+            bytes: key.as_bytes(),
+            actor: "eu.7e570000",
+            hlc_ms: None,
+        };
+        let idempotent = locus::storage::IdempotentWrite {
+            key: idempotency_key,
+            fingerprint: "fingerprint",
+            created: true,
+            failover: false,
+            session: "session",
+        };
+        RecordWrite::new(
+            "batched",
+            key,
+            0,
+            &state_of(json!(key), 1),
+            &event,
+            Some(&idempotent),
+        )
+    };
+    assert_eq!(
+        store.save_one(&with_key("g-first", "taken")).await.unwrap(),
+        Saved::Yes
+    );
+
+    // One statement: the taken idempotency key fails it, and nothing of it is written.
+    let batch = [
+        write("g-alone-1", 0, json!(1), None),
+        with_key("g-second", "taken"),
+    ];
+    assert!(store.save_batch(&batch).await.is_err());
+    assert_eq!(stored(&store, "g-alone-1").await, None);
+
+    // Through the group committer: queued together (this runtime polls every save before the
+    // committer runs), failed together, then committed one by one, each with its own outcome.
+    let registry = prometheus::Registry::new();
+    let commits = locus::storage::group_commit::GroupCommit::new(store.clone(), 1, &registry);
+    let mut writes: Vec<RecordWrite> = (0..19)
+        .map(|i| write(&format!("g-many-{i:02}"), 0, json!(i), None))
+        .collect();
+    writes.insert(7, with_key("g-third", "taken"));
+    let outcomes =
+        futures_util::future::join_all(writes.into_iter().map(|w| commits.save(w))).await;
+    let outcomes: Vec<Saved> = outcomes.into_iter().map(Result::unwrap).collect();
+    assert_eq!(outcomes[7], Saved::KeyTaken);
+    assert_eq!(outcomes.iter().filter(|o| **o == Saved::Yes).count(), 19);
+    assert_eq!(stored(&store, "g-third").await, None);
+    for i in 0..19 {
+        assert_eq!(
+            stored(&store, &format!("g-many-{i:02}")).await,
+            Some((1, json!(i)))
+        );
+    }
+    let batch_sizes = registry.gather();
+    let histogram = batch_sizes
+        .iter()
+        .find(|f| f.name() == "locus_write_batch_size")
+        .unwrap()
+        .get_metric()[0]
+        .get_histogram()
+        .clone();
+    assert_eq!(
+        (histogram.get_sample_count(), histogram.get_sample_sum()),
+        (1, 20.0),
+        "the twenty writes were one batch"
+    );
+    c.teardown_without_checks().await;
+}
