@@ -185,14 +185,20 @@ impl ApplyTx {
         &mut self,
         keys: &[RecordKey],
     ) -> Result<BTreeMap<RecordKey, Loaded>, StorageError> {
-        let collections: Vec<&str> = keys.iter().map(|(c, _)| c.as_str()).collect();
-        let names: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
+        let mut sorted: Vec<&RecordKey> = keys.iter().collect();
+        sorted.sort_unstable();
+        let collections: Vec<&str> = sorted.iter().map(|(c, _)| c.as_str()).collect();
+        let names: Vec<&str> = sorted.iter().map(|(_, k)| k.as_str()).collect();
+        // Row by row in the keys' order (byte order, as the "C" collation sorts): a lateral
+        // lookup by primary key cannot become a scan of the whole table, which a join against
+        // the array could in a plan cached while the table was small.
         let rows = sqlx::query(
-            "SELECT r.collection, r.key, r.rev, r.state, r.resolution FROM records r
-               JOIN unnest($1::text[], $2::text[]) AS k(collection, key)
-                 ON r.collection = k.collection AND r.key = k.key
-              ORDER BY r.collection, r.key
-                FOR UPDATE OF r",
+            "SELECT r.collection, r.key, r.rev, r.state, r.resolution
+               FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(collection, key, n)
+              CROSS JOIN LATERAL (
+                    SELECT * FROM records r WHERE r.collection = k.collection AND r.key = k.key
+                       FOR UPDATE) r
+              ORDER BY k.n",
         )
         .bind(&collections)
         .bind(&names)
