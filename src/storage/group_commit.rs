@@ -128,27 +128,33 @@ impl GroupCommit {
         })
     }
 
-    /// Commit batches until nothing is queued. The committer count is given back when it ends,
-    /// even by a panic, so a failed batch never leaves writes queued with nobody to take them.
+    /// Commit batches until nothing is queued. The committer count is given back in the same
+    /// critical section that finds the queue empty: a write queued just after must see no
+    /// committer running, or it would wait with nobody to take it. A panic gives it back too.
     async fn commit_while_queued(self) {
-        struct Slot(Arc<Mutex<Queue>>);
+        struct Slot(Option<Arc<Mutex<Queue>>>);
         impl Drop for Slot {
             fn drop(&mut self) {
-                if let Ok(mut queue) = self.0.lock() {
-                    queue.committing -= 1;
+                if let Some(queue) = self.0.take() {
+                    if let Ok(mut queue) = queue.lock() {
+                        queue.committing -= 1;
+                    }
                 }
             }
         }
-        let _slot = Slot(self.queue.clone());
+        let mut slot = Slot(Some(self.queue.clone()));
         loop {
             let batch = {
                 let mut queue = self.queue.lock().expect("group commit lock");
+                let batch = take_batch(&mut queue.waiting);
+                if batch.is_empty() {
+                    queue.committing -= 1;
+                    slot.0 = None;
+                    return;
+                }
                 queue.progress = Instant::now();
-                take_batch(&mut queue.waiting)
+                batch
             };
-            if batch.is_empty() {
-                return;
-            }
             self.batches.observe(batch.len() as f64);
             let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let outcomes = self.commit(&writes).await;
