@@ -11,9 +11,9 @@
 //! everything queued meanwhile, up to [`MAX_BATCH`] writes. The batch is therefore as large as
 //! the load of one commit's duration: one write when the region is quiet, hundreds under a burst.
 //! One committer rather than several: on this project's two-core reference machine, one gave the
-//! most writes per second at 8 and at 32 clients (5,506 and 8,629 PUTs/s against 4,753 and 8,669
-//! with two and 4,440 and 7,238 with three), because larger batches cost the database less per
-//! write. But a batch can stall (it waits for a row lock held by an apply or by a writer that
+//! most writes per second at 8 clients and as many as two at 32 (5,506 and 8,629 PUTs/s against
+//! 4,753 and 8,669 with two and 4,440 and 7,238 with three), because larger batches cost the
+//! database less per write. But a batch can stall (it waits for a row lock held by an apply or by a writer that
 //! took the lock path): a write that finds the committer busy for longer than [`STALLED`] starts
 //! another, up to the pool's share ([`committers_for`]), so one slow record never holds up the
 //! region's other writes for long.
