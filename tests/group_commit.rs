@@ -70,7 +70,7 @@ async fn a_batch_commits_the_writes_that_pass_and_leaves_out_only_those_that_do_
     for (key, value) in [("g-update", 1), ("g-stale", 1), ("g-exists", 1)] {
         assert_eq!(
             store
-                .save_one(&write(key, 0, json!(value), None))
+                .save(&write(key, 0, json!(value), None))
                 .await
                 .unwrap(),
             Saved::Yes
@@ -135,10 +135,7 @@ async fn a_batch_locks_its_rows_in_key_order() {
     let store = c.region("eu").region.store.clone();
     for key in ["g-a", "g-m", "g-z"] {
         assert_eq!(
-            store
-                .save_one(&write(key, 0, json!(0), None))
-                .await
-                .unwrap(),
+            store.save(&write(key, 0, json!(0), None)).await.unwrap(),
             Saved::Yes
         );
     }
@@ -322,7 +319,7 @@ async fn a_batch_that_fails_as_a_whole_is_committed_write_by_write() {
         )
     };
     assert_eq!(
-        store.save_one(&with_key("g-first", "taken")).await.unwrap(),
+        store.save(&with_key("g-first", "taken")).await.unwrap(),
         Saved::Yes
     );
 

@@ -279,7 +279,9 @@ async fn seed_siblings(c: &crate::helpers::Cluster, collection: &str, key: &str)
     };
     assert_eq!(
         store
-            .save(collection, key, 0, &state, &event, None)
+            .save(&locus::storage::RecordWrite::new(
+                collection, key, 0, &state, &event, None
+            ))
             .await
             .unwrap(),
         locus::storage::Saved::Yes

@@ -177,7 +177,7 @@ impl GroupCommit {
         }
         let mut outcomes = Vec::with_capacity(writes.len());
         for write in writes {
-            outcomes.push(self.store.save_one(write).await);
+            outcomes.push(self.store.save(write).await);
         }
         outcomes
     }

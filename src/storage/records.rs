@@ -107,24 +107,10 @@ impl Store {
         load(&self.pool, collection, key).await
     }
 
-    /// Commit `state` and its outbox `event` (wire bytes, written by `actor`) if the record is
-    /// still at `expected_rev` (0: still absent) and the event's HLC is not below the write
-    /// floor. Nothing is written otherwise.
-    pub async fn save(
-        &self,
-        collection: &str,
-        key: &str,
-        expected_rev: i64,
-        state: &RecordState,
-        event: &OutboxEvent<'_>,
-        idempotent: Option<&IdempotentWrite<'_>>,
-    ) -> Result<Saved, StorageError> {
-        let write = RecordWrite::new(collection, key, expected_rev, state, event, idempotent);
-        self.save_one(&write).await
-    }
-
-    /// [`Store::save`] of a write already prepared.
-    pub async fn save_one(&self, write: &RecordWrite) -> Result<Saved, StorageError> {
+    /// Commit a write's state and its outbox event if the record is still at the write's
+    /// `expected_rev` (0: still absent) and the event's HLC is not below the write floor. Nothing
+    /// is written otherwise. Concurrent writes go through [`super::group_commit`] instead.
+    pub async fn save(&self, write: &RecordWrite) -> Result<Saved, StorageError> {
         save(&self.pool, write).await
     }
 
