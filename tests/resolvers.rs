@@ -196,7 +196,8 @@ fn concurrent_version(region: &str, value: Value) -> Version {
 /// A conflict under a resolver, made certain: upload `module` as resolver `name` at eu, bind
 /// `collection` to it (homing anywhere), write `ours` to its record `k` at eu, and apply `theirs`,
 /// a concurrent version from us, at eu directly, past replication (a repair round brings it to
-/// us).
+/// us). The apply leaves the resolver's run to the worker: see [`resolved_at_eu`]. Returns how
+/// long the apply took.
 async fn conflict_at_eu(
     c: &Cluster,
     name: &str,
@@ -204,7 +205,7 @@ async fn conflict_at_eu(
     collection: &str,
     ours: Value,
     theirs: Version,
-) {
+) -> Duration {
     let upload = c.upload_resolver("eu", name, module).await;
     assert!(upload.status().is_success(), "{}", upload.status());
     let policy =
@@ -221,7 +222,19 @@ async fn conflict_at_eu(
         .is_success());
     let event = Event::new("us", collection, "k", Home::new("eu"), theirs);
     let eu = c.region("eu").region.clone();
+    let started = Instant::now();
     locus::replication::consumer::apply_batch(&eu, "us", &[Change::Record(event)], &[], &[])
+        .await
+        .unwrap();
+    started.elapsed()
+}
+
+/// Run eu's resolution worker over what applies left it (the background worker may run it too;
+/// either stores the same resolution). Once this returns, the record and its conflict-log entry
+/// are resolved, unless the call failed transiently.
+async fn resolved_at_eu(c: &Cluster) {
+    let eu = c.region("eu").region.clone();
+    locus::resolve::worker::pass_left_to_resolve(&eu)
         .await
         .unwrap();
 }
@@ -286,33 +299,37 @@ async fn hostile_resolvers_fall_back_to_lww_and_the_server_keeps_serving() {
             .status()
             .is_success());
 
-        // A concurrent version arrives from us: the resolver runs on apply, in the background of
-        // the HTTP server, which keeps answering meanwhile.
+        // A concurrent version arrives from us. The apply does not run the resolver: it leaves
+        // it to the worker, which runs it in the background of the HTTP server, which keeps
+        // answering meanwhile.
         let remote = concurrent_version("us", json!({"from": "us"}));
         let event = Event::new("us", &collection, "k", Home::new("eu"), remote);
-        let apply = {
+        locus::replication::consumer::apply_batch(
+            &region,
+            "us",
+            &[Change::Record(event)],
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+        let resolving = {
             let region = region.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
-                locus::replication::consumer::apply_batch(
-                    &region,
-                    "us",
-                    &[Change::Record(event)],
-                    &[],
-                    &[],
-                )
-                .await
-                .unwrap();
+                locus::resolve::worker::pass_left_to_resolve(&region)
+                    .await
+                    .unwrap();
                 started.elapsed()
             })
         };
         let mut slowest = Duration::ZERO;
-        while !apply.is_finished() {
+        while !resolving.is_finished() {
             let started = Instant::now();
             assert_eq!(c.get_status("eu", "/healthz").await, StatusCode::OK);
             slowest = slowest.max(started.elapsed());
         }
-        let took = apply.await.unwrap();
+        let took = resolving.await.unwrap();
         assert!(
             took < Duration::from_secs(10),
             "{name}: the call ran {took:?}"
@@ -349,6 +366,101 @@ async fn hostile_resolvers_fall_back_to_lww_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_slow_resolver_runs_after_the_apply_and_reads_say_the_view_is_pending() {
+    // Fuel for a long loop and the wall time to let fuel end it: a slow call whose failure is
+    // final (the view falls back to last-writer-wins), so every region ends with the same view.
+    let c = Setup::regions(&["eu", "us"])
+        .tweak(|config| {
+            config.resolvers.fuel = 3_000_000_000;
+            config.resolvers.wall_time_ms = 120_000;
+        })
+        .start()
+        .await;
+    let eu = c.region("eu").region.clone();
+    let module = two_faced("(loop $l (br $l)) (unreachable)", "");
+    let applied_in = conflict_at_eu(
+        &c,
+        "slow",
+        module,
+        "slow",
+        json!({"from": "eu"}),
+        concurrent_version("us", json!({"from": "us"})),
+    )
+    .await;
+    let conflict_applied = Instant::now();
+
+    // Until the worker's call ends, readers see the view they had before the conflict, and are
+    // told it is pending; the conflict log says the outcome is still to come.
+    let read = c.get("eu", "slow", "k").await;
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(header(&read, "locus-resolution"), Some("pending"));
+    assert_eq!(header(&read, "locus-siblings"), Some("2"));
+    let body: Value = read.json().await.unwrap();
+    assert_eq!(body["value"], json!({"from": "eu"}));
+    let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
+    assert_eq!(log["conflicts"][0]["outcome"], json!({"pending": true}));
+    assert_eq!(log["conflicts"][0]["resolver"], json!({"name": "slow"}));
+
+    // The worker's call holds no lock: another apply, of the same collection, goes through
+    // while it runs.
+    let other = Event::new(
+        "us",
+        "slow",
+        "other",
+        Home::new("us"),
+        concurrent_version("us", json!({"other": true})),
+    );
+    let started = Instant::now();
+    locus::replication::consumer::apply_batch(&eu, "us", &[Change::Record(other)], &[], &[])
+        .await
+        .unwrap();
+    let other_applied_in = started.elapsed();
+    let still = c.get("eu", "slow", "k").await;
+    assert_eq!(
+        header(&still, "locus-resolution"),
+        Some("pending"),
+        "the call was still running when the other apply ended"
+    );
+    let other: Value = c.get("eu", "slow", "other").await.json().await.unwrap();
+    assert_eq!(other["value"], json!({"other": true}));
+
+    eventually(120, "the worker's call ends and its view shows", || async {
+        let read = c.get("eu", "slow", "k").await;
+        header(&read, "locus-resolution").is_none()
+    })
+    .await;
+    let call_took = conflict_applied.elapsed();
+    eprintln!(
+        "slow resolver: applies took {applied_in:?} and {other_applied_in:?}; the call ~{call_took:?}"
+    );
+    assert!(
+        applied_in * 4 < call_took && other_applied_in * 4 < call_took,
+        "an apply waited for the call: {applied_in:?}, {other_applied_in:?} vs {call_took:?}"
+    );
+    let read: Value = c.get("eu", "slow", "k").await.json().await.unwrap();
+    assert_eq!(
+        read["value"],
+        json!({"from": "us"}),
+        "out of fuel: last-writer-wins"
+    );
+    let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
+    let entry = &log["conflicts"][0];
+    assert_eq!(
+        entry["outcome"],
+        json!({"value": {"from": "us"}}),
+        "{entry}"
+    );
+    assert_eq!(entry["resolver"]["name"], "slow");
+    assert!(
+        entry["error"].as_str().unwrap_or_default().contains("fuel"),
+        "{entry}"
+    );
+    // The versions were put into eu alone, past replication: repair brings them to us.
+    c.repair_everywhere().await;
+    c.teardown().await;
+}
+
+#[tokio::test]
 async fn a_record_resolved_to_deleted_says_so_and_a_write_brings_it_back() {
     let c = Setup::regions(&["eu", "us"]).start().await;
     let wat = std::fs::read(concat!(
@@ -366,8 +478,14 @@ async fn a_record_resolved_to_deleted_says_so_and_a_write_brings_it_back() {
         concurrent_version("us", json!({"from": "us"})),
     )
     .await;
+    resolved_at_eu(&c).await;
 
     let read = c.get("eu", "hidden", "k").await;
+    assert_eq!(
+        header(&read, "locus-resolution"),
+        None,
+        "resolved, not pending"
+    );
     assert_eq!(read.status(), StatusCode::NOT_FOUND);
     assert_eq!(header(&read, "locus-resolved"), Some("deleted"));
     assert_eq!(header(&read, "locus-resolver"), Some("hide"));
@@ -472,6 +590,7 @@ async fn a_scaffolded_resolver_builds_outside_the_workspace_and_serves_its_view(
         delete,
     )
     .await;
+    resolved_at_eu(&c).await;
     let read = c.get("eu", "notes", "k").await;
     assert_eq!(read.status(), StatusCode::OK);
     assert_eq!(header(&read, "locus-siblings"), Some("2"));
@@ -760,14 +879,14 @@ async fn a_wall_time_interruption_is_retried_never_final() {
         concurrent_version("us", json!(2)),
     )
     .await;
+    resolved_at_eu(&c).await;
     let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
-    let error = log["conflicts"][0]["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let entry = &log["conflicts"][0];
+    let error = entry["error"].as_str().unwrap_or_default().to_owned();
     assert!(error.contains("wall-time"), "{error}");
+    assert_eq!(entry["outcome"], json!({"pending": true}), "{entry}");
     // Not final: the worker keeps trying (each try interrupted again), and meanwhile readers
-    // see last-writer-wins.
+    // see the view they had before the conflict, marked pending.
     let interruptions = || async {
         let metrics = c.metrics("eu").await;
         metrics
@@ -784,8 +903,10 @@ async fn a_wall_time_interruption_is_retried_never_final() {
         || async { interruptions().await > first + 1 },
     )
     .await;
-    let read: Value = c.get("eu", "slow", "k").await.json().await.unwrap();
-    assert_eq!(read["value"], json!(2));
+    let read = c.get("eu", "slow", "k").await;
+    assert_eq!(header(&read, "locus-resolution"), Some("pending"));
+    let read: Value = read.json().await.unwrap();
+    assert_eq!(read["value"], json!(1));
     c.teardown().await;
 }
 

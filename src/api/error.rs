@@ -7,7 +7,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::headers::{
-    LOCUS_CONFLICT, LOCUS_HOME, LOCUS_RESOLVED, LOCUS_RESOLVER, LOCUS_SIBLINGS, RETRY_AFTER,
+    LOCUS_CONFLICT, LOCUS_HOME, LOCUS_RESOLUTION, LOCUS_RESOLVED, LOCUS_RESOLVER, LOCUS_SIBLINGS,
+    RETRY_AFTER,
 };
 use crate::resolve::ResolverError;
 use crate::service::ServiceError;
@@ -32,6 +33,8 @@ pub enum ApiError {
         siblings: usize,
         conflict: Option<i64>,
         etag: HeaderValue,
+        /// The set changed since and its resolver has not run yet: this is the previous view.
+        pending: bool,
     },
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -275,8 +278,12 @@ impl IntoResponse for ApiError {
                 siblings,
                 conflict,
                 etag,
+                pending,
             } => {
                 headers.insert(LOCUS_RESOLVED, HeaderValue::from_static("deleted"));
+                if *pending {
+                    headers.insert(LOCUS_RESOLUTION, HeaderValue::from_static("pending"));
+                }
                 if let Ok(value) = HeaderValue::from_str(resolver) {
                     headers.insert(LOCUS_RESOLVER, value);
                 }

@@ -20,6 +20,9 @@ pub const LOCUS_SIBLINGS: HeaderName = HeaderName::from_static("locus-siblings")
 pub const LOCUS_RESOLVED: HeaderName = HeaderName::from_static("locus-resolved");
 /// The resolver that made the view a read got.
 pub const LOCUS_RESOLVER: HeaderName = HeaderName::from_static("locus-resolver");
+/// `pending` on a read of a record whose set of versions changed and whose resolver has not run
+/// on it yet: the view is the one readers had before the change.
+pub const LOCUS_RESOLUTION: HeaderName = HeaderName::from_static("locus-resolution");
 /// The id of the conflict-log entry behind a read's view.
 pub const LOCUS_CONFLICT: HeaderName = HeaderName::from_static("locus-conflict");
 /// A read's bound on staleness, in milliseconds: served here only when every peer's heartbeats

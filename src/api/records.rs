@@ -19,7 +19,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
 use super::forward::ForwardError;
-use super::headers::{self, IDEMPOTENT_REPLAYED, LOCUS_FAILOVER, LOCUS_SESSION, LOCUS_SIBLINGS};
+use super::headers::{
+    self, IDEMPOTENT_REPLAYED, LOCUS_FAILOVER, LOCUS_RESOLUTION, LOCUS_SESSION, LOCUS_SIBLINGS,
+};
 use super::{cursor, ApiQuery, CollectionPath, RecordPath, SharedState};
 use crate::clock::hlc::Hlc;
 use crate::clock::staleness::Freshness;
@@ -27,7 +29,7 @@ use crate::clock::version::{ETag, SessionToken, VersionVector};
 use crate::record::names::{self, prefix_upper_bound};
 use crate::record::policy::{OnHomeUnreachable, Strategy};
 use crate::record::resolution::Resolution;
-use crate::record::view::{materialized_view, View};
+use crate::record::view::{materialized_view, resolution_pending, View};
 use crate::record::visible_record;
 use crate::record::{RecordState, Version};
 use crate::service::{Route, WriteOp, WriteOutcome, WriteRequest, Written};
@@ -166,6 +168,7 @@ async fn render(
     let Some(state) = state else {
         return Err(ApiError::NotFound("no such record".into()));
     };
+    let pending = resolution_pending(state, strategy, resolution);
     let mut response = match materialized_view(state, strategy, resolution) {
         View::Absent | View::Deleted => return Err(ApiError::NotFound("no such record".into())),
         View::ResolvedDeleted { resolver, siblings } => {
@@ -176,6 +179,7 @@ async fn render(
                 siblings,
                 conflict,
                 etag: etag_header(state),
+                pending,
             });
         }
         View::Value(v) => Json(record_body(collection, key, &state.home.region, v)).into_response(),
@@ -204,6 +208,11 @@ async fn render(
     response
         .headers_mut()
         .insert(header::ETAG, etag_header(state));
+    if pending {
+        response
+            .headers_mut()
+            .insert(LOCUS_RESOLUTION, HeaderValue::from_static("pending"));
+    }
     Ok(response)
 }
 
@@ -230,7 +239,7 @@ fn forward_error(error: ForwardError, retry_after: u64) -> ApiError {
            ("Locus-Session" = Option<String>, Header, description = "session token from a write: read your writes"),
            ("Locus-Max-Staleness" = Option<u64>, Header, description = "milliseconds: served here when every region's heartbeats say this replica is at most that old, at the record's home otherwise")),
     responses(
-        (status = 200, description = "the record", body = RecordBody),
+        (status = 200, description = "the record; under the resolver strategy, a record whose concurrent versions changed and whose resolver has not run on them yet shows the view from before the change, with `Locus-Resolution: pending`", body = RecordBody),
         (status = 300, description = "concurrent versions (siblings strategy)", body = SiblingsBody),
         (status = 404, description = "absent or deleted; a record whose resolver resolved its concurrent versions to deleted answers the problem type `resolved-deleted` with `Locus-Resolved: deleted`, `Locus-Resolver`, `Locus-Siblings`, `Locus-Conflict` (the conflict-log entry) and an `ETag` whose write supersedes the versions", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the home is unreachable (consistency=home), or a forwarded read's session write is not applied here yet", body = Problem, content_type = "application/problem+json"),

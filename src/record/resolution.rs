@@ -60,8 +60,25 @@ pub struct Resolution {
     pub outcome: Option<Outcome>,
     /// Why the resolver gave no outcome.
     pub error: Option<String>,
-    /// The failure was transient (wall-time interruption, module not yet replicated here): the
-    /// outcome above is the previous view, and the record is resolved again later.
+    /// The outcome above is not this set's but the view readers had before: the set changed and
+    /// the resolver has not run on it yet (an apply leaves that to the worker, so no module runs
+    /// under the apply's locks), or its call failed transiently (wall-time interruption, module
+    /// not yet replicated here). The worker resolves the record (again); reads say the view is
+    /// pending.
     #[serde(default)]
     pub retry: bool,
+}
+
+impl Resolution {
+    /// The resolution an apply stores when it changes a record's set under resolver `resolver`:
+    /// the view before the change (`None` if nothing was readable), until the worker runs it.
+    pub fn pending(resolver: &str, previous: Option<Outcome>) -> Resolution {
+        Resolution {
+            resolver: resolver.to_owned(),
+            sha256: String::new(),
+            outcome: previous,
+            error: None,
+            retry: true,
+        }
+    }
 }

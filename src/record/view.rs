@@ -31,6 +31,36 @@ impl View<'_> {
     pub fn is_live(&self) -> bool {
         matches!(self, View::Value(_) | View::Siblings(_) | View::Resolved(_))
     }
+
+    /// This view as a resolver outcome, to keep showing it while a changed set waits for its
+    /// resolver. `None` when no value was readable (absent, deleted, siblings): the set's
+    /// last-writer-wins fallback shows meanwhile.
+    pub fn as_outcome(&self) -> Option<Outcome> {
+        match self {
+            View::Value(version) => Some(Outcome::value(version.value.clone())),
+            View::Resolved(value) => Some(Outcome::value((*value).clone())),
+            View::ResolvedDeleted { .. } => Some(Outcome::deleted()),
+            View::Absent | View::Deleted | View::Siblings(_) => None,
+        }
+    }
+
+    /// What the conflict log records as a conflict's outcome: `{"value": …}`, `{"deleted":
+    /// true}` or `{"siblings": n}`.
+    pub fn logged_outcome(&self) -> Value {
+        match self {
+            View::Siblings(siblings) => serde_json::json!({ "siblings": siblings.len() }),
+            View::Value(version) => serde_json::json!(Outcome::value(version.value.clone())),
+            View::Resolved(value) => serde_json::json!(Outcome::value((*value).clone())),
+            View::Deleted | View::ResolvedDeleted { .. } | View::Absent => {
+                serde_json::json!(Outcome::deleted())
+            }
+        }
+    }
+}
+
+/// The conflict log's outcome of an entry whose resolver has not run yet.
+pub fn pending_outcome() -> Value {
+    serde_json::json!({ "pending": true })
 }
 
 /// The last-writer-wins winner: the greatest `(hlc, region)`.
@@ -84,6 +114,21 @@ pub fn materialized_view<'a>(
         }
     }
     read_view(state, strategy)
+}
+
+/// Whether the view [`materialized_view`] gives is a pending one: the set changed and the
+/// collection's resolver has not run on it yet, so it shows the view from before the change.
+pub fn resolution_pending(
+    state: &RecordState,
+    strategy: &Strategy,
+    resolution: Option<&Resolution>,
+) -> bool {
+    match (strategy, resolution) {
+        (Strategy::Resolver(name), Some(resolution)) => {
+            state.versions.len() > 1 && resolution.resolver == *name && resolution.retry
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +246,44 @@ mod tests {
             materialized_view(&single, &cart, Some(&resolved)),
             View::Value(&single.versions[0])
         );
+    }
+
+    #[test]
+    fn a_pending_resolution_keeps_the_view_readers_had_before_the_set_changed() {
+        let cart = Strategy::Resolver("cart".into());
+        let before = state(vec![version("eu.a", 9, "eu", Some(1))]);
+        let after = state(vec![
+            version("eu.a", 9, "eu", Some(1)),
+            version("us.b", 12, "us", Some(2)),
+        ]);
+        let pending = Resolution::pending("cart", read_view(&before, &cart).as_outcome());
+        assert_eq!(
+            materialized_view(&after, &cart, Some(&pending)),
+            View::Resolved(&json!(1)),
+            "not last-writer-wins (2) before the resolver ran"
+        );
+        assert!(resolution_pending(&after, &cart, Some(&pending)));
+        let done = resolution("cart", Some(Outcome::value(json!(3))));
+        assert!(!resolution_pending(&after, &cart, Some(&done)));
+        assert!(!resolution_pending(&after, &Strategy::Lww, Some(&pending)));
+        // A pending resolution kept again (a second change before the worker ran) keeps it still.
+        let again = Resolution::pending(
+            "cart",
+            materialized_view(&after, &cart, Some(&pending)).as_outcome(),
+        );
+        assert_eq!(again, pending);
+        // Nothing readable before: the new set's fallback shows meanwhile.
+        let deleted = state(vec![version("eu.a", 9, "eu", None)]);
+        let pending = Resolution::pending("cart", read_view(&deleted, &cart).as_outcome());
+        assert_eq!(pending.outcome, None);
+        assert_eq!(
+            materialized_view(&after, &cart, Some(&pending)),
+            View::Value(&after.versions[1])
+        );
+        // A resolution to deleted is kept as one.
+        let hidden = resolution("cart", Some(Outcome::deleted()));
+        let kept = materialized_view(&after, &cart, Some(&hidden)).as_outcome();
+        assert_eq!(kept, Some(Outcome::deleted()));
     }
 
     #[test]

@@ -24,10 +24,10 @@ use serde_json::json;
 use super::event::{Change, DecodeError, Event, MessageId, ModuleChunk};
 use crate::clock::hlc::{wall_clock_ms, Observation};
 use crate::record::policy::{Strategy, DELETION_COLLECTION, POLICY_COLLECTION, REGIONS_COLLECTION};
-use crate::record::resolution::{Outcome, Resolution};
-use crate::record::view::{materialized_view, View};
+use crate::record::resolution::Resolution;
+use crate::record::view::{materialized_view, pending_outcome};
 use crate::record::{MergeOutcome, RecordState};
-use crate::resolve::{self, RESOLVER_COLLECTION};
+use crate::resolve::RESOLVER_COLLECTION;
 use crate::service::Region;
 use crate::storage::apply::{ConflictEntry, MergedWrite, RecordKey, StreamPosition};
 use crate::storage::resolvers::ChunkProgress;
@@ -181,8 +181,9 @@ async fn consume(
             region.replication.dead_lettered(origin, 1);
             region.repair_wanted.notify_one();
         }
-        // A batch whose conflicts run resolvers can take longer than the ack wait: tell JetStream
-        // the batch is in progress, so it is not delivered again while it is being applied.
+        // A batch that waits on locks or retries, or falls back to event-by-event applies, can
+        // take longer than the ack wait: tell JetStream the batch is in progress, so it is not
+        // delivered again while it is being applied.
         let apply = apply_or_set_aside(region, origin, &events, &sequences, &sent_as);
         tokio::pin!(apply);
         let mut progress = tokio::time::interval(super::ACK_WAIT / 3);
@@ -494,6 +495,8 @@ pub async fn apply_batch(
     let mut conflicts = 0;
     let mut records_changed = 0;
     let mut conflicts_by_strategy = BTreeMap::new();
+    // Whether this batch changed a set under a resolver: the worker then has work.
+    let mut left_to_resolve = false;
     let mut violations_logged = std::collections::BTreeSet::new();
     // Merge every key, write all that changed in two statements, and merge again only the keys a
     // local write created after the lock (rare: the insert found a row).
@@ -555,19 +558,18 @@ pub async fn apply_batch(
             } else {
                 Strategy::Lww
             };
-            // Materialise the resolver's view now that the set changed, so reads never run it.
+            // The resolver runs in the worker, after this commits: no module runs under the
+            // apply's locks. Until then readers keep the view they had, marked pending.
             let resolution = match &strategy {
-                Strategy::Resolver(name) if state.versions.len() > 1 => Some(
-                    resolve::resolve(
-                        region,
-                        &key.0,
-                        &key.1,
-                        &state,
-                        name,
-                        current.resolution.as_ref(),
-                    )
-                    .await,
-                ),
+                Strategy::Resolver(name) if state.versions.len() > 1 => {
+                    let before = current.visible_state();
+                    let previous = before.as_deref().and_then(|before| {
+                        materialized_view(before, &strategy, current.resolution.as_ref())
+                            .as_outcome()
+                    });
+                    left_to_resolve = true;
+                    Some(Resolution::pending(name, previous))
+                }
                 _ => None,
             };
             merged.push(Merged {
@@ -598,22 +600,8 @@ pub async fn apply_batch(
             region.forget_cached(&m.key.0, &m.key.1);
             records_changed += 1;
             for found in &m.detected {
-                // Each detected set is logged with the outcome a reader saw for it.
-                let found_resolution = match &m.strategy {
-                    Strategy::Resolver(_) if *found == m.state => m.resolution.clone(),
-                    Strategy::Resolver(name) => {
-                        Some(resolve::resolve(region, &m.key.0, &m.key.1, found, name, None).await)
-                    }
-                    _ => None,
-                };
-                tx.log_conflict(&conflict_entry(
-                    region.id(),
-                    m.key,
-                    found,
-                    &m.strategy,
-                    found_resolution.as_ref(),
-                ))
-                .await?;
+                tx.log_conflict(&conflict_entry(region.id(), m.key, found, &m.strategy))
+                    .await?;
             }
             if !m.detected.is_empty() {
                 *conflicts_by_strategy
@@ -663,6 +651,9 @@ pub async fn apply_batch(
     if resolution_inputs_changed {
         region.resolvers.changed.notify_one();
     }
+    if left_to_resolve {
+        region.resolvers.left_to_resolve.notify_one();
+    }
     Ok(Applied {
         events: changes.len(),
         conflicts,
@@ -673,18 +664,20 @@ pub async fn apply_batch(
     })
 }
 
+/// A conflict-log entry. Under a resolver its outcome is pending: the worker fills it in once the
+/// resolver has run on the versions ([`crate::resolve::worker`]).
 fn conflict_entry(
     region: &str,
     key: &RecordKey,
     state: &RecordState,
     strategy: &Strategy,
-    resolution: Option<&Resolution>,
 ) -> ConflictEntry {
-    let outcome = match materialized_view(state, strategy, resolution) {
-        View::Siblings(siblings) => json!({ "siblings": siblings.len() }),
-        View::Value(v) => json!(Outcome::value(v.value.clone())),
-        View::Resolved(value) => json!(Outcome::value(value.clone())),
-        View::Deleted | View::ResolvedDeleted { .. } | View::Absent => json!(Outcome::deleted()),
+    let (outcome, resolver) = match strategy {
+        Strategy::Resolver(name) => (pending_outcome(), Some(json!({ "name": name }))),
+        _ => (
+            materialized_view(state, strategy, None).logged_outcome(),
+            None,
+        ),
     };
     ConflictEntry {
         collection: key.0.clone(),
@@ -693,8 +686,8 @@ fn conflict_entry(
         strategy: strategy_label(strategy).to_owned(),
         versions: serde_json::to_value(&state.versions).expect("versions serialize"),
         outcome,
-        resolver: resolution.map(|r| json!({ "name": r.resolver, "sha256": r.sha256 })),
-        error: resolution.and_then(|r| r.error.clone()),
+        resolver,
+        error: None,
     }
 }
 

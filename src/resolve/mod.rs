@@ -4,9 +4,9 @@
 //! A resolver is uploaded by name; the module is stored by sha256 and the name is bound to it by a
 //! record of the system collection [`RESOLVER_COLLECTION`], so bindings replicate and merge like
 //! policies. The module itself travels through the outbox in chunks. A resolution is a view,
-//! computed when a record's set of versions changes (on apply; a local write always leaves one
-//! version) and again by the [`worker`] whenever a policy, binding or module changes, so a read
-//! never runs a resolver.
+//! computed by the [`worker`] after an apply changed a record's set of versions (a local write
+//! always leaves one version), and again whenever a policy, binding or module changes; a read
+//! never runs a resolver, and neither does an apply, which only marks the view pending.
 
 pub mod abi;
 pub mod wasm;
@@ -126,6 +126,9 @@ pub struct Resolvers {
     bindings: Mutex<HashMap<String, (Instant, Option<Binding>)>>,
     /// Wakes the worker: a policy, binding or module changed.
     pub changed: Notify,
+    /// Wakes the worker: an apply changed a set of versions under a resolver and left its
+    /// resolution (and conflict-log outcome) pending.
+    pub left_to_resolve: Notify,
 }
 
 impl Resolvers {
@@ -154,6 +157,7 @@ impl Resolvers {
             metrics: Metrics { calls, seconds },
             bindings: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            left_to_resolve: Notify::new(),
         })
     }
 
@@ -302,7 +306,7 @@ pub async fn resolve(
     region: &Region,
     collection: &str,
     key: &str,
-    state: &RecordState,
+    versions: &[Version],
     name: &str,
     previous: Option<&Resolution>,
 ) -> Resolution {
@@ -340,7 +344,7 @@ pub async fn resolve(
         }
         Err(error) => return kept(binding.sha256, format!("storage: {error}")),
     };
-    let input = abi::encode_input(collection, key, &state.versions);
+    let input = abi::encode_input(collection, key, versions);
     let span = tracing::info_span!("resolver", name = %name, %collection, %key);
     match region
         .resolvers

@@ -404,7 +404,8 @@ pub struct LoggedConflict {
     /// The concurrent versions kept.
     #[schema(value_type = Vec<Object>)]
     pub versions: serde_json::Value,
-    /// What a reader saw: `{"value":…}`, `{"deleted":true}` or `{"siblings":n}`.
+    /// What a reader saw: `{"value":…}`, `{"deleted":true}` or `{"siblings":n}`; under a
+    /// resolver, `{"pending":true}` until the resolution worker has run it on these versions.
     #[schema(value_type = Object)]
     pub outcome: serde_json::Value,
     pub error: Option<String>,
@@ -475,6 +476,46 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await?)
+    }
+
+    /// Conflict-log entries whose resolver has not given their outcome yet, oldest first, after id
+    /// `after`. A partial index (`migrations/0013`) holds exactly these.
+    pub async fn conflicts_left_to_resolve(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedConflict>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT id, collection, key, region,
+                    to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at,
+                    strategy, resolver, versions, outcome, error
+               FROM conflicts
+              WHERE outcome ? 'pending' AND id > $1
+              ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Fill in a pending conflict-log entry: its outcome (still `{"pending": true}` after a
+    /// transient failure, with the failure as its error), the resolver and module that ran.
+    pub async fn settle_conflict(
+        &self,
+        id: i64,
+        outcome: &serde_json::Value,
+        resolver: &serde_json::Value,
+        error: Option<&str>,
+    ) -> Result<(), StorageError> {
+        sqlx::query("UPDATE conflicts SET outcome = $2, resolver = $3, error = $4 WHERE id = $1")
+            .bind(id)
+            .bind(outcome)
+            .bind(resolver)
+            .bind(error)
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     /// The id of the newest conflict-log entry of one record, if any.

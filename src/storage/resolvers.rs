@@ -15,6 +15,7 @@ use crate::resolve::module_sha256;
 /// A record with concurrent versions whose resolution is missing or stale.
 #[derive(Debug, Clone)]
 pub struct Unresolved {
+    pub collection: String,
     pub key: String,
     pub rev: i64,
     pub state: RecordState,
@@ -88,13 +89,14 @@ impl Store {
         Ok(inserted)
     }
 
-    /// Store a record's resolution, if the record is still at `rev` (a newer state gets its own).
+    /// Store a record's resolution (or none), if the record is still at `rev` (a newer state gets
+    /// its own).
     pub async fn set_resolution(
         &self,
         collection: &str,
         key: &str,
         rev: i64,
-        resolution: &Resolution,
+        resolution: Option<&Resolution>,
     ) -> Result<bool, StorageError> {
         let done = sqlx::query(
             "UPDATE records SET resolution = $4 WHERE collection = $1 AND key = $2 AND rev = $3",
@@ -102,7 +104,7 @@ impl Store {
         .bind(collection)
         .bind(key)
         .bind(rev)
-        .bind(Json(resolution))
+        .bind(resolution.map(Json))
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() == 1)
@@ -119,7 +121,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Unresolved>, StorageError> {
         let rows = sqlx::query(
-            "SELECT key, rev, state, resolution FROM records
+            "SELECT collection, key, rev, state, resolution FROM records
               WHERE collection = $1 AND key > $4
                 AND jsonb_array_length(state -> 'versions') > 1
                 AND (resolution IS NULL
@@ -135,18 +137,40 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                let Json(state): Json<RecordState> = row.try_get("state").map_err(corrupt)?;
-                Ok(Unresolved {
-                    key: row.try_get("key")?,
-                    rev: row.try_get("rev")?,
-                    state,
-                    resolution: decode_resolution(row.try_get("resolution")?),
-                })
-            })
-            .collect()
+        rows.iter().map(unresolved).collect()
     }
+
+    /// Records whose resolution waits for a (new) run, in every collection, in `(collection,
+    /// key)` order after `after`: what applies left to the worker. A partial index
+    /// (`migrations/0013`) holds exactly these, so finding them never reads the other records.
+    pub async fn left_to_resolve(
+        &self,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<Unresolved>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT collection, key, rev, state, resolution FROM records
+              WHERE resolution ->> 'retry' = 'true' AND (collection, key) > ($1, $2)
+              ORDER BY collection, key LIMIT $3",
+        )
+        .bind(after.0)
+        .bind(after.1)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(unresolved).collect()
+    }
+}
+
+fn unresolved(row: &sqlx::postgres::PgRow) -> Result<Unresolved, StorageError> {
+    let Json(state): Json<RecordState> = row.try_get("state").map_err(corrupt)?;
+    Ok(Unresolved {
+        collection: row.try_get("collection")?,
+        key: row.try_get("key")?,
+        rev: row.try_get("rev")?,
+        state,
+        resolution: decode_resolution(row.try_get("resolution")?),
+    })
 }
 
 impl ApplyTx {
