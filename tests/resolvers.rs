@@ -907,6 +907,26 @@ async fn a_wall_time_interruption_is_retried_never_final() {
     assert_eq!(header(&read, "locus-resolution"), Some("pending"));
     let read: Value = read.json().await.unwrap();
     assert_eq!(read["value"], json!(1));
+
+    // The collection leaves the resolver: the mark goes (the worker would otherwise read it on
+    // every pass), and readers get last-writer-wins, no longer pending.
+    assert!(c
+        .configure("eu", "slow", &json!({"homing": "anywhere"}))
+        .await
+        .status()
+        .is_success());
+    resolved_at_eu(&c).await;
+    let eu = c.region("eu").region.clone();
+    assert!(eu
+        .store
+        .left_to_resolve(("", ""), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let read = c.get("eu", "slow", "k").await;
+    assert_eq!(header(&read, "locus-resolution"), None);
+    let read: Value = read.json().await.unwrap();
+    assert_eq!(read["value"], json!(2));
     c.teardown().await;
 }
 

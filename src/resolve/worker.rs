@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::json;
 
 use super::{binding_of, compiled, resolve};
@@ -24,12 +25,15 @@ use crate::record::resolution::Resolution;
 use crate::record::view::{materialized_view, pending_outcome};
 use crate::record::{Home, RecordState, Version};
 use crate::service::Region;
-use crate::storage::apply::LoggedConflict;
-use crate::storage::resolvers::Unresolved;
+use crate::storage::apply::{LoggedConflict, SettledConflict};
+use crate::storage::resolvers::{ResolutionUpdate, Unresolved};
 use crate::storage::StorageError;
 
 const PASS_INTERVAL: Duration = Duration::from_secs(1);
 const PAGE: i64 = 100;
+/// Resolver calls of one page in flight at once (the sandbox's slots bound them further): the
+/// calls run on blocking threads, so a page uses the cores PostgreSQL leaves free.
+const CALLS_AT_ONCE: usize = 4;
 
 pub async fn run(region: Arc<Region>) {
     let mut every_collection = true;
@@ -52,7 +56,7 @@ pub async fn run(region: Arc<Region>) {
 
 /// One pass over every collection whose strategy is a resolver, after the pending conflict-log
 /// entries. Returns how many records it resolved.
-pub async fn pass(region: &Region) -> Result<usize, StorageError> {
+pub async fn pass(region: &Region) -> Result<u64, StorageError> {
     let settled = settle_conflicts(region).await?;
     let mut resolved = 0;
     for (collection, policy) in region.policies().await? {
@@ -73,9 +77,12 @@ pub async fn pass(region: &Region) -> Result<usize, StorageError> {
                 .await?;
             let Some(last) = page.last() else { break };
             after = last.key.clone();
-            for record in &page {
-                resolved += usize::from(resolve_record(region, record, &name, &settled).await?);
-            }
+            let calls: Vec<_> = page
+                .iter()
+                .map(|record| resolved_record(region, record, Some(&name), &settled))
+                .collect();
+            let updates = in_order(calls).await;
+            resolved += region.store.set_resolutions(&updates).await?;
         }
     }
     Ok(resolved)
@@ -84,7 +91,7 @@ pub async fn pass(region: &Region) -> Result<usize, StorageError> {
 /// One pass over what applies left pending, in every collection: the conflict-log entries
 /// first, then the records, so a reader who sees a resolved value finds its conflict's outcome
 /// too. Reads only those rows (partial indexes). Returns how many records it resolved.
-pub async fn pass_left_to_resolve(region: &Region) -> Result<usize, StorageError> {
+pub async fn pass_left_to_resolve(region: &Region) -> Result<u64, StorageError> {
     let settled = settle_conflicts(region).await?;
     let strategies: HashMap<String, Strategy> = region
         .policies()
@@ -101,65 +108,80 @@ pub async fn pass_left_to_resolve(region: &Region) -> Result<usize, StorageError
             .await?;
         let Some(last) = page.last() else { break };
         after = (last.collection.clone(), last.key.clone());
-        for record in &page {
-            match strategies.get(&record.collection) {
-                Some(Strategy::Resolver(name)) if record.state.versions.len() > 1 => {
-                    resolved += usize::from(resolve_record(region, record, name, &settled).await?);
-                }
-                // The policy left the resolver, or a write superseded the concurrent versions:
-                // nothing is left to resolve, and the mark would only be read again.
-                _ => {
-                    region
-                        .store
-                        .set_resolution(&record.collection, &record.key, record.rev, None)
-                        .await?;
-                }
-            }
-        }
+        let calls: Vec<_> = page
+            .iter()
+            .map(|record| {
+                let name = match strategies.get(&record.collection) {
+                    Some(Strategy::Resolver(name)) if record.state.versions.len() > 1 => {
+                        Some(name.as_str())
+                    }
+                    // The policy left the resolver, or a write superseded the concurrent
+                    // versions: nothing is left to resolve, and the mark would only be read
+                    // again.
+                    _ => None,
+                };
+                resolved_record(region, record, name, &settled)
+            })
+            .collect();
+        let updates = in_order(calls).await;
+        resolved += region.store.set_resolutions(&updates).await?;
     }
     Ok(resolved)
+}
+
+/// Run `calls`, up to [`CALLS_AT_ONCE`] at a time, and give their results in order.
+async fn in_order<F: std::future::Future>(calls: Vec<F>) -> Vec<F::Output> {
+    futures_util::stream::iter(calls)
+        .buffered(CALLS_AT_ONCE)
+        .collect()
+        .await
 }
 
 /// Per record, the versions of the newest conflict-log entry this pass settled and what the
 /// resolver made of them: the record usually holds just those, and the call is not made twice.
 type Settled = HashMap<(String, String), (Vec<Version>, Resolution)>;
 
-/// Resolve one record and store the result if the record is still at the revision read.
-async fn resolve_record(
+/// What resolver `name` makes of one record (no resolution without a name), to be stored if the
+/// record is still at the revision read.
+async fn resolved_record(
     region: &Region,
     record: &Unresolved,
-    name: &str,
+    name: Option<&str>,
     settled: &Settled,
-) -> Result<bool, StorageError> {
-    let known = settled
-        .get(&(record.collection.clone(), record.key.clone()))
-        .filter(|(versions, resolution)| {
-            // A transient failure keeps the record's own previous view: not reusable.
-            *versions == record.state.versions && resolution.resolver == name && !resolution.retry
-        });
-    let resolution = match known {
-        Some((_, resolution)) => resolution.clone(),
-        None => {
-            resolve(
-                region,
-                &record.collection,
-                &record.key,
-                &record.state.versions,
-                name,
-                record.resolution.as_ref(),
-            )
-            .await
+) -> ResolutionUpdate {
+    let resolution = match name {
+        None => None,
+        Some(name) => {
+            let known = settled
+                .get(&(record.collection.clone(), record.key.clone()))
+                .filter(|(versions, resolution)| {
+                    // A transient failure keeps the record's own previous view: not reusable.
+                    *versions == record.state.versions
+                        && resolution.resolver == name
+                        && !resolution.retry
+                });
+            Some(match known {
+                Some((_, resolution)) => resolution.clone(),
+                None => {
+                    resolve(
+                        region,
+                        &record.collection,
+                        &record.key,
+                        &record.state.versions,
+                        name,
+                        record.resolution.as_ref(),
+                    )
+                    .await
+                }
+            })
         }
     };
-    region
-        .store
-        .set_resolution(
-            &record.collection,
-            &record.key,
-            record.rev,
-            Some(&resolution),
-        )
-        .await
+    ResolutionUpdate {
+        collection: record.collection.clone(),
+        key: record.key.clone(),
+        rev: record.rev,
+        resolution,
+    }
 }
 
 /// Give every pending conflict-log entry the outcome its resolver makes of the versions it
@@ -174,19 +196,29 @@ async fn settle_conflicts(region: &Region) -> Result<Settled, StorageError> {
             return Ok(settled);
         };
         after = last.id;
-        for entry in &page {
-            if let Some(made) = settle_conflict(region, entry).await? {
-                settled.insert((entry.collection.clone(), entry.key.clone()), made);
+        let made = in_order(
+            page.iter()
+                .map(|entry| settle_conflict(region, entry))
+                .collect(),
+        )
+        .await;
+        let mut rows = Vec::with_capacity(made.len());
+        for (entry, (row, resolved)) in page.iter().zip(made) {
+            rows.push(row);
+            if let Some(resolved) = resolved {
+                settled.insert((entry.collection.clone(), entry.key.clone()), resolved);
             }
         }
+        region.store.settle_conflicts(&rows).await?;
     }
 }
 
-/// Settle one entry; returns its versions and their resolution, if they decoded.
+/// What one entry's resolver makes of its versions, and those versions with their resolution
+/// if they decoded.
 async fn settle_conflict(
     region: &Region,
     entry: &LoggedConflict,
-) -> Result<Option<(Vec<Version>, Resolution)>, StorageError> {
+) -> (SettledConflict, Option<(Vec<Version>, Resolution)>) {
     let name = entry
         .resolver
         .as_ref()
@@ -197,17 +229,13 @@ async fn settle_conflict(
         Ok(versions) => versions,
         Err(error) => {
             tracing::error!(id = entry.id, %error, "a pending conflict-log entry's versions do not decode; left unresolved");
-            let error = format!("the logged versions do not decode: {error}");
-            region
-                .store
-                .settle_conflict(
-                    entry.id,
-                    &json!({ "unresolved": true }),
-                    &json!({ "name": name }),
-                    Some(&error),
-                )
-                .await?;
-            return Ok(None);
+            let settled = SettledConflict {
+                id: entry.id,
+                outcome: json!({ "unresolved": true }),
+                resolver: json!({ "name": name }),
+                error: Some(format!("the logged versions do not decode: {error}")),
+            };
+            return (settled, None);
         }
     };
     let resolution = resolve(
@@ -229,14 +257,11 @@ async fn settle_conflict(
         materialized_view(&state, &Strategy::Resolver(name.clone()), Some(&resolution))
             .logged_outcome()
     };
-    region
-        .store
-        .settle_conflict(
-            entry.id,
-            &outcome,
-            &json!({ "name": name, "sha256": resolution.sha256 }),
-            resolution.error.as_deref(),
-        )
-        .await?;
-    Ok(Some((versions, resolution)))
+    let settled = SettledConflict {
+        id: entry.id,
+        outcome,
+        resolver: json!({ "name": name, "sha256": resolution.sha256 }),
+        error: resolution.error.clone(),
+    };
+    (settled, Some((versions, resolution)))
 }

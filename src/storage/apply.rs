@@ -389,6 +389,16 @@ impl ApplyTx {
     }
 }
 
+/// What the resolution worker made of a pending conflict-log entry.
+#[derive(Debug, Clone)]
+pub struct SettledConflict {
+    pub id: i64,
+    pub outcome: serde_json::Value,
+    /// `{"name", "sha256"}` of the resolver that ran.
+    pub resolver: serde_json::Value,
+    pub error: Option<String>,
+}
+
 /// A conflict-log entry as listed (and as the API shows it).
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct LoggedConflict {
@@ -499,22 +509,28 @@ impl Store {
         .await?)
     }
 
-    /// Fill in a pending conflict-log entry: its outcome (still `{"pending": true}` after a
-    /// transient failure, with the failure as its error), the resolver and module that ran.
-    pub async fn settle_conflict(
-        &self,
-        id: i64,
-        outcome: &serde_json::Value,
-        resolver: &serde_json::Value,
-        error: Option<&str>,
-    ) -> Result<(), StorageError> {
-        sqlx::query("UPDATE conflicts SET outcome = $2, resolver = $3, error = $4 WHERE id = $1")
-            .bind(id)
-            .bind(outcome)
-            .bind(resolver)
-            .bind(error)
-            .execute(self.pool())
-            .await?;
+    /// Fill in pending conflict-log entries: each one's outcome (still `{"pending": true}` after a
+    /// transient failure, with the failure as its error), and the resolver and module that ran.
+    pub async fn settle_conflicts(&self, settled: &[SettledConflict]) -> Result<(), StorageError> {
+        if settled.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = settled.iter().map(|s| s.id).collect();
+        let outcomes: Vec<&serde_json::Value> = settled.iter().map(|s| &s.outcome).collect();
+        let resolvers: Vec<&serde_json::Value> = settled.iter().map(|s| &s.resolver).collect();
+        let errors: Vec<Option<&str>> = settled.iter().map(|s| s.error.as_deref()).collect();
+        sqlx::query(
+            "UPDATE conflicts SET outcome = u.outcome, resolver = u.resolver, error = u.error
+               FROM unnest($1::bigint[], $2::jsonb[], $3::jsonb[], $4::text[])
+                    AS u(id, outcome, resolver, error)
+              WHERE conflicts.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&outcomes)
+        .bind(&resolvers)
+        .bind(&errors)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 

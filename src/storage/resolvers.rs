@@ -22,6 +22,16 @@ pub struct Unresolved {
     pub resolution: Option<Resolution>,
 }
 
+/// A record's new resolution, for [`Store::set_resolutions`].
+#[derive(Debug, Clone)]
+pub struct ResolutionUpdate {
+    pub collection: String,
+    pub key: String,
+    /// The revision the resolution was computed at.
+    pub rev: i64,
+    pub resolution: Option<Resolution>,
+}
+
 /// What storing one chunk did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkProgress {
@@ -89,25 +99,41 @@ impl Store {
         Ok(inserted)
     }
 
-    /// Store a record's resolution (or none), if the record is still at `rev` (a newer state gets
-    /// its own).
-    pub async fn set_resolution(
-        &self,
-        collection: &str,
-        key: &str,
-        rev: i64,
-        resolution: Option<&Resolution>,
-    ) -> Result<bool, StorageError> {
+    /// Store records' resolutions (or none), each only if its record is still at the revision
+    /// read (a newer state gets its own); returns how many were stored. Rows are locked in the
+    /// order given, which callers keep in `(collection, key)` order as applies do, so the two
+    /// never wait on each other in a cycle.
+    pub async fn set_resolutions(&self, updates: &[ResolutionUpdate]) -> Result<u64, StorageError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        let collections: Vec<&str> = updates.iter().map(|u| u.collection.as_str()).collect();
+        let keys: Vec<&str> = updates.iter().map(|u| u.key.as_str()).collect();
+        let revs: Vec<i64> = updates.iter().map(|u| u.rev).collect();
+        let resolutions: Vec<Option<Json<&Resolution>>> = updates
+            .iter()
+            .map(|u| u.resolution.as_ref().map(Json))
+            .collect();
         let done = sqlx::query(
-            "UPDATE records SET resolution = $4 WHERE collection = $1 AND key = $2 AND rev = $3",
+            "WITH locked AS (
+                 SELECT r.collection, r.key, u.resolution
+                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
+                        WITH ORDINALITY AS u(collection, key, rev, resolution, n)
+                  CROSS JOIN LATERAL (
+                        SELECT collection, key FROM records
+                         WHERE collection = u.collection AND key = u.key AND rev = u.rev
+                           FOR UPDATE) r
+                  ORDER BY u.n)
+             UPDATE records SET resolution = locked.resolution FROM locked
+              WHERE records.collection = locked.collection AND records.key = locked.key",
         )
-        .bind(collection)
-        .bind(key)
-        .bind(rev)
-        .bind(resolution.map(Json))
+        .bind(&collections)
+        .bind(&keys)
+        .bind(&revs)
+        .bind(&resolutions)
         .execute(self.pool())
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(done.rows_affected())
     }
 
     /// Records of `collection` with concurrent versions whose resolution was not made by
