@@ -400,6 +400,17 @@ async fn a_slow_resolver_runs_after_the_apply_and_reads_say_the_view_is_pending(
     let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
     assert_eq!(log["conflicts"][0]["outcome"], json!({"pending": true}));
     assert_eq!(log["conflicts"][0]["resolver"], json!({"name": "slow"}));
+    let pending_gauge = || async {
+        let metrics = c.metrics("eu").await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("locus_resolutions_pending "))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        pending_gauge().await.as_deref(),
+        Some("locus_resolutions_pending 1")
+    );
 
     // The worker's call holds no lock: another apply, of the same collection, goes through
     // while it runs.
@@ -442,6 +453,10 @@ async fn a_slow_resolver_runs_after_the_apply_and_reads_say_the_view_is_pending(
         read["value"],
         json!({"from": "us"}),
         "out of fuel: last-writer-wins"
+    );
+    assert_eq!(
+        pending_gauge().await.as_deref(),
+        Some("locus_resolutions_pending 0")
     );
     let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
     let entry = &log["conflicts"][0];

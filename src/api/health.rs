@@ -98,6 +98,9 @@ pub async fn metrics(State(s): State<SharedState>) -> impl IntoResponse {
     if let Ok(held) = s.region.store.dead_letter_count().await {
         s.region.replication.set_dead_letters_held(held);
     }
+    if let Ok(pending) = s.region.store.count_left_to_resolve().await {
+        s.region.resolvers.set_pending(pending);
+    }
     let _ = s.region.applied_through().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

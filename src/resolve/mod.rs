@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument;
@@ -113,6 +113,7 @@ pub fn trial_input() -> Vec<u8> {
 struct Metrics {
     calls: IntCounterVec,
     seconds: HistogramVec,
+    pending: IntGauge,
 }
 
 /// A region's resolver machinery: the sandbox, the slots calls wait for, and the worker's signal.
@@ -149,16 +150,30 @@ impl Resolvers {
             ),
             &["resolver"],
         )?;
+        let pending = IntGauge::new(
+            "locus_resolutions_pending",
+            "Records whose concurrent versions wait for their resolver's (next) run: their reads show the previous view",
+        )?;
         registry.register(Box::new(calls.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
+        registry.register(Box::new(pending.clone()))?;
         Ok(Resolvers {
             sandbox: Arc::new(Sandbox::new(limits)?),
             slots: Semaphore::new(limits.concurrent_calls as usize),
-            metrics: Metrics { calls, seconds },
+            metrics: Metrics {
+                calls,
+                seconds,
+                pending,
+            },
             bindings: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             left_to_resolve: Notify::new(),
         })
+    }
+
+    /// How many records wait for the worker, as last counted (per `/metrics` scrape).
+    pub fn set_pending(&self, records: i64) {
+        self.metrics.pending.set(records);
     }
 
     pub fn fingerprint(&self) -> &str {

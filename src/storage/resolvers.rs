@@ -166,6 +166,17 @@ impl Store {
         rows.iter().map(unresolved).collect()
     }
 
+    /// How many records' resolutions wait for a (new) run.
+    pub async fn count_left_to_resolve(&self) -> Result<i64, StorageError> {
+        Ok(
+            sqlx::query_scalar(
+                "SELECT count(*) FROM records WHERE resolution ->> 'retry' = 'true'",
+            )
+            .fetch_one(self.pool())
+            .await?,
+        )
+    }
+
     /// Records whose resolution waits for a (new) run, in every collection, in `(collection,
     /// key)` order after `after`: what applies left to the worker. A partial index
     /// (`migrations/0013`) holds exactly these, so finding them never reads the other records.
