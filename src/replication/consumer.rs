@@ -123,18 +123,13 @@ async fn consume(
     check_for_gap(region, &mut stream, origin, &mut open_holes).await?;
     let mut last_gap_check = Instant::now();
 
+    // The next batch is fetched while this one is applied, so a backlog costs no fetch round
+    // trip per batch. Should this task end early, what the fetch delivered is redelivered after
+    // the ack wait, like a batch whose apply failed.
+    let mut fetching = Prefetch::start(&consumer);
     loop {
-        let mut fetched = consumer
-            .fetch()
-            .max_messages(BATCH)
-            .expires(FETCH_WAIT)
-            .messages()
-            .await
-            .map_err(|e| ConsumeError::Nats(e.into()))?;
-        let mut messages = Vec::new();
-        while let Some(message) = fetched.next().await {
-            messages.push(message.map_err(ConsumeError::Nats)?);
-        }
+        let messages = fetching.take().await?;
+        fetching = Prefetch::start(&consumer);
         if last_gap_check.elapsed() > GAP_CHECK_EVERY {
             check_for_gap(region, &mut stream, origin, &mut open_holes).await?;
             last_gap_check = Instant::now();
@@ -345,6 +340,44 @@ fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
         jetstream::context::GetStreamErrorKind::JetStream(e)
             if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
     )
+}
+
+/// One fetch of up to [`BATCH`] messages, running on its own task; aborted if dropped untaken.
+struct Prefetch(tokio::task::JoinHandle<Result<Vec<jetstream::Message>, ConsumeError>>);
+
+impl Prefetch {
+    fn start(consumer: &PullConsumer) -> Prefetch {
+        let consumer = consumer.clone();
+        Prefetch(tokio::spawn(async move {
+            let mut fetched = consumer
+                .fetch()
+                .max_messages(BATCH)
+                .expires(FETCH_WAIT)
+                .messages()
+                .await
+                .map_err(|e| ConsumeError::Nats(e.into()))?;
+            let mut messages = Vec::new();
+            while let Some(message) = fetched.next().await {
+                messages.push(message.map_err(ConsumeError::Nats)?);
+            }
+            Ok(messages)
+        }))
+    }
+
+    async fn take(&mut self) -> Result<Vec<jetstream::Message>, ConsumeError> {
+        match (&mut self.0).await {
+            Ok(fetched) => fetched,
+            Err(error) => Err(ConsumeError::Nats(
+                format!("the fetch task ended: {error}").into(),
+            )),
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A new region's consumer has just attached: the events its origin's stream already let go were
