@@ -627,6 +627,7 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
     }
     let catch_up = started.elapsed();
     let apply_rate = published as f64 / catch_up.as_secs_f64();
+    let held_by_copy = ap.region.replication.events_held_by_copy("eu");
 
     println!("\nreplication (eu -> us, one PostgreSQL and one NATS on this machine):");
     println!(
@@ -645,6 +646,9 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
         "  catch-up of a late region          {published} events in {:.1} s = {apply_rate:.0} events/s (origin wrote {origin_rate:.0}/s; ratio {:.2})",
         catch_up.as_secs_f64(),
         apply_rate / origin_rate
+    );
+    println!(
+        "    of which {held_by_copy} were held by ap's first copy from eu (acknowledged without a merge)"
     );
 
     for running in [eu, us, ap] {

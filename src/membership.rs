@@ -456,10 +456,16 @@ pub async fn bootstrap(region: &Region) {
     }
     loop {
         for peer in region.members.peers() {
-            if crate::replication::repair::round(region, &peer.id)
-                .await
-                .is_ok()
-            {
+            let published_before = last_published(region, &peer.id).await;
+            if let Ok(report) = crate::replication::repair::round(region, &peer.id).await {
+                // A restored peer may lack some of its own history, and a record skipped or
+                // unrepairable is not here: the copy then does not stand for those events.
+                let complete = !report.peer_restoring
+                    && report.records_skipped == 0
+                    && report.records_unrepairable == 0;
+                if let Some(last) = published_before.filter(|_| complete) {
+                    cover_copied_history(region, &peer.id, last).await;
+                }
                 loop {
                     match region.store.mark_bootstrapped().await {
                         Ok(()) => break,
@@ -475,6 +481,46 @@ pub async fn bootstrap(region: &Region) {
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The last sequence of `peer`'s stream, if known (0 when empty). Every event up to it was
+/// committed at the peer before it was published, so a copy of the peer started afterwards
+/// holds what those events carry.
+async fn last_published(region: &Region, peer: &str) -> Option<u64> {
+    let js = region.members.js.get()?;
+    let stream = crate::replication::stream_name(&region.config.deployment, peer);
+    match js.get_stream(&stream).await {
+        Ok(mut stream) => match stream.info().await {
+            Ok(info) => Some(info.state.last_sequence),
+            Err(error) => {
+                tracing::debug!(%peer, %error, "no stream position before the copy");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::debug!(%peer, %error, "no stream position before the copy");
+            None
+        }
+    }
+}
+
+/// After a copy from `peer` that began once its stream held `last` events: mark them applied,
+/// and tell this process's consumer to acknowledge them without merging history the copy already
+/// brought (after a restart they are merged again, to the same result). Best effort: without the
+/// mark they are merged too.
+async fn cover_copied_history(region: &Region, peer: &str, last: u64) {
+    if last == 0 {
+        return;
+    }
+    match region.store.cover_ranges(peer, &[(1, last)]).await {
+        Ok(()) => {
+            region.replication.copy_holds(peer, last);
+            tracing::info!(%peer, through = last, "the copy holds these events of the peer's stream; they are acknowledged without being merged again")
+        }
+        Err(error) => {
+            tracing::warn!(%peer, %error, "cannot mark the copied events as held; they are merged again")
+        }
     }
 }
 

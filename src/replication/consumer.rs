@@ -137,6 +137,35 @@ async fn consume(
         if messages.is_empty() {
             continue;
         }
+        // History this region's first copy already holds: acknowledged, never merged again.
+        let copied_through = region.replication.copied_through(origin);
+        let (copied, messages): (Vec<_>, Vec<_>) = messages.into_iter().partition(|message| {
+            message
+                .info()
+                .is_ok_and(|info| info.stream_sequence <= copied_through)
+        });
+        for message in &copied {
+            message.ack().await.map_err(ConsumeError::Nats)?;
+        }
+        if !copied.is_empty() {
+            let stream_sequence = copied
+                .iter()
+                .filter_map(|message| message.info().ok().map(|info| info.stream_sequence))
+                .max()
+                .unwrap_or(0);
+            region.replication.held_by_copy(origin, copied.len());
+            region.replication.applied(
+                origin,
+                &Applied {
+                    events: copied.len(),
+                    stream_sequence,
+                    ..Applied::default()
+                },
+            );
+        }
+        if messages.is_empty() {
+            continue;
+        }
         let mut events = Vec::with_capacity(messages.len());
         let mut sequences = Vec::with_capacity(messages.len());
         let mut sent_as = Vec::with_capacity(messages.len());

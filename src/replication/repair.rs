@@ -76,6 +76,9 @@ pub struct RepairReport {
     pub records_pruned: u64,
     /// Resolver modules fetched whole because they were missing here (a lost chunk, say).
     pub modules_fetched: u64,
+    /// The peer said it is catching up after a restore: it may lack some of its own history.
+    #[serde(default)]
+    pub peer_restoring: bool,
     pub seconds: f64,
     /// Time spent listing and comparing `(key, hash)` pairs of differing buckets; it overlaps
     /// the fetches and merges.
@@ -423,6 +426,7 @@ async fn pull_everything(
         );
         let ours: BTreeMap<i32, BucketDigest> = ours?.into_iter().map(|d| (d.bucket, d)).collect();
         let (theirs, reclaimed, restoring) = theirs?;
+        report.peer_restoring |= restoring;
         // Only a region restored from a backup deletes what a peer lacks: elsewhere, a record a
         // peer lacks is one it lost, and the peer's own round brings it back.
         let reclaimed = reclaimed.filter(|_| restored);

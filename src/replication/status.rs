@@ -107,12 +107,16 @@ struct Inner {
     reclaimed_through_ms: Option<u64>,
     publisher_error: Option<String>,
     nats_version: Option<String>,
+    /// Per origin, the stream sequence through which this process's first copy holds every
+    /// event: the consumer acknowledges those without merging them.
+    copied_through: BTreeMap<String, u64>,
 }
 
 struct Metrics {
     lag_ms: IntGaugeVec,
     lag_seconds: HistogramVec,
     applied: IntCounterVec,
+    held_by_copy: IntCounterVec,
     conflicts: IntCounterVec,
     stopped: IntGaugeVec,
     skewed: IntCounterVec,
@@ -180,6 +184,17 @@ impl ReplicationStatus {
                     Opts::new(
                         "locus_replication_events_applied_total",
                         "Events applied from each origin",
+                    ),
+                    origin,
+                )
+                .unwrap(),
+            ),
+            held_by_copy: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "locus_replication_events_held_by_copy_total",
+                        "Events of each origin acknowledged without a merge: this region's first copy already held them (counted in the applied events too)",
                     ),
                     origin,
                 )
@@ -483,6 +498,32 @@ impl ReplicationStatus {
                 .with_label_values(&[origin])
                 .set(now_ms.saturating_sub(*through) as i64);
         }
+    }
+
+    /// The first copy holds every event of `origin`'s stream through `sequence`.
+    pub fn copy_holds(&self, origin: &str, sequence: u64) {
+        let mut inner = self.inner.lock().expect("status lock");
+        let through = inner.copied_through.entry(origin.to_owned()).or_default();
+        *through = (*through).max(sequence);
+    }
+
+    /// `events` of `origin`'s stream were acknowledged as held by the first copy.
+    pub fn held_by_copy(&self, origin: &str, events: usize) {
+        self.metrics
+            .held_by_copy
+            .with_label_values(&[origin])
+            .inc_by(events as u64);
+    }
+
+    /// How many events of `origin` were acknowledged as held by the first copy.
+    pub fn events_held_by_copy(&self, origin: &str) -> u64 {
+        self.metrics.held_by_copy.with_label_values(&[origin]).get()
+    }
+
+    /// The stream sequence of `origin` through which the first copy holds every event (0: none).
+    pub fn copied_through(&self, origin: &str) -> u64 {
+        let inner = self.inner.lock().expect("status lock");
+        inner.copied_through.get(origin).copied().unwrap_or(0)
     }
 
     pub fn applied(&self, origin: &str, applied: &Applied) {
