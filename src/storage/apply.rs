@@ -389,6 +389,17 @@ impl ApplyTx {
     }
 }
 
+/// The start of a query of the conflict log as [`LoggedConflict`] reads it; the caller adds the
+/// conditions and the order.
+macro_rules! select_logged_conflicts {
+    () => {
+        "SELECT id, collection, key, region,
+                to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at,
+                strategy, resolver, versions, outcome, error
+           FROM conflicts "
+    };
+}
+
 /// What the resolution worker made of a pending conflict-log entry.
 #[derive(Debug, Clone)]
 pub struct SettledConflict {
@@ -472,14 +483,11 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<LoggedConflict>, StorageError> {
-        Ok(sqlx::query_as(
-            "SELECT id, collection, key, region,
-                    to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at,
-                    strategy, resolver, versions, outcome, error
-               FROM conflicts
-              WHERE id > $1 AND ($2::text IS NULL OR collection = $2) AND ($3::text IS NULL OR key = $3)
-              ORDER BY id LIMIT $4",
-        )
+        Ok(sqlx::query_as(concat!(
+            select_logged_conflicts!(),
+            "WHERE id > $1 AND ($2::text IS NULL OR collection = $2) AND ($3::text IS NULL OR key = $3)
+              ORDER BY id LIMIT $4"
+        ))
         .bind(after)
         .bind(collection)
         .bind(key)
@@ -495,14 +503,11 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<LoggedConflict>, StorageError> {
-        Ok(sqlx::query_as(
-            "SELECT id, collection, key, region,
-                    to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at,
-                    strategy, resolver, versions, outcome, error
-               FROM conflicts
-              WHERE outcome ? 'pending' AND id > $1
-              ORDER BY id LIMIT $2",
-        )
+        Ok(sqlx::query_as(concat!(
+            select_logged_conflicts!(),
+            "WHERE outcome ? 'pending' AND id > $1
+              ORDER BY id LIMIT $2"
+        ))
         .bind(after)
         .bind(limit)
         .fetch_all(self.pool())
@@ -555,13 +560,11 @@ impl Store {
         collection: &str,
         limit: i64,
     ) -> Result<Vec<LoggedConflict>, StorageError> {
-        Ok(sqlx::query_as(
-            "SELECT id, collection, key, region,
-                    to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS detected_at,
-                    strategy, resolver, versions, outcome, error
-               FROM conflicts WHERE collection = $1
-              ORDER BY id DESC LIMIT $2",
-        )
+        Ok(sqlx::query_as(concat!(
+            select_logged_conflicts!(),
+            "WHERE collection = $1
+              ORDER BY id DESC LIMIT $2"
+        ))
         .bind(collection)
         .bind(limit)
         .fetch_all(self.pool())
