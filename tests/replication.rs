@@ -961,3 +961,58 @@ async fn an_apply_finds_a_record_a_local_write_created_after_its_lock() {
     assert_eq!(body["value"], "local");
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn events_a_first_copy_holds_are_acknowledged_without_a_merge() {
+    let mut nats = crate::helpers::TestNats::start().await;
+    let url = nats.url();
+    let c = crate::helpers::Setup::regions(&["eu", "us"])
+        .tweak(move |config| config.nats_url = url.clone())
+        .start()
+        .await;
+    assert!(c
+        .put("eu", "held", "first", &json!({"n": 0}))
+        .await
+        .status()
+        .is_success());
+    eventually(30, "replication runs", || async {
+        c.get("us", "held", "first").await.status() == StatusCode::OK
+    })
+    .await;
+
+    // Replication is cut while eu writes; its events wait in eu's outbox.
+    nats.kill();
+    for i in 1..=20 {
+        let response = c
+            .put("eu", "held", &format!("k{i:02}"), &json!({"n": i}))
+            .await;
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+    // What a new region's completed copy records: every event of eu's stream through a sequence
+    // (here far beyond these writes) is held, in the ranges and for the consumer.
+    let us = c.region("us").region.clone();
+    let through = 1_000_000;
+    us.store.cover_ranges("eu", &[(1, through)]).await.unwrap();
+    us.replication.copy_holds("eu", through);
+    nats.restart().await;
+
+    // us acknowledges the events without merging them, and counts them. No copy brought these
+    // records here, so they are missing: the proof that nothing was merged.
+    eventually(30, "us acknowledges eu's 20 events as held", || async {
+        us.replication.events_held_by_copy("eu") >= 20
+    })
+    .await;
+    for i in 1..=20 {
+        let response = c.get("us", "held", &format!("k{i:02}")).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "k{i:02}");
+    }
+    let metrics = c.metrics("us").await;
+    assert!(
+        metrics.contains("locus_replication_events_held_by_copy_total{origin=\"eu\"}"),
+        "{metrics}"
+    );
+    // A repair round brings over what a real copy would have held.
+    c.repair_everywhere().await;
+    c.assert_converged().await;
+    c.teardown().await;
+}
