@@ -386,13 +386,43 @@ async fn three_regions_replicate_with_every_hop_on_tls_and_least_privilege_nats_
     }
     let after = eu_state().await;
     assert_eq!(
-        after.last_sequence, before.last_sequence,
-        "nothing reached eu's stream"
-    );
-    assert_eq!(
         after.consumer_count, before.consumer_count,
         "no consumer was added to it"
     );
+    // eu's own heartbeats (every 250 ms here) may reach its stream meanwhile, so its sequence
+    // proves nothing. A forged message would reach every reader of the stream, which would set it
+    // aside as unreadable: once us and ap have acknowledged the stream through its end, neither
+    // may hold a dead letter.
+    eventually(
+        30,
+        "us and ap acknowledge eu's stream through its end",
+        || async {
+            let stream = admin.get_stream(&eu_stream).await.unwrap();
+            let mut done = true;
+            for reader in ["us", "ap"] {
+                let info = stream
+                    .consumer_info(locus::replication::consumer_name(reader))
+                    .await
+                    .unwrap();
+                done &= info.ack_floor.stream_sequence >= after.last_sequence;
+            }
+            done
+        },
+    )
+    .await;
+    for reader in ["us", "ap"] {
+        let held = c
+            .region(reader)
+            .region
+            .store
+            .dead_letter_count()
+            .await
+            .unwrap();
+        assert_eq!(
+            held, 0,
+            "nothing forged reached eu's stream (read by {reader})"
+        );
+    }
     c.assert_converged().await;
     c.teardown().await;
 }
