@@ -166,8 +166,18 @@ impl Setup {
     }
 
     pub fn tweak(mut self, f: impl Fn(&mut Config) + 'static) -> Setup {
-        self.tweak = Box::new(f);
+        let earlier = self.tweak;
+        self.tweak = Box::new(move |config| {
+            earlier(config);
+            f(config)
+        });
         self
+    }
+
+    /// Reach NATS through a server of the test's own, which it can kill and restart.
+    pub fn on_nats(self, nats: &TestNats) -> Setup {
+        let url = nats.url();
+        self.tweak(move |config| config.nats_url = url.clone())
     }
 
     /// Start, with `region` reaching NATS through a link the test can cut (its consumers stall and

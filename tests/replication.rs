@@ -195,9 +195,8 @@ async fn converged(c: &Cluster, collections: &[&str]) -> Vec<(String, String, Va
 #[tokio::test]
 async fn concurrent_writes_in_every_region_converge_under_lww_and_siblings() {
     let mut nats = crate::helpers::TestNats::start().await;
-    let url = nats.url();
     let c = crate::helpers::Setup::regions(&REGIONS)
-        .tweak(move |config| config.nats_url = url.clone())
+        .on_nats(&nats)
         .start()
         .await;
     c.configure("eu", "lww-any", &json!({"homing": "anywhere"}))
@@ -418,9 +417,8 @@ async fn a_record_at_the_size_limit_replicates() {
 #[tokio::test]
 async fn nats_killed_and_restarted_mid_stream_loses_nothing() {
     let mut nats = crate::helpers::TestNats::start().await;
-    let url = nats.url();
     let c = crate::helpers::Setup::regions(&["eu", "us"])
-        .tweak(move |config| config.nats_url = url.clone())
+        .on_nats(&nats)
         .start()
         .await;
 
@@ -965,9 +963,8 @@ async fn an_apply_finds_a_record_a_local_write_created_after_its_lock() {
 #[tokio::test]
 async fn events_a_first_copy_holds_are_acknowledged_without_a_merge() {
     let mut nats = crate::helpers::TestNats::start().await;
-    let url = nats.url();
     let c = crate::helpers::Setup::regions(&["eu", "us"])
-        .tweak(move |config| config.nats_url = url.clone())
+        .on_nats(&nats)
         .start()
         .await;
     assert!(c

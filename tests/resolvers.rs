@@ -645,11 +645,7 @@ async fn read_value(c: &Cluster, id: &str, key: &str) -> (StatusCode, Value) {
 #[tokio::test]
 async fn three_regions_show_the_same_resolved_value_for_every_key() {
     let mut nats = TestNats::start().await;
-    let url = nats.url();
-    let c = Setup::regions(&REGIONS)
-        .tweak(move |config| config.nats_url = url.clone())
-        .start()
-        .await;
+    let c = Setup::regions(&REGIONS).on_nats(&nats).start().await;
     // Several chunks long, so the module crosses as pieces and is assembled in each region.
     let module = padded(example_resolver("cart"), 700 * 1024);
     let sha256 = module_sha256(&module);
