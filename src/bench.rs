@@ -566,6 +566,16 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
     };
     println!("  maximum write rate with publishing off {offline_rate:.0}/s");
 
+    // eu and us are new regions, each copying the other's (empty) data first: measured only
+    // once both copies are done, so no copy runs during the phases.
+    for running in [&eu, &us] {
+        let seconds = until_copied(running).await;
+        println!(
+            "  {} holds the deployment's data ({seconds:.1} s after the phase above)",
+            running.region.id()
+        );
+    }
+
     let measured = rate_and_lag(&http, &url, &us.region, args.clients, args.seconds).await?;
     let (rate, lag_p50, lag_p99) = (measured.half_rate, measured.lag_p50, measured.lag_p99);
 

@@ -455,7 +455,7 @@ pub async fn bootstrap(region: &Region) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     loop {
-        for peer in region.members.peers() {
+        for peer in peers_by_answer(region).await {
             let published_before = last_published(region, &peer.id).await;
             if let Ok(report) = crate::replication::repair::round(region, &peer.id).await {
                 // A restored peer may lack some of its own history, and a record skipped or
@@ -482,6 +482,53 @@ pub async fn bootstrap(region: &Region) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// How long a new region waits for a peer's first answer before it copies from the others first.
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(3);
+
+/// The peers to copy from, in the order their APIs answered a probe sent to all at once. A peer
+/// whose API hangs (its host overloaded, its process stuck) would otherwise hold the copy for the
+/// peer client's whole timeout, a minute, while another could serve it at once. Peers that did not
+/// answer within [`FIRST_ANSWER_WAIT`] are left out of this pass when another answered, and are
+/// the whole pass (each tried with the full timeout) when none did: a peer slow to answer a probe
+/// may still serve a copy.
+async fn peers_by_answer(region: &Region) -> Vec<Peer> {
+    let peers = region.members.peers();
+    let client = crate::replication::repair::PeerClient::new(region);
+    let mut probes: futures_util::stream::FuturesUnordered<_> = peers
+        .iter()
+        .map(|peer| {
+            let client = &client;
+            async move {
+                client
+                    .answers_within(&peer.id, FIRST_ANSWER_WAIT)
+                    .await
+                    .then(|| peer.clone())
+            }
+        })
+        .collect();
+    let mut answered = Vec::new();
+    while let Some(probe) = probes.next().await {
+        answered.extend(probe);
+    }
+    drop(probes);
+    if answered.is_empty() {
+        return peers;
+    }
+    if answered.len() < peers.len() {
+        let silent: Vec<&str> = peers
+            .iter()
+            .filter(|p| !answered.iter().any(|a| a.id == p.id))
+            .map(|p| p.id.as_str())
+            .collect();
+        tracing::warn!(
+            ?silent,
+            wait_secs = FIRST_ANSWER_WAIT.as_secs(),
+            "peers did not answer a probe in time; copying from the others first"
+        );
+    }
+    answered
 }
 
 /// The last sequence of `peer`'s stream, if known (0 when empty). Every event up to it was
@@ -620,7 +667,7 @@ pub async fn retire(
         region.members.stop_consumers();
         region.members.adopt(id, &retired);
         if let Some(js) = region.members.js.get() {
-            for peer in region.members.peers() {
+            for peer in peers_by_answer(region).await {
                 let stream = crate::replication::stream_name(&region.config.deployment, &peer.id);
                 if let Err(error) = remove_consumer(js, &stream, id).await {
                     tracing::warn!(peer = %peer.id, %error, "cannot remove this region's consumer from the peer's stream");
@@ -642,7 +689,7 @@ pub async fn retire(
             )));
         }
         record_member(region, id, &marked(MemberState::Retiring)).await?;
-        for peer in region.members.peers() {
+        for peer in peers_by_answer(region).await {
             if peer.id != id {
                 crate::replication::repair::round(region, &peer.id).await?;
             }

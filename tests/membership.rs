@@ -180,6 +180,63 @@ async fn a_region_added_under_write_load_copies_everything_and_misses_no_write()
 }
 
 #[tokio::test]
+async fn a_new_region_copies_from_a_peer_that_answers_rather_than_wait_on_one_that_hangs() {
+    // To ap, eu's API is a listener that takes connections and never answers (a stuck process);
+    // us answers. eu comes first in id order, which is where ap used to start its copy, waiting
+    // out the peer client's minute before it tried us.
+    let (hung_url, _hung) = crate::helpers::black_hole().await;
+    let mut c = Setup::regions(&["eu", "us", "ap"])
+        .joining_later(&["ap"])
+        .tweak(move |config| {
+            if config.region == "ap" {
+                for peer in &mut config.peers {
+                    if peer.id == "eu" {
+                        peer.api_url = hung_url.clone();
+                    }
+                }
+            }
+        })
+        .start()
+        .await;
+    let mut written = Vec::new();
+    for (i, id) in ["eu", "us", "eu", "us"].into_iter().enumerate() {
+        let key = format!("before-ap-{i}");
+        let response = c.put(id, "copied", &key, &json!({"i": i})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        written.push(key);
+    }
+    eventually(20, "eu and us hold each other's writes", || async {
+        let mut all = true;
+        for id in ["eu", "us"] {
+            for key in &written {
+                all &= c.get(id, "copied", key).await.status() == StatusCode::OK;
+            }
+        }
+        all
+    })
+    .await;
+
+    let joined = std::time::Instant::now();
+    c.join("ap").await;
+    let deadline = joined + std::time::Duration::from_secs(30);
+    while c.region("ap").region.is_bootstrapping() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ap copies from us within 30 s although eu's API hangs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for key in &written {
+        assert_eq!(
+            c.get("ap", "copied", key).await.status(),
+            StatusCode::OK,
+            "ap holds {key}"
+        );
+    }
+    c.teardown().await;
+}
+
+#[tokio::test]
 async fn an_announcement_needs_the_peer_token_and_a_valid_region_and_url() {
     let c = Setup::regions(&["eu", "us"]).start().await;
     let announce = |id: &str, body: Value| {

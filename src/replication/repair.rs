@@ -232,6 +232,16 @@ impl PeerClient {
             .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))
     }
 
+    /// Whether `peer`'s peer API answers within `wait`: a cheap call (its collection names), so
+    /// a new region can tell a peer that serves a copy at once from one whose API hangs.
+    pub async fn answers_within(&self, peer: &str, wait: Duration) -> bool {
+        self.send(peer, |c, base| {
+            c.get(format!("{base}/v1/peer/collections")).timeout(wait)
+        })
+        .await
+        .is_ok()
+    }
+
     pub async fn collections(&self, peer: &str) -> Result<Vec<String>, RepairError> {
         let body: CollectionsBody = self
             .call(peer, |c, base| c.get(format!("{base}/v1/peer/collections")))
