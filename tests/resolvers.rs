@@ -397,6 +397,13 @@ async fn a_slow_resolver_runs_after_the_apply_and_reads_say_the_view_is_pending(
     assert_eq!(header(&read, "locus-siblings"), Some("2"));
     let body: Value = read.json().await.unwrap();
     assert_eq!(body["value"], json!({"from": "eu"}));
+    let listed = c.get_json("eu", "/v1/collections/slow/records").await;
+    assert_eq!(listed["records"][0]["value"], json!({"from": "eu"}));
+    assert_eq!(
+        listed["records"][0]["resolution_pending"],
+        json!(true),
+        "{listed}"
+    );
     let log = c.get_json("eu", "/v1/conflicts?collection=slow").await;
     assert_eq!(log["conflicts"][0]["outcome"], json!({"pending": true}));
     assert_eq!(log["conflicts"][0]["resolver"], json!({"name": "slow"}));
@@ -453,6 +460,13 @@ async fn a_slow_resolver_runs_after_the_apply_and_reads_say_the_view_is_pending(
         read["value"],
         json!({"from": "us"}),
         "out of fuel: last-writer-wins"
+    );
+    let listed = c.get_json("eu", "/v1/collections/slow/records").await;
+    assert_eq!(listed["records"][0]["value"], json!({"from": "us"}));
+    assert_eq!(
+        listed["records"][0].get("resolution_pending"),
+        None,
+        "{listed}"
     );
     assert_eq!(
         pending_gauge().await.as_deref(),

@@ -59,7 +59,10 @@ pub struct SiblingsBody {
     pub siblings: Vec<Version>,
 }
 
-/// One page of a listing. Each entry is a record, or a siblings document under `siblings`.
+/// One page of a listing. Each entry is a record, or a siblings document under `siblings`. Under
+/// the `resolver` strategy, an entry whose resolver has not run yet on its current concurrent
+/// versions shows the view from before they changed and carries `"resolution_pending": true` (a
+/// GET of it answers `Locus-Resolution: pending`).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RecordPage {
     #[schema(value_type = Vec<Object>)]
@@ -562,7 +565,11 @@ pub async fn list(
             // What a deletion of the collection removed is not listed, purged or not yet.
             let (state, resolution) = visible_record(stored, resolution, deleted_before);
             let json = state.as_ref().and_then(|state| {
-                view_json(&collection, &key, state, resolution.as_ref(), &strategy)
+                let mut json = view_json(&collection, &key, state, resolution.as_ref(), &strategy)?;
+                if resolution_pending(state, &strategy, resolution.as_ref()) {
+                    json["resolution_pending"] = Value::Bool(true);
+                }
+                Some(json)
             });
             if let Some(json) = json {
                 if records.len() == limit {

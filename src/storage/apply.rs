@@ -426,7 +426,9 @@ pub struct LoggedConflict {
     #[schema(value_type = Vec<Object>)]
     pub versions: serde_json::Value,
     /// What a reader saw: `{"value":…}`, `{"deleted":true}` or `{"siblings":n}`; under a
-    /// resolver, `{"pending":true}` until the resolution worker has run it on these versions.
+    /// resolver, `{"pending":true}` until the resolution worker has run it on these versions, and
+    /// `{"unresolved":true}` (with `error`) if the entry's logged versions could no longer be
+    /// decoded when it came to run it (a damaged row: the record's own view is resolved apart).
     #[schema(value_type = Object)]
     pub outcome: serde_json::Value,
     pub error: Option<String>,
