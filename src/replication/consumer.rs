@@ -560,6 +560,8 @@ pub async fn apply_batch(
     // Whether this batch changed a set under a resolver: the worker then has work.
     let mut left_to_resolve = false;
     let mut violations_logged = std::collections::BTreeSet::new();
+    // Logged together before the commit, in the order they were found.
+    let mut logged: Vec<ConflictEntry> = Vec::new();
     // Merge every key, write all that changed in two statements, and merge again only the keys a
     // local write created after the lock (rare: the insert found a row).
     let mut todo: Vec<&RecordKey> = by_key.keys().collect();
@@ -606,8 +608,7 @@ pub async fn apply_batch(
                     tracing::error!(region = region.id(), %origin, collection = %key.0, key = %key.1,
                         vector = ?incoming.vector, "integrity violation: two different versions under one version vector; keeping the larger content hash");
                     region.replication.integrity_violation();
-                    tx.log_conflict(&integrity_entry(region.id(), key, incoming, &state))
-                        .await?;
+                    logged.push(integrity_entry(region.id(), key, incoming, &state));
                 }
             }
             if current.state.as_ref() == Some(&state) {
@@ -662,8 +663,7 @@ pub async fn apply_batch(
             region.forget_cached(&m.key.0, &m.key.1);
             records_changed += 1;
             for found in &m.detected {
-                tx.log_conflict(&conflict_entry(region.id(), m.key, found, &m.strategy))
-                    .await?;
+                logged.push(conflict_entry(region.id(), m.key, found, &m.strategy));
             }
             if !m.detected.is_empty() {
                 *conflicts_by_strategy
@@ -678,6 +678,7 @@ pub async fn apply_batch(
             loaded.extend(again);
         }
     }
+    tx.log_conflicts(&logged).await?;
     let mut highest_sent: BTreeMap<&str, i64> = BTreeMap::new();
     for id in sent_as {
         let highest = highest_sent

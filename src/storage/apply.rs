@@ -313,19 +313,41 @@ impl ApplyTx {
             .collect())
     }
 
-    pub async fn log_conflict(&mut self, entry: &ConflictEntry) -> Result<(), StorageError> {
+    /// Log a batch's conflict entries in one statement, ids in the order given: a batch full of
+    /// conflicts (a late region catching up, a partition healing) pays one round trip under the
+    /// apply lock for all of them rather than one each.
+    pub async fn log_conflicts(&mut self, entries: &[ConflictEntry]) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let collections: Vec<&str> = entries.iter().map(|e| e.collection.as_str()).collect();
+        let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+        let regions: Vec<&str> = entries.iter().map(|e| e.region.as_str()).collect();
+        let strategies: Vec<&str> = entries.iter().map(|e| e.strategy.as_str()).collect();
+        let versions: Vec<Json<&serde_json::Value>> =
+            entries.iter().map(|e| Json(&e.versions)).collect();
+        let outcomes: Vec<Json<&serde_json::Value>> =
+            entries.iter().map(|e| Json(&e.outcome)).collect();
+        let errors: Vec<Option<&str>> = entries.iter().map(|e| e.error.as_deref()).collect();
+        let resolvers: Vec<Option<Json<&serde_json::Value>>> = entries
+            .iter()
+            .map(|e| e.resolver.as_ref().map(Json))
+            .collect();
         sqlx::query(
             "INSERT INTO conflicts (collection, key, region, strategy, versions, outcome, error, resolver)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             SELECT c, k, r, s, v, o, e, x
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+                           $7::text[], $8::jsonb[]) WITH ORDINALITY AS u(c, k, r, s, v, o, e, x, n)
+              ORDER BY n",
         )
-        .bind(&entry.collection)
-        .bind(&entry.key)
-        .bind(&entry.region)
-        .bind(&entry.strategy)
-        .bind(&entry.versions)
-        .bind(&entry.outcome)
-        .bind(&entry.error)
-        .bind(&entry.resolver)
+        .bind(&collections)
+        .bind(&keys)
+        .bind(&regions)
+        .bind(&strategies)
+        .bind(&versions)
+        .bind(&outcomes)
+        .bind(&errors)
+        .bind(&resolvers)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
