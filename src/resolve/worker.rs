@@ -57,7 +57,8 @@ pub async fn run(region: Arc<Region>) {
 /// One pass over every collection whose strategy is a resolver, after the pending conflict-log
 /// entries. Returns how many records it resolved.
 pub async fn pass(region: &Region) -> Result<u64, StorageError> {
-    let settled = settle_conflicts(region).await?;
+    let mut settled = Settled::default();
+    settle_conflicts(region, &mut settled).await?;
     let mut resolved = 0;
     for (collection, policy) in region.policies().await? {
         let Strategy::Resolver(name) = policy.strategy() else {
@@ -77,6 +78,7 @@ pub async fn pass(region: &Region) -> Result<u64, StorageError> {
                 .await?;
             let Some(last) = page.last() else { break };
             after = last.key.clone();
+            settle_conflicts(region, &mut settled).await?;
             let calls: Vec<_> = page
                 .iter()
                 .map(|record| resolved_record(region, record, Some(&name), &settled))
@@ -92,7 +94,8 @@ pub async fn pass(region: &Region) -> Result<u64, StorageError> {
 /// first, then the records, so a reader who sees a resolved value finds its conflict's outcome
 /// too. Reads only those rows (partial indexes). Returns how many records it resolved.
 pub async fn pass_left_to_resolve(region: &Region) -> Result<u64, StorageError> {
-    let settled = settle_conflicts(region).await?;
+    let mut settled = Settled::default();
+    settle_conflicts(region, &mut settled).await?;
     let strategies: HashMap<String, Strategy> = region
         .policies()
         .await?
@@ -108,6 +111,7 @@ pub async fn pass_left_to_resolve(region: &Region) -> Result<u64, StorageError> 
             .await?;
         let Some(last) = page.last() else { break };
         after = (last.collection.clone(), last.key.clone());
+        settle_conflicts(region, &mut settled).await?;
         let calls: Vec<_> = page
             .iter()
             .map(|record| {
@@ -137,9 +141,17 @@ async fn in_order<F: std::future::Future>(calls: Vec<F>) -> Vec<F::Output> {
         .await
 }
 
-/// Per record, the versions of the newest conflict-log entry this pass settled and what the
-/// resolver made of them: the record usually holds just those, and the call is not made twice.
-type Settled = HashMap<(String, String), (Vec<Version>, Resolution)>;
+/// What a pass has settled of the conflict log.
+#[derive(Default)]
+struct Settled {
+    /// Per record, the versions of the newest entry settled and what the resolver made of them:
+    /// the record usually holds just those, and the call is not made twice.
+    made: HashMap<(String, String), (Vec<Version>, Resolution)>,
+    /// The last entry id gone through. Entries are only added by applies, which hold the apply
+    /// lock until they commit, so ids grow in commit order and none appears behind this; an entry
+    /// a transient failure left pending is tried again by the next pass, not on every page.
+    through: i64,
+}
 
 /// What resolver `name` makes of one record (no resolution without a name), to be stored if the
 /// record is still at the revision read.
@@ -153,6 +165,7 @@ async fn resolved_record(
         None => None,
         Some(name) => {
             let known = settled
+                .made
                 .get(&(record.collection.clone(), record.key.clone()))
                 .filter(|(versions, resolution)| {
                     // A transient failure keeps the record's own previous view: not reusable.
@@ -185,17 +198,24 @@ async fn resolved_record(
 }
 
 /// Give every pending conflict-log entry the outcome its resolver makes of the versions it
-/// logged. A transient failure leaves it pending, with the failure as its error, for the next
-/// pass.
-async fn settle_conflicts(region: &Region) -> Result<Settled, StorageError> {
-    let mut settled = Settled::new();
-    let mut after = 0;
+/// logged, adding what it made to `settled`. A transient failure leaves it pending, with the
+/// failure as its error, for the next pass.
+///
+/// Called again after each page of records is read, before their resolutions are stored: an
+/// apply commits a record's pending mark and its conflict entry together, so every entry of a
+/// record on the page is visible by then, even one committed after the pass began. A reader who
+/// sees a record's new view therefore always finds its conflict's outcome filled in. When
+/// nothing is pending this costs one indexed query.
+async fn settle_conflicts(region: &Region, settled: &mut Settled) -> Result<(), StorageError> {
     loop {
-        let page = region.store.conflicts_left_to_resolve(after, PAGE).await?;
+        let page = region
+            .store
+            .conflicts_left_to_resolve(settled.through, PAGE)
+            .await?;
         let Some(last) = page.last() else {
-            return Ok(settled);
+            return Ok(());
         };
-        after = last.id;
+        settled.through = last.id;
         let made = in_order(
             page.iter()
                 .map(|entry| settle_conflict(region, entry))
@@ -206,7 +226,9 @@ async fn settle_conflicts(region: &Region) -> Result<Settled, StorageError> {
         for (entry, (row, resolved)) in page.iter().zip(made) {
             rows.push(row);
             if let Some(resolved) = resolved {
-                settled.insert((entry.collection.clone(), entry.key.clone()), resolved);
+                settled
+                    .made
+                    .insert((entry.collection.clone(), entry.key.clone()), resolved);
             }
         }
         region.store.settle_conflicts(&rows).await?;
