@@ -58,6 +58,10 @@ const IDEMPOTENCY_KEYS_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
 /// [`PASS_EVERY`] until each has settled.
 pub async fn run(region: Arc<Region>) {
     let mut settled: BTreeMap<String, Hlc> = BTreeMap::new();
+    // Tombstones are reclaimed every `reclaim_interval_ms`, however often the purge passes run
+    // (a deletion wakes them): the setting says how long a tombstone every region applied stays.
+    let reclaim_every = Duration::from_millis(region.config.replication.reclaim_interval_ms);
+    let mut reclaimed_at: Option<std::time::Instant> = None;
     loop {
         match pass(&region, &mut settled).await {
             Ok(()) => {}
@@ -65,8 +69,11 @@ pub async fn run(region: Arc<Region>) {
                 tracing::warn!(%error, "purge of deleted collections failed; trying again")
             }
         }
-        if let Err(error) = reclaim_tombstones(&region).await {
-            tracing::warn!(%error, "reclaiming tombstones failed; trying again");
+        if reclaimed_at.is_none_or(|at| at.elapsed() >= reclaim_every) {
+            reclaimed_at = Some(std::time::Instant::now());
+            if let Err(error) = reclaim_tombstones(&region).await {
+                tracing::warn!(%error, "reclaiming tombstones failed; trying again");
+            }
         }
         match region
             .store
