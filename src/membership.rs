@@ -667,7 +667,7 @@ pub async fn retire(
         region.members.stop_consumers();
         region.members.adopt(id, &retired);
         if let Some(js) = region.members.js.get() {
-            for peer in peers_by_answer(region).await {
+            for peer in region.members.peers() {
                 let stream = crate::replication::stream_name(&region.config.deployment, &peer.id);
                 if let Err(error) = remove_consumer(js, &stream, id).await {
                     tracing::warn!(peer = %peer.id, %error, "cannot remove this region's consumer from the peer's stream");
@@ -689,7 +689,7 @@ pub async fn retire(
             )));
         }
         record_member(region, id, &marked(MemberState::Retiring)).await?;
-        for peer in peers_by_answer(region).await {
+        for peer in region.members.peers() {
             if peer.id != id {
                 crate::replication::repair::round(region, &peer.id).await?;
             }
