@@ -956,6 +956,76 @@ async fn a_wall_time_interruption_is_retried_never_final() {
 }
 
 #[tokio::test]
+async fn a_pending_entry_whose_versions_do_not_decode_is_settled_unresolved_once_not_retried() {
+    let c = Setup::regions(&["eu"]).start().await;
+    let eu = c.region("eu").region.clone();
+    // A module that makes `{"value":"made"}` of every real conflict.
+    let made = r#"{\"value\":\"made\"}"#;
+    let module = two_faced(&format!("(i64.const {})", (32u64 << 32) | 16), made);
+
+    // A pending entry that no build could have logged (a damaged row, say), ahead of a real one.
+    sqlx::query(
+        "INSERT INTO conflicts (collection, key, region, strategy, versions, outcome, resolver)
+         VALUES ('made', 'damaged', 'eu', 'resolver', '[{\"not\": \"a version\"}]',
+                 '{\"pending\": true}', '{\"name\": \"maker\"}')",
+    )
+    .execute(eu.store.pool())
+    .await
+    .unwrap();
+    conflict_at_eu(
+        &c,
+        "maker",
+        module,
+        "made",
+        json!({"from": "eu"}),
+        concurrent_version("us", json!({"from": "us"})),
+    )
+    .await;
+    resolved_at_eu(&c).await;
+
+    let entry_of = |log: &Value, key: &str| {
+        log["conflicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["key"] == key)
+            .unwrap_or_else(|| panic!("an entry for {key}: {log}"))
+            .clone()
+    };
+    let log = c.get_json("eu", "/v1/conflicts?collection=made").await;
+    let damaged = entry_of(&log, "damaged");
+    assert_eq!(damaged["outcome"], json!({"unresolved": true}), "{damaged}");
+    assert!(
+        damaged["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("do not decode"),
+        "{damaged}"
+    );
+    // The entry behind it was settled in the same pass, and its record shows the view.
+    let real = entry_of(&log, "k");
+    assert_eq!(real["outcome"], json!({"value": "made"}), "{real}");
+    let read = c.get("eu", "made", "k").await;
+    assert_eq!(header(&read, "locus-resolution"), None);
+    assert_eq!(read.json::<Value>().await.unwrap()["value"], "made");
+
+    // Final: no later pass takes the damaged entry up again.
+    assert!(eu
+        .store
+        .conflicts_left_to_resolve(0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    resolved_at_eu(&c).await;
+    let again = entry_of(
+        &c.get_json("eu", "/v1/conflicts?collection=made").await,
+        "damaged",
+    );
+    assert_eq!(again, damaged);
+    c.teardown().await;
+}
+
+#[tokio::test]
 async fn a_module_is_used_only_once_every_chunk_is_here_and_it_hashes_right() {
     use locus::replication::event::ModuleChunk;
     let c = cluster(&["eu"]).await;
