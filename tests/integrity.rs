@@ -799,6 +799,53 @@ async fn sql_and_code_put_a_key_in_the_same_bucket() {
 }
 
 #[tokio::test]
+async fn a_states_fetch_takes_a_full_batch_of_the_longest_keys_and_refuses_more() {
+    use locus::record::names::MAX_NAME_BYTES;
+    use locus::replication::repair::FETCH_KEYS;
+    let c = cluster(&["eu"]).await;
+    let long = "a".repeat(MAX_NAME_BYTES);
+    for key in [long.as_str(), "k1"] {
+        assert_eq!(
+            c.put("eu", "fetched", key, &json!({"key": key}))
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+    }
+    // A full batch of the longest keys, each character one that JSON escapes, and the two held.
+    let mut keys: Vec<String> = (0..FETCH_KEYS - 2)
+        .map(|i| format!("{}{i:04}", "\"".repeat(MAX_NAME_BYTES - 4)))
+        .collect();
+    keys.push(long.clone());
+    keys.push("k1".into());
+    keys.sort_unstable();
+    let fetch = |keys: Vec<String>| {
+        c.request("eu", Method::POST, "/v1/peer/states?collection=fetched")
+            .bearer_auth(crate::helpers::PEER)
+            .json(&json!({ "keys": keys }))
+            .send()
+    };
+    let response = fetch(keys.clone()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    let held: Vec<&str> = answer["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| record[0].as_str().unwrap())
+        .collect();
+    assert_eq!(held, vec![long.as_str(), "k1"]);
+
+    keys.push("k2".into());
+    let detail = expect_problem(fetch(keys).await.unwrap(), StatusCode::BAD_REQUEST).await;
+    assert!(
+        detail.contains(&format!("at most {FETCH_KEYS} keys")),
+        "{detail}"
+    );
+    c.teardown().await;
+}
+
+#[tokio::test]
 async fn the_peer_hash_listing_pages_through_every_key_of_the_chosen_buckets_once() {
     let c = cluster(&["eu"]).await;
     let keys: Vec<String> = (0..9).map(|i| format!("k{i}")).collect();

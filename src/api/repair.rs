@@ -175,7 +175,8 @@ pub async fn states(
 ) -> Result<Json<StoredStates>, ApiError> {
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
-    let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
+    // Room for FETCH_KEYS keys of the longest name, every byte of it escaped.
+    let bytes = super::headers::json_body(&headers, body, 2 * 1024 * 1024).await?;
     let request: StatesRequest = super::headers::parse_json(&bytes)?;
     if request.keys.len() > FETCH_KEYS {
         return Err(ApiError::bad_request(
