@@ -70,9 +70,12 @@ pub async fn run(region: Arc<Region>) {
             }
         }
         if reclaimed_at.is_none_or(|at| at.elapsed() >= reclaim_every) {
-            reclaimed_at = Some(std::time::Instant::now());
-            if let Err(error) = reclaim_tombstones(&region).await {
-                tracing::warn!(%error, "reclaiming tombstones failed; trying again");
+            // A failed reclaim is tried again on the next pass, not a whole interval later.
+            match reclaim_tombstones(&region).await {
+                Ok(_) => reclaimed_at = Some(std::time::Instant::now()),
+                Err(error) => {
+                    tracing::warn!(%error, "reclaiming tombstones failed; trying again")
+                }
             }
         }
         match region
