@@ -658,7 +658,7 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
         apply_rate / origin_rate
     );
     println!(
-        "    of which {held_by_copy} were held by ap's first copy from eu (acknowledged without a merge)"
+        "    of which {held_by_copy} were held by ap's first copy (acknowledged without a merge)"
     );
 
     for running in [eu, us, ap] {

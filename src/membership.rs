@@ -17,11 +17,16 @@
 //!
 //! Bootstrap ([`bootstrap`]): a region on an empty database attaches its consumers to every
 //! peer's stream first (from then on no event can leave those streams before it is applied
-//! here), applies their events while it copies, and copies every collection from one peer through
-//! anti-entropy ([`crate::replication::repair`]). The merge does not care in which order a record's
-//! versions arrive, so copying and applying at once is safe, and a consumer that waited for the
-//! copy would pin the peers' streams and stall their outboxes. `/readyz` answers 503 with the
-//! copy's progress until it completes; a crash during the copy starts it again at the next start.
+//! here), then copies every collection from one peer through anti-entropy
+//! ([`crate::replication::repair`]). Before the copy starts, it asks that peer how far it has
+//! applied every other region's stream: the copy holds those events and the peer's own, so once
+//! it completes they are acknowledged without a merge. Meanwhile the consumers leave the events
+//! waiting, rather than merge them only for the copy to bring the same records again, each
+//! taking the apply lock from the other; a consumer starts applying during the copy once its
+//! stream is half full, since a full one would stall its origin's outbox. The merge does not
+//! care in which order a record's versions arrive, so copying and applying at once stays safe.
+//! `/readyz` answers 503 with the copy's progress until it completes; a crash during the copy
+//! starts it again at the next start.
 //!
 //! Retiring ([`retire`]): the region's records move to a successor, its stream drains, and the
 //! record marks it retired, after which every region stops reading, forwarding to and repairing
@@ -456,15 +461,17 @@ pub async fn bootstrap(region: &Region) {
     }
     loop {
         for peer in peers_by_answer(region).await {
-            let published_before = last_published(region, &peer.id).await;
+            let held = held_by_a_copy_from(region, &peer.id).await;
             if let Ok(report) = crate::replication::repair::round(region, &peer.id).await {
                 // A restored peer may lack some of its own history, and a record skipped or
                 // unrepairable is not here: the copy then does not stand for those events.
                 let complete = !report.peer_restoring
                     && report.records_skipped == 0
                     && report.records_unrepairable == 0;
-                if let Some(last) = published_before.filter(|_| complete) {
-                    cover_copied_history(region, &peer.id, last).await;
+                if complete {
+                    for (origin, through) in held {
+                        cover_copied_history(region, &origin, through).await;
+                    }
                 }
                 loop {
                     match region.store.mark_bootstrapped().await {
@@ -552,21 +559,56 @@ async fn last_published(region: &Region, peer: &str) -> Option<u64> {
     }
 }
 
-/// After a copy from `peer` that began once its stream held `last` events: mark them applied,
-/// and tell this process's consumer to acknowledge them without merging history the copy already
-/// brought (after a restart they are merged again, to the same result). Best effort: without the
-/// mark they are merged too.
-async fn cover_copied_history(region: &Region, peer: &str, last: u64) {
-    if last == 0 {
+/// The events of every stream that a copy from `peer`, started now, is sure to hold: its own
+/// stream's through the last (each was committed at the peer before it was published), and every
+/// other origin's through the sequence the peer had applied everything of. Asked before the copy
+/// starts, so every record the copy then reads already holds what those events carry.
+async fn held_by_a_copy_from(region: &Region, peer: &str) -> Vec<(String, u64)> {
+    let mut held: Vec<(String, u64)> = last_published(region, peer)
+        .await
+        .map(|last| (peer.to_owned(), last))
+        .into_iter()
+        .collect();
+    let client = crate::replication::repair::PeerClient::new(region);
+    let applied = match client.applied(peer).await {
+        Ok(applied) => applied,
+        Err(error) => {
+            // A peer of an earlier build has no such call: only its own stream counts as held.
+            tracing::debug!(%peer, %error, "no applied positions from the peer before the copy");
+            return held;
+        }
+    };
+    for (origin, through) in applied {
+        if origin == peer || !region.members.is_peer(&origin) {
+            continue;
+        }
+        // A stream recreated since the peer applied it numbers its events anew: a position
+        // beyond its last event says nothing about it.
+        if last_published(region, &origin)
+            .await
+            .is_some_and(|last| through <= last)
+        {
+            held.push((origin, through));
+        }
+    }
+    held
+}
+
+/// After a copy that holds every event of `origin`'s stream through `through` ([`held_by_a_copy_from`]):
+/// mark them applied, and tell this process's consumer to acknowledge them without merging
+/// history the copy already brought (after a restart they are merged again, to the same result).
+/// Best effort: without the mark they are merged too.
+async fn cover_copied_history(region: &Region, origin: &str, through: u64) {
+    if through == 0 {
         return;
     }
-    match region.store.cover_ranges(peer, &[(1, last)]).await {
+    match region.store.cover_ranges(origin, &[(1, through)]).await {
         Ok(()) => {
-            region.replication.copy_holds(peer, last);
-            tracing::info!(%peer, through = last, "the copy holds these events of the peer's stream; they are acknowledged without being merged again")
+            region.replication.copy_holds(origin, through);
+            tracing::info!(%origin, through, "the copy holds these events of the origin's stream; they are acknowledged without being merged again")
         }
         Err(error) => {
-            tracing::warn!(%peer, %error, "cannot mark the copied events as held; they are merged again")
+            tracing::warn!(%origin, %error, "cannot mark the copied events as held; they are merged again")
         }
     }
 }

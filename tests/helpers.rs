@@ -366,7 +366,14 @@ impl Cluster {
     /// Start a region set up with [`Setup::joining_later`]: it announces itself to the running
     /// regions and copies their data. Returns at once; its `/readyz` says when it is ready.
     pub async fn join(&mut self, id: &'static str) {
-        let (config, listener) = self.joining.remove(id).expect("a region set up to join");
+        self.join_with(id, |_| {}).await;
+    }
+
+    /// [`Cluster::join`], with a last change to the region's configuration (its peers' URLs
+    /// through a link made once the others listen, say).
+    pub async fn join_with(&mut self, id: &'static str, tweak: impl FnOnce(&mut Config)) {
+        let (mut config, listener) = self.joining.remove(id).expect("a region set up to join");
+        tweak(&mut config);
         let running = app::start(config, Some(listener))
             .await
             .expect("joining region starts");

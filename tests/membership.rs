@@ -237,6 +237,152 @@ async fn a_new_region_copies_from_a_peer_that_answers_rather_than_wait_on_one_th
 }
 
 #[tokio::test]
+async fn a_new_region_merges_no_event_of_another_stream_that_its_copy_source_had_applied() {
+    // ap copies from us: to ap, eu's API hangs, and ap's probe of its peers waits 3 s for it.
+    // Between ap's consumers attaching and its copy starting, eu writes; us applies those events.
+    // ap's copy from us then holds them, so ap's consumer of eu's stream must leave them waiting
+    // while the copy runs and acknowledge them without a merge afterwards.
+    let (hung_url, _hung) = crate::helpers::black_hole().await;
+    let mut c = Setup::regions(&["eu", "us", "ap"])
+        .joining_later(&["ap"])
+        .tweak(move |config| {
+            if config.region == "ap" {
+                for peer in &mut config.peers {
+                    if peer.id == "eu" {
+                        peer.api_url = hung_url.clone();
+                    }
+                }
+            }
+        })
+        .start()
+        .await;
+    c.join("ap").await;
+    let ap = c.region("ap").region.clone();
+    eventually(10, "ap's consumers attach", || async {
+        ap.replication.is_consumer_attached("eu") && ap.replication.is_consumer_attached("us")
+    })
+    .await;
+    assert!(ap.is_bootstrapping(), "ap's copy waits for its probe of eu");
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i:02}")).collect();
+    for key in &keys {
+        let response = c.put("eu", "waiting", key, &json!({"key": key})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    let us = c.region("us").region.clone();
+    eventually(10, "us applies eu's writes", || async {
+        let mut all = true;
+        for key in &keys {
+            all &= c.get("us", "waiting", key).await.status() == StatusCode::OK;
+        }
+        all
+    })
+    .await;
+    assert!(
+        us.replication
+            .peer("eu")
+            .is_some_and(|p| p.events_applied >= 30),
+        "us applied them from eu's stream"
+    );
+    eventually(30, "ap's copy from us completes", || async {
+        !ap.is_bootstrapping()
+    })
+    .await;
+    eventually(
+        10,
+        "ap acknowledges eu's events without a merge",
+        || async { ap.replication.events_held_by_copy("eu") >= 30 },
+    )
+    .await;
+    for key in &keys {
+        assert_eq!(c.get("ap", "waiting", key).await.status(), StatusCode::OK);
+    }
+    // Replication from eu goes on past what the copy held.
+    let response = c
+        .put("eu", "waiting", "after", &json!({"after": true}))
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    eventually(20, "ap applies eu's next write", || async {
+        c.get("ap", "waiting", "after").await.status() == StatusCode::OK
+    })
+    .await;
+    c.assert_converged().await;
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn a_new_region_applies_events_during_its_copy_once_their_stream_is_half_full() {
+    // No peer's API answers ap (us's link is cut, eu's port closed), so its copy cannot run; eu's stream
+    // (1 MiB) fills with events kept for ap. Past half of it, ap's consumer must apply them rather
+    // than wait for the copy, or eu's outbox would stall once the stream is full.
+    let mut c = Setup::regions(&["eu", "us", "ap"])
+        .joining_later(&["ap"])
+        .tweak(|config| config.replication.stream_max_bytes = 1024 * 1024)
+        .start()
+        .await;
+    let mut to_us = crate::helpers::link_to(c.url("us").trim_start_matches("http://")).await;
+    to_us.cut();
+    let closed_url = format!("http://127.0.0.1:{}", crate::helpers::free_port());
+    let to_us_url = to_us.url();
+    c.join_with("ap", move |config| {
+        for peer in &mut config.peers {
+            peer.api_url = match peer.id.as_str() {
+                "us" => to_us_url.clone(),
+                _ => closed_url.clone(),
+            };
+        }
+    })
+    .await;
+    let ap = c.region("ap").region.clone();
+    eventually(10, "ap's consumers attach", || async {
+        ap.replication.is_consumer_attached("eu") && ap.replication.is_consumer_attached("us")
+    })
+    .await;
+    let pad = "x".repeat(10_000);
+    for i in 0..20 {
+        let response = c
+            .put("eu", "filling", &format!("k{i:02}"), &json!({"pad": pad}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    // A fifth of the stream: the consumer still waits for the copy.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(ap.is_bootstrapping());
+    for i in 0..20 {
+        assert_eq!(
+            c.get("ap", "filling", &format!("k{i:02}")).await.status(),
+            StatusCode::NOT_FOUND,
+            "ap's consumer waits for the copy while the stream has room"
+        );
+    }
+    for i in 20..60 {
+        let response = c
+            .put("eu", "filling", &format!("k{i:02}"), &json!({"pad": pad}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    eventually(
+        20,
+        "ap applies eu's events while its copy cannot run",
+        || async {
+            let mut all = true;
+            for i in 0..60 {
+                all &= c.get("ap", "filling", &format!("k{i:02}")).await.status() == StatusCode::OK;
+            }
+            all
+        },
+    )
+    .await;
+    assert!(ap.is_bootstrapping(), "no copy ran");
+    // Once us answers, the copy completes and the regions converge.
+    to_us.resume().await.unwrap();
+    eventually(30, "ap's copy from us completes", || async {
+        !ap.is_bootstrapping()
+    })
+    .await;
+    c.teardown().await;
+}
+
+#[tokio::test]
 async fn an_announcement_needs_the_peer_token_and_a_valid_region_and_url() {
     let c = Setup::regions(&["eu", "us"]).start().await;
     let announce = |id: &str, body: Value| {

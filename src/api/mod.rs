@@ -297,6 +297,7 @@ pub fn router(state: SharedState) -> Router {
             "/v1/peer/members/{id}",
             axum::routing::put(regions::announce),
         )
+        .route("/v1/peer/applied", get(repair::applied))
         .route("/v1/peer/collections", get(repair::collections))
         .route("/v1/peer/modules", get(repair::modules))
         .route("/v1/peer/modules/{sha256}", get(repair::module))

@@ -17,8 +17,9 @@ use super::{ApiPath, ApiQuery, ApiState, SharedState};
 use crate::record::digest::BUCKETS;
 use crate::record::names;
 use crate::replication::repair::{
-    self, ActorSeenBody, CollectionsBody, DigestEntry, DigestsBody, HashesBody, HashesRequest,
-    ModulesBody, RepairReport, StatesBody, StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
+    self, ActorSeenBody, AppliedBody, CollectionsBody, DigestEntry, DigestsBody, HashesBody,
+    HashesRequest, ModulesBody, RepairReport, StatesBody, StatesRequest, FETCH_BYTES, FETCH_KEYS,
+    HASH_PAGE,
 };
 use crate::storage::repair::HashCursor;
 
@@ -211,6 +212,19 @@ pub async fn actor_seen(
     Ok(Json(ActorSeenBody {
         actor,
         highest_outbox_id,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/peer/applied", tag = "peer",
+    responses((status = 200, description = "per origin, the sequence of its stream through which everything was applied here", body = AppliedBody),
+              (status = 401, description = "no peer token", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn applied(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Json<AppliedBody>, ApiError> {
+    s.require_peer(&headers)?;
+    Ok(Json(AppliedBody {
+        streams: s.region.store.applied_prefixes().await?,
     }))
 }
 

@@ -121,6 +121,7 @@ async fn consume(
     region.replication.peer_running(origin);
     let mut open_holes = BTreeMap::new();
     check_for_gap(region, &mut stream, origin, &mut open_holes).await?;
+    wait_for_first_copy(region, &mut stream, origin).await?;
     let mut last_gap_check = Instant::now();
 
     // The next batch is fetched while this one is applied, so a backlog costs no fetch round
@@ -407,6 +408,41 @@ impl Drop for Prefetch {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// While this new region copies the deployment's data, its consumer of `origin` leaves the
+/// stream's events waiting: once the copy completes, those it holds are acknowledged without a
+/// merge ([`crate::membership::bootstrap`]) instead of being merged twice, by this consumer and
+/// again by the copy, each taking the region's apply lock from the other. Waiting pins the stream
+/// (interest retention keeps every event for this region), so it ends once the stream holds half
+/// its `max_bytes`: a long copy must not fill it, or the origin's outbox would stall.
+async fn wait_for_first_copy(
+    region: &Region,
+    stream: &mut jetstream::stream::Stream,
+    origin: &str,
+) -> Result<(), ConsumeError> {
+    const LOOK_EVERY: Duration = Duration::from_millis(50);
+    const STREAM_EVERY: u32 = 20;
+    let mut looks = 0u32;
+    while region.is_bootstrapping() {
+        if looks % STREAM_EVERY == 0 {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| ConsumeError::Nats(e.into()))?;
+            let (held, most) = (info.state.bytes, info.config.max_bytes);
+            if most > 0 && held >= most as u64 / 2 {
+                tracing::info!(region = region.id(), %origin, held, most, "the stream is half full while the first copy runs; applying its events meanwhile");
+                return Ok(());
+            }
+            if looks == 0 {
+                tracing::info!(region = region.id(), %origin, "the stream's events wait for the first copy, which holds most of them");
+            }
+        }
+        looks = looks.wrapping_add(1);
+        tokio::time::sleep(LOOK_EVERY).await;
+    }
+    Ok(())
 }
 
 /// A new region's consumer has just attached: the events its origin's stream already let go were

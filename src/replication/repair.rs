@@ -152,6 +152,13 @@ pub struct ActorSeenBody {
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AppliedBody {
+    /// Per origin region, the sequence of its stream through which every event was applied
+    /// here (or covered by a repair round or a first copy), with no hole below it.
+    pub streams: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModulesBody {
     /// The sha256 of every resolver module held.
     pub modules: Vec<String>,
@@ -266,6 +273,14 @@ impl PeerClient {
             })
             .await?;
         Ok(body.highest_outbox_id)
+    }
+
+    /// Per origin, the sequence of its stream through which `peer` applied everything.
+    pub async fn applied(&self, peer: &str) -> Result<BTreeMap<String, u64>, RepairError> {
+        let body: AppliedBody = self
+            .call(peer, |c, base| c.get(format!("{base}/v1/peer/applied")))
+            .await?;
+        Ok(body.streams)
     }
 
     pub async fn modules(&self, peer: &str) -> Result<Vec<String>, RepairError> {

@@ -69,6 +69,21 @@ impl Store {
         ))
     }
 
+    /// Per origin, the sequence through which every event of its stream was applied here (or
+    /// covered by a repair round or a first copy), with no hole below it: what a new region
+    /// copying from this one may take as held by the copy.
+    pub async fn applied_prefixes(&self) -> Result<BTreeMap<String, u64>, StorageError> {
+        // Ranges are disjoint and apart, so the one starting at 1 is the whole prefix.
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT origin, last_seq FROM applied_ranges WHERE first_seq = 1")
+                .fetch_all(self.pool())
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(origin, last)| (origin, last.max(0) as u64))
+            .collect())
+    }
+
     /// Mark `ranges` of `origin`'s stream as covered: a repair round brought over what their
     /// events carried.
     pub async fn cover_ranges(
