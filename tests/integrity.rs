@@ -971,3 +971,113 @@ async fn comparing_a_listing_page_by_page_finds_exactly_the_keys_the_peer_lacks(
     }
     c.teardown().await;
 }
+
+/// A region of an earlier build, stood in for by a proxy in front of a current one: it refuses a
+/// states fetch of more than `most` keys with the problem document those builds answered, knows
+/// no `/v1/peer/applied`, and passes every other request on to the region at `target` (set before the first call). Returns its URL
+/// and how many fetches it refused.
+async fn earlier_build_in_front(
+    target: std::sync::Arc<std::sync::OnceLock<String>>,
+    most: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let refused = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = refused.clone();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (target, counter, http) = (target.clone(), counter.clone(), http.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap();
+            // Nor did they know the call that says how far each stream was applied.
+            if parts.uri.path() == "/v1/peer/applied" {
+                return StatusCode::NOT_FOUND.into_response();
+            }
+            if parts.uri.path() == "/v1/peer/states" {
+                let asked: Value = serde_json::from_slice(&body).unwrap();
+                if asked["keys"].as_array().map_or(0, Vec::len) > most {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let problem = json!({"type": "urn:locus:problem:too-many-keys",
+                        "title": "Bad request", "status": 400,
+                        "detail": format!("at most {most} keys per request")});
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        [("content-type", "application/problem+json")],
+                        problem.to_string(),
+                    )
+                        .into_response();
+                }
+            }
+            let base = target
+                .get()
+                .expect("the region behind is known before any call");
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut forwarded = http
+                .request(parts.method, format!("{base}{path}"))
+                .body(body);
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    forwarded = forwarded.header(name, value);
+                }
+            }
+            let answer = forwarded.send().await.unwrap();
+            let status = answer.status();
+            let content_type = answer.headers().get("content-type").cloned();
+            let mut response = (status, answer.bytes().await.unwrap()).into_response();
+            if let Some(content_type) = content_type {
+                response.headers_mut().insert("content-type", content_type);
+            }
+            response
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, refused)
+}
+
+#[tokio::test]
+async fn repair_fetches_from_a_peer_of_an_earlier_build_in_the_batches_it_accepts() {
+    // us reaches eu through a stand-in for an earlier build, which takes at most 200 keys per
+    // fetch of states (the limit before it rose to FETCH_KEYS).
+    let target = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (earlier_url, refused) = earlier_build_in_front(target.clone(), 200).await;
+    let c = crate::helpers::Setup::regions(&["eu", "us"])
+        .tweak(move |config| {
+            if config.region == "us" {
+                for peer in &mut config.peers {
+                    let _ = target.set(peer.api_url.clone());
+                    peer.api_url = earlier_url.clone();
+                }
+            }
+        })
+        .start()
+        .await;
+    let keys: Vec<String> = (0..450).map(|i| format!("k{i:03}")).collect();
+    for key in &keys {
+        let response = c.put("eu", "earlier", key, &json!({"key": key})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    crate::helpers::until_everywhere(&c, "earlier", &keys).await;
+    // us loses them (a restore, a disk): only a repair from eu brings them back.
+    let us = c.region("us").region.clone();
+    let lost = sqlx::query("DELETE FROM records WHERE collection = 'earlier'")
+        .execute(us.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(lost.rows_affected(), 450);
+    for key in &keys {
+        us.forget_cached("earlier", key);
+    }
+    let report = repair_at(&c, "us", "eu").await;
+    assert_eq!(report["records_repaired"], json!(450), "{report}");
+    assert!(
+        refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the larger fetch was asked for first, and refused"
+    );
+    for key in &keys {
+        assert_eq!(c.get("us", "earlier", key).await.status(), StatusCode::OK);
+    }
+    c.teardown().await;
+}
