@@ -1156,6 +1156,11 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     );
     let eu = crate::app::start(eu_config.clone(), Some(eu_listener)).await?;
     let us = crate::app::start(us_config.clone(), Some(us_listener)).await?;
+    // Both are new regions, each copying the other's (empty) data first: seeded only once both
+    // copies are done, or a copy would bring the other's seed into the one being seeded.
+    for running in [&eu, &us] {
+        until_copied(running).await;
+    }
     let seeding = Instant::now();
     seed_records(&eu.region.store, "bench", args.records).await?;
     seed_records(&us.region.store, "bench", args.records).await?;

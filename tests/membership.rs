@@ -238,31 +238,32 @@ async fn a_new_region_copies_from_a_peer_that_answers_rather_than_wait_on_one_th
 
 #[tokio::test]
 async fn a_new_region_merges_no_event_of_another_stream_that_its_copy_source_had_applied() {
-    // ap copies from us: to ap, eu's API hangs, and ap's probe of its peers waits 3 s for it.
-    // Between ap's consumers attaching and its copy starting, eu writes; us applies those events.
-    // ap's copy from us then holds them, so ap's consumer of eu's stream must leave them waiting
-    // while the copy runs and acknowledge them without a merge afterwards.
-    let (hung_url, _hung) = crate::helpers::black_hole().await;
+    // ap copies from us: to ap, eu's API is a closed port, and us's is cut until eu has written
+    // and us has applied those events. ap's copy from us then holds them, so ap's consumer of
+    // eu's stream must leave them waiting while it cannot copy and acknowledge them without a
+    // merge once the copy completes.
     let mut c = Setup::regions(&["eu", "us", "ap"])
         .joining_later(&["ap"])
-        .tweak(move |config| {
-            if config.region == "ap" {
-                for peer in &mut config.peers {
-                    if peer.id == "eu" {
-                        peer.api_url = hung_url.clone();
-                    }
-                }
-            }
-        })
         .start()
         .await;
-    c.join("ap").await;
+    let mut to_us = crate::helpers::link_to(c.url("us").trim_start_matches("http://")).await;
+    to_us.cut();
+    let closed_url = format!("http://127.0.0.1:{}", crate::helpers::free_port());
+    let to_us_url = to_us.url();
+    c.join_with("ap", move |config| {
+        for peer in &mut config.peers {
+            peer.api_url = match peer.id.as_str() {
+                "us" => to_us_url.clone(),
+                _ => closed_url.clone(),
+            };
+        }
+    })
+    .await;
     let ap = c.region("ap").region.clone();
     eventually(10, "ap's consumers attach", || async {
         ap.replication.is_consumer_attached("eu") && ap.replication.is_consumer_attached("us")
     })
     .await;
-    assert!(ap.is_bootstrapping(), "ap's copy waits for its probe of eu");
     let keys: Vec<String> = (0..30).map(|i| format!("k{i:02}")).collect();
     for key in &keys {
         let response = c.put("eu", "waiting", key, &json!({"key": key})).await;
@@ -283,6 +284,11 @@ async fn a_new_region_merges_no_event_of_another_stream_that_its_copy_source_had
             .is_some_and(|p| p.events_applied >= 30),
         "us applied them from eu's stream"
     );
+    assert!(
+        ap.is_bootstrapping(),
+        "ap cannot copy while no peer answers"
+    );
+    to_us.resume().await.unwrap();
     eventually(30, "ap's copy from us completes", || async {
         !ap.is_bootstrapping()
     })
@@ -344,9 +350,22 @@ async fn a_new_region_applies_events_during_its_copy_once_their_stream_is_half_f
             .await;
         assert_eq!(response.status(), StatusCode::CREATED);
     }
-    // A fifth of the stream: the consumer still waits for the copy.
+    // A fifth of the stream: the consumer still waits for the copy, and says so.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert!(ap.is_bootstrapping());
+    let regions = c.get_json("ap", "/v1/regions").await;
+    let eu = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "eu")
+        .cloned()
+        .unwrap_or_else(|| panic!("ap lists eu: {regions}"));
+    assert_eq!(
+        eu["replication"]["state"],
+        json!("waiting for the first copy"),
+        "{eu}"
+    );
     for i in 0..20 {
         assert_eq!(
             c.get("ap", "filling", &format!("k{i:02}")).await.status(),
@@ -373,6 +392,10 @@ async fn a_new_region_applies_events_during_its_copy_once_their_stream_is_half_f
     )
     .await;
     assert!(ap.is_bootstrapping(), "no copy ran");
+    assert_eq!(
+        ap.replication.peer("eu").map(|p| p.state),
+        Some("running".to_owned())
+    );
     // Once us answers, the copy completes and the regions converge.
     to_us.resume().await.unwrap();
     eventually(30, "ap's copy from us completes", || async {

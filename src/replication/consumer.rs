@@ -433,15 +433,17 @@ async fn wait_for_first_copy(
             let (held, most) = (info.state.bytes, info.config.max_bytes);
             if most > 0 && held >= most as u64 / 2 {
                 tracing::info!(region = region.id(), %origin, held, most, "the stream is half full while the first copy runs; applying its events meanwhile");
-                return Ok(());
+                break;
             }
             if looks == 0 {
                 tracing::info!(region = region.id(), %origin, "the stream's events wait for the first copy, which holds most of them");
+                region.replication.peer_waiting_for_copy(origin);
             }
         }
         looks = looks.wrapping_add(1);
         tokio::time::sleep(LOOK_EVERY).await;
     }
+    region.replication.peer_running(origin);
     Ok(())
 }
 

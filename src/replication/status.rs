@@ -17,7 +17,8 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PeerStatus {
-    /// `connecting`, `running`, `retrying`, `repairing` (a gap) or `needs upgrade`.
+    /// `connecting`, `running`, `waiting for the first copy` (a new region: see
+    /// [`crate::membership`]), `retrying`, `repairing` (a gap) or `needs upgrade`.
     pub state: String,
     /// Why the consumer is retrying or stopped.
     pub error: Option<String>,
@@ -393,6 +394,14 @@ impl ReplicationStatus {
         self.metrics.stopped.with_label_values(&[origin]).set(0);
         self.with_peer(origin, |p| {
             p.state = "running".into();
+            p.error = None;
+        });
+    }
+
+    /// A new region's consumer leaves the stream's events for its first copy.
+    pub fn peer_waiting_for_copy(&self, origin: &str) {
+        self.with_peer(origin, |p| {
+            p.state = "waiting for the first copy".into();
             p.error = None;
         });
     }
