@@ -236,17 +236,11 @@ async fn a_new_region_copies_from_a_peer_that_answers_rather_than_wait_on_one_th
     c.teardown().await;
 }
 
-#[tokio::test]
-async fn a_new_region_merges_no_event_of_another_stream_that_its_copy_source_had_applied() {
-    // ap copies from us: to ap, eu's API is a closed port, and us's is cut until eu has written
-    // and us has applied those events. ap's copy from us then holds them, so ap's consumer of
-    // eu's stream must leave them waiting while it cannot copy and acknowledge them without a
-    // merge once the copy completes.
-    let mut c = Setup::regions(&["eu", "us", "ap"])
-        .joining_later(&["ap"])
-        .start()
-        .await;
-    let mut to_us = crate::helpers::link_to(c.url("us").trim_start_matches("http://")).await;
+/// Start ap, set up to join, with no peer API it can reach: eu's is a closed port, us's is
+/// behind a link that is cut. Returns that link, to mend once ap may copy from us; returns once
+/// ap's consumers have attached to both streams.
+async fn join_ap_unable_to_copy(c: &mut crate::helpers::Cluster) -> crate::helpers::Link {
+    let to_us = crate::helpers::link_to(c.url("us").trim_start_matches("http://")).await;
     to_us.cut();
     let closed_url = format!("http://127.0.0.1:{}", crate::helpers::free_port());
     let to_us_url = to_us.url();
@@ -264,6 +258,21 @@ async fn a_new_region_merges_no_event_of_another_stream_that_its_copy_source_had
         ap.replication.is_consumer_attached("eu") && ap.replication.is_consumer_attached("us")
     })
     .await;
+    to_us
+}
+
+#[tokio::test]
+async fn a_new_region_merges_no_event_of_another_stream_that_its_copy_source_had_applied() {
+    // ap copies from us: to ap, eu's API is a closed port, and us's is cut until eu has written
+    // and us has applied those events. ap's copy from us then holds them, so ap's consumer of
+    // eu's stream must leave them waiting while it cannot copy and acknowledge them without a
+    // merge once the copy completes.
+    let mut c = Setup::regions(&["eu", "us", "ap"])
+        .joining_later(&["ap"])
+        .start()
+        .await;
+    let mut to_us = join_ap_unable_to_copy(&mut c).await;
+    let ap = c.region("ap").region.clone();
     let keys: Vec<String> = (0..30).map(|i| format!("k{i:02}")).collect();
     for key in &keys {
         let response = c.put("eu", "waiting", key, &json!({"key": key})).await;
@@ -325,24 +334,8 @@ async fn a_new_region_applies_events_during_its_copy_once_their_stream_is_half_f
         .tweak(|config| config.replication.stream_max_bytes = 1024 * 1024)
         .start()
         .await;
-    let mut to_us = crate::helpers::link_to(c.url("us").trim_start_matches("http://")).await;
-    to_us.cut();
-    let closed_url = format!("http://127.0.0.1:{}", crate::helpers::free_port());
-    let to_us_url = to_us.url();
-    c.join_with("ap", move |config| {
-        for peer in &mut config.peers {
-            peer.api_url = match peer.id.as_str() {
-                "us" => to_us_url.clone(),
-                _ => closed_url.clone(),
-            };
-        }
-    })
-    .await;
+    let mut to_us = join_ap_unable_to_copy(&mut c).await;
     let ap = c.region("ap").region.clone();
-    eventually(10, "ap's consumers attach", || async {
-        ap.replication.is_consumer_attached("eu") && ap.replication.is_consumer_attached("us")
-    })
-    .await;
     let pad = "x".repeat(10_000);
     for i in 0..20 {
         let response = c
