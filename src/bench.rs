@@ -53,6 +53,10 @@ pub struct ReplicationArgs {
     /// Events the late region has to catch up on.
     #[arg(long, default_value_t = 100_000)]
     pub backlog: usize,
+    /// Records the backlog's events write, each updated again and again; 0: a new record per event.
+    /// A new region's copy brings one state per record, however many events made it.
+    #[arg(long, default_value_t = 0)]
+    pub backlog_keys: usize,
     /// Concurrent writers.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
@@ -583,6 +587,10 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
     let backlog_phase = {
         let (http, url) = (http.clone(), url.clone());
         let per_client = args.backlog.div_ceil(args.clients);
+        let keys_per_client = match args.backlog_keys {
+            0 => per_client,
+            keys => keys.div_ceil(args.clients),
+        };
         let started = Instant::now();
         let mut tasks = Vec::new();
         for client in 0..args.clients {
@@ -593,7 +601,7 @@ async fn replication(args: ReplicationArgs) -> anyhow::Result<()> {
                         &http,
                         &url,
                         "backlog",
-                        &format!("c{client}-{n}"),
+                        &format!("c{client}-{}", n % keys_per_client),
                         (client, n),
                     )
                     .await?;
