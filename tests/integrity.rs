@@ -1076,6 +1076,8 @@ async fn repair_fetches_from_a_peer_of_an_earlier_build_in_the_batches_it_accept
         refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the larger fetch was asked for first, and refused"
     );
+    // 450 keys make one fetch: refused once, then asked 200 at a time, never more again.
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
     for key in &keys {
         assert_eq!(c.get("us", "earlier", key).await.status(), StatusCode::OK);
     }

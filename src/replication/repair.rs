@@ -97,6 +97,9 @@ pub struct PeerClient {
     client: reqwest::Client,
     urls: BTreeMap<String, String>,
     token: crate::config::Secret,
+    /// Peers that refused a fetch of more than [`EARLIER_FETCH_KEYS`] keys: asked for no more
+    /// from then on, rather than refused again on every fetch.
+    earlier_builds: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -206,6 +209,7 @@ impl PeerClient {
                 .map(|p| (p.id, p.api_url))
                 .collect(),
             token: config.peer_token.clone(),
+            earlier_builds: Default::default(),
         }
     }
 
@@ -358,7 +362,7 @@ impl PeerClient {
 
     /// The states of `keys` (sorted) that the peer holds, in key order, up to its byte limit;
     /// and how many of `keys` were asked for: all of them, or the first [`EARLIER_FETCH_KEYS`]
-    /// from a peer that refused more.
+    /// from a peer that refused more (once refused, this client asks it for no more).
     pub async fn states(
         &self,
         peer: &str,
@@ -375,14 +379,26 @@ impl PeerClient {
                     .json(&request)
             })
         };
+        let earlier = |keys: &[String]| keys.len().min(EARLIER_FETCH_KEYS);
+        let known_earlier = self
+            .earlier_builds
+            .lock()
+            .expect("peer client lock")
+            .contains(peer);
+        if known_earlier {
+            let asked = earlier(keys);
+            return Ok((ask(&keys[..asked]).await?.records, asked));
+        }
         match ask(keys).await {
             Err(RepairError::Peer { cause, .. })
                 if keys.len() > EARLIER_FETCH_KEYS && cause.contains("too-many-keys") =>
             {
-                Ok((
-                    ask(&keys[..EARLIER_FETCH_KEYS]).await?.records,
-                    EARLIER_FETCH_KEYS,
-                ))
+                self.earlier_builds
+                    .lock()
+                    .expect("peer client lock")
+                    .insert(peer.to_owned());
+                let asked = earlier(keys);
+                Ok((ask(&keys[..asked]).await?.records, asked))
             }
             answer => Ok((answer?.records, keys.len())),
         }
