@@ -1083,3 +1083,105 @@ async fn repair_fetches_from_a_peer_of_an_earlier_build_in_the_batches_it_accept
     }
     c.teardown().await;
 }
+
+#[tokio::test]
+async fn repair_merges_run_beside_each_other_but_never_beside_a_stream_apply() {
+    use std::time::Duration;
+    let c = cluster(&["eu"]).await;
+    let store = c.region("eu").region.store.clone();
+    let first = store.begin_merge().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), store.begin_merge())
+        .await
+        .expect("a second merge begins while the first is open")
+        .unwrap();
+    let apply = {
+        let store = store.clone();
+        tokio::spawn(async move { store.begin_apply().await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !apply.is_finished(),
+        "a stream apply began while merges were open"
+    );
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !apply.is_finished(),
+        "a stream apply began while a merge was open"
+    );
+    drop(second);
+    tokio::time::timeout(Duration::from_secs(5), apply)
+        .await
+        .expect("the apply begins once the merges have ended")
+        .unwrap()
+        .unwrap();
+    c.teardown().await;
+}
+
+#[tokio::test]
+async fn concurrent_repair_merges_of_overlapping_records_lose_no_version() {
+    use locus::clock::hlc::Hlc;
+    use locus::clock::version::VersionVector;
+    use locus::record::{Home, RecordState, Version};
+    use std::collections::BTreeSet;
+
+    const KEYS: usize = 300;
+    const WRITERS: usize = 4;
+    let c = cluster(&["eu"]).await;
+    // Each writer holds a version of most keys, concurrent with the others' (its own actor), and
+    // merges them in batches while the others do: keys one merge creates, another finds and
+    // locks, or creates at the same moment.
+    let includes = |writer: usize, key: usize| (key + writer) % 3 != 0;
+    let state_of = |writer: usize, key: usize| RecordState {
+        home: Home::new("us"),
+        versions: vec![Version {
+            value: json!({"writer": writer, "key": key}),
+            deleted: false,
+            region: "us".into(),
+            hlc: Hlc::from_parts(1_700_000_000_000 + key as u64, writer as u16),
+            vector: VersionVector::from([(format!("us.w{writer}").as_str(), 1)]),
+        }],
+    };
+    let merges = (0..WRITERS).map(|writer| {
+        let region = c.region("eu").region.clone();
+        tokio::spawn(async move {
+            let keys: Vec<usize> = (0..KEYS).filter(|&k| includes(writer, k)).collect();
+            // Writers walk the keys from different places, so their batches overlap in time.
+            let start = keys.len() * writer / WRITERS;
+            let mut order = keys[start..].to_vec();
+            order.extend_from_slice(&keys[..start]);
+            for batch in order.chunks(40) {
+                let states: Vec<(String, RecordState)> = batch
+                    .iter()
+                    .map(|&k| (format!("k{k:03}"), state_of(writer, k)))
+                    .collect();
+                locus::replication::repair::merge_states(&region, "us", "merged", &states)
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    for merge in merges.collect::<Vec<_>>() {
+        merge.await.unwrap();
+    }
+    let store = &c.region("eu").region.store;
+    for key in 0..KEYS {
+        let held = store
+            .load("merged", &format!("k{key:03}"))
+            .await
+            .unwrap()
+            .state
+            .expect("every key was merged by some writer");
+        let vectors: BTreeSet<String> = held
+            .versions
+            .iter()
+            .map(|v| format!("{:?}", v.vector))
+            .collect();
+        let expected: BTreeSet<String> = (0..WRITERS)
+            .filter(|&w| includes(w, key))
+            .map(|w| format!("{:?}", state_of(w, key).versions[0].vector))
+            .collect();
+        assert_eq!(vectors, expected, "k{key:03}");
+    }
+    c.teardown().await;
+}

@@ -577,7 +577,14 @@ pub async fn apply_batch(
     }
 
     let keys: Vec<RecordKey> = by_key.keys().cloned().collect();
-    let mut tx = region.store.begin_apply().await?;
+    // A batch from the stream records its position, and a module's chunks assemble it: such
+    // batches run alone. Records alone (a repair round's merge, a dead letter retried) may be
+    // merged beside other merges.
+    let mut tx = if sequences.is_empty() && chunks.is_empty() {
+        region.store.begin_merge().await?
+    } else {
+        region.store.begin_apply().await?
+    };
     let mut modules_arrived = false;
     for chunk in chunks {
         match tx.store_chunk(chunk).await? {

@@ -1,6 +1,8 @@
 //! Applying a batch of remote events in one transaction: lock the touched records in key order (two
 //! batches locking in opposite orders would deadlock), let the caller merge, write what changed, log
-//! conflicts, and advance the origin's applied position, all committed together.
+//! conflicts, and advance the origin's applied position, all committed together. Stream batches run
+//! one at a time; repair merges, which record no position, run beside each other
+//! ([`Store::begin_merge`]).
 
 use std::collections::BTreeMap;
 
@@ -44,15 +46,30 @@ const WRITE_FLOOR_LOCK: i64 = 0x6c6f_6375_7366_6c72;
 
 impl Store {
     /// Begin an apply transaction. Applies of one region run one at a time (an advisory lock held
-    /// until commit, so across processes too): two batches that both create records could
-    /// otherwise deadlock, each holding a row the other needs. Local writes never hold more than
-    /// one record, so they cannot close such a cycle and are not serialized.
+    /// until commit, so across processes too): a stream batch also rewrites its origin's applied
+    /// ranges and position, and prunes and purges must not run beside the batches whose rows they
+    /// judge.
     pub async fn begin_apply(&self) -> Result<ApplyTx, StorageError> {
+        self.begin_with_apply_lock("SELECT pg_advisory_xact_lock($1)")
+            .await
+    }
+
+    /// Begin a merge transaction that touches records alone (a repair round's merge, a dead
+    /// letter retried): it takes the apply lock shared, so such merges run beside each other
+    /// (a repair round keeps several in flight) but never beside a stream batch, a prune or a
+    /// purge. They cannot deadlock one another: each locks the records that exist in key order,
+    /// then inserts the new ones in key order, and a transaction waiting at the second step waits
+    /// only for a key another inserted, which that one took in the same order. (A record created
+    /// by a local write between the two steps is locked after them; a cycle through it is found by
+    /// PostgreSQL and the merge runs again.)
+    pub async fn begin_merge(&self) -> Result<ApplyTx, StorageError> {
+        self.begin_with_apply_lock("SELECT pg_advisory_xact_lock_shared($1)")
+            .await
+    }
+
+    async fn begin_with_apply_lock(&self, lock: &str) -> Result<ApplyTx, StorageError> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(APPLY_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(lock).bind(APPLY_LOCK).execute(&mut *tx).await?;
         Ok(ApplyTx { tx })
     }
 
