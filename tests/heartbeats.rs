@@ -12,20 +12,8 @@ use serde_json::{json, Value};
 
 use crate::helpers::{eventually, header, record_path, Cluster, Setup};
 
-/// Region `id`'s view of `peer` in `/v1/regions`.
-async fn peer_entry(c: &Cluster, id: &str, peer: &str) -> Value {
-    let regions = c.get_json(id, "/v1/regions").await;
-    regions["regions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == peer)
-        .cloned()
-        .unwrap_or_else(|| panic!("{id} lists {peer}: {regions}"))
-}
-
 async fn lag_ms(c: &Cluster, id: &str, peer: &str) -> Option<u64> {
-    peer_entry(c, id, peer).await["lag_ms"].as_u64()
+    c.peer_entry(id, peer).await["lag_ms"].as_u64()
 }
 
 /// A read of `key` at `id` accepting `max_ms` of staleness: who answered, and the value.
@@ -155,7 +143,7 @@ async fn every_write_below_a_heartbeat_promise_is_applied_when_the_promise_is() 
     // While they write: take us's promise from eu, then what us holds.
     let mut checks = Vec::new();
     while !writers.iter().all(|w| w.is_finished()) {
-        let through = peer_entry(&c, "us", "eu").await["applied_through_ms"].as_u64();
+        let through = c.peer_entry("us", "eu").await["applied_through_ms"].as_u64();
         let held: BTreeSet<String> = c
             .stored_states("us", &["notes"])
             .await

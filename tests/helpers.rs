@@ -586,6 +586,18 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Region `id`'s entry for `peer` in its `/v1/regions`.
+    pub async fn peer_entry(&self, id: &str, peer: &str) -> Value {
+        let regions = self.get_json(id, "/v1/regions").await;
+        regions["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == peer)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} lists {peer}: {regions}"))
+    }
+
     /// The region's Prometheus text.
     pub async fn metrics(&self, id: &str) -> String {
         self.request(id, Method::GET, "/metrics")

@@ -353,14 +353,7 @@ fn dropping_listener() -> (String, Vec<std::net::TcpStream>, std::net::TcpListen
 }
 
 async fn eu_health_at_us(c: &crate::helpers::Cluster) -> Value {
-    let body = c.get_json("us", "/v1/regions").await;
-    body["regions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == "eu")
-        .unwrap()["health"]
-        .clone()
+    c.peer_entry("us", "eu").await["health"].clone()
 }
 
 #[tokio::test]

@@ -230,8 +230,7 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
     expect_problem(r, StatusCode::UNAUTHORIZED).await;
 
     // us's first copy at start was a round against eu already.
-    let rounds_before = crate::replication::peer_status(&c, "us", "eu").await["replication"]
-        ["repair"]["rounds"]
+    let rounds_before = c.peer_entry("us", "eu").await["replication"]["repair"]["rounds"]
         .as_u64()
         .unwrap();
     let report = repair_at(&c, "us", "eu").await;
@@ -250,7 +249,7 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
         let back = c.get("us", "kept", &format!("k{i:03}")).await;
         assert_eq!(back.status(), StatusCode::OK);
     }
-    let status = crate::replication::peer_status(&c, "us", "eu").await;
+    let status = c.peer_entry("us", "eu").await;
     assert_eq!(
         status["replication"]["repair"]["rounds"],
         rounds_before + 1,

@@ -105,14 +105,7 @@ async fn a_region_added_under_write_load_copies_everything_and_misses_no_write()
 
     // The existing regions adopted ap from its membership record, without a restart.
     for id in ["eu", "us"] {
-        let listed = c.get_json(id, "/v1/regions").await;
-        let ap = listed["regions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == "ap")
-            .unwrap_or_else(|| panic!("{id} lists ap: {listed}"))
-            .clone();
+        let ap = c.peer_entry(id, "ap").await;
         assert_eq!(ap["api_url"], json!(c.url("ap")), "{id}");
         assert_eq!(ap["reachable"], json!(true), "{id}");
     }
@@ -346,14 +339,7 @@ async fn a_new_region_applies_events_during_its_copy_once_their_stream_is_half_f
     // A fifth of the stream: the consumer still waits for the copy, and says so.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert!(ap.is_bootstrapping());
-    let regions = c.get_json("ap", "/v1/regions").await;
-    let eu = regions["regions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == "eu")
-        .cloned()
-        .unwrap_or_else(|| panic!("ap lists eu: {regions}"));
+    let eu = c.peer_entry("ap", "eu").await;
     assert_eq!(
         eu["replication"]["state"],
         json!("waiting for the first copy"),

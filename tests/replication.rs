@@ -80,15 +80,8 @@ async fn puts_updates_and_deletes_reach_every_region_and_tombstones_do_not_resur
         20,
         "us reports eu's events and eu's outbox is empty",
         || async {
-            let seen = c.get_json("us", "/v1/regions").await;
+            let eu = c.peer_entry("us", "eu").await;
             let own = c.get_json("eu", "/v1/regions").await;
-            let eu = seen["regions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["id"] == "eu")
-                .unwrap()
-                .clone();
             eu["reachable"] == true
                 && eu["replication"]["state"] == "running"
                 && eu["replication"]["events_applied"].as_u64() >= Some(4)
@@ -357,15 +350,8 @@ async fn a_region_that_was_down_catches_up() {
     let mut c = cluster(&REGIONS).await;
     let ap_config = c.region("ap").region.config.clone();
     c.stop("ap").await;
-    let regions = c.get_json("eu", "/v1/regions").await;
-    let ap = regions["regions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == "ap")
-        .unwrap()
-        .clone();
-    assert_eq!(ap["reachable"], false, "{regions}");
+    let ap = c.peer_entry("eu", "ap").await;
+    assert_eq!(ap["reachable"], false, "{ap}");
     for i in 0..150 {
         let r = c.put("eu", "backlog", &format!("k{i:03}"), &json!(i)).await;
         assert_eq!(r.status(), StatusCode::CREATED);
@@ -592,18 +578,6 @@ async fn publish_then_purge(c: &Cluster, origin: &str) {
         .unwrap();
 }
 
-/// The peer entry for `origin` in `id`'s `/v1/regions`.
-pub async fn peer_status(c: &Cluster, id: &str, origin: &str) -> Value {
-    let regions = c.get_json(id, "/v1/regions").await;
-    regions["regions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == origin)
-        .unwrap()
-        .clone()
-}
-
 #[tokio::test]
 async fn a_region_that_missed_purged_events_while_down_converges_by_repair() {
     let mut c = cluster(&["eu", "us"]).await;
@@ -631,7 +605,7 @@ async fn a_region_that_missed_purged_events_while_down_converges_by_repair() {
     })
     .await;
     eventually(10, "us reports the repaired gap and runs on", || async {
-        let eu = peer_status(&c, "us", "eu").await;
+        let eu = c.peer_entry("us", "eu").await;
         eu["replication"]["state"] == "running" && eu["replication"]["gaps_repaired"] == 1
     })
     .await;
@@ -705,7 +679,7 @@ async fn a_hole_that_opens_while_the_consumer_runs_is_repaired_not_jumped() {
         all && c.get("us", "holes", "after").await.status() == StatusCode::OK
     })
     .await;
-    let eu_status = peer_status(&c, "us", "eu").await;
+    let eu_status = c.peer_entry("us", "eu").await;
     assert!(
         eu_status["replication"]["gaps_repaired"].as_u64().unwrap() >= 1,
         "{eu_status}"
