@@ -897,6 +897,170 @@ async fn the_peer_hash_listing_pages_through_every_key_of_the_chosen_buckets_onc
     c.teardown().await;
 }
 
+/// `wanted` buckets of keys `{prefix}{n}`, each holding at least `sizes[i]` of them, none of the
+/// buckets in `taken`; returns the first `sizes[i]` keys of each.
+fn keys_sharing_buckets(prefix: &str, sizes: &[usize], taken: &[i32]) -> Vec<Vec<String>> {
+    use locus::record::digest::bucket_of;
+    let mut by_bucket: std::collections::HashMap<i32, Vec<String>> = Default::default();
+    let mut found: Vec<Vec<String>> = Vec::new();
+    let mut used: Vec<i32> = taken.to_vec();
+    for n in 0.. {
+        let key = format!("{prefix}{n}");
+        let bucket = bucket_of(&key);
+        let keys = by_bucket.entry(bucket).or_default();
+        keys.push(key);
+        let size = sizes[found.len()];
+        if keys.len() == size && !used.contains(&bucket) {
+            used.push(bucket);
+            found.push(by_bucket[&bucket].clone());
+            if found.len() == sizes.len() {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// Change a record's state in place at `id`, under the same version: what only its hash shows.
+async fn corrupt_record(c: &Cluster, id: &str, collection: &str, key: &str) {
+    let store = &c.region(id).region.store;
+    let mut state: Value =
+        sqlx::query_scalar("SELECT state FROM records WHERE collection = $1 AND key = $2")
+            .bind(collection)
+            .bind(key)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    state["versions"][0]["value"] = json!({"corrupted": key});
+    let hash = locus::record::digest::state_hash(&serde_json::from_value(state.clone()).unwrap());
+    sqlx::query(
+        "UPDATE records SET state = $3, hash_hi = $4, hash_lo = $5
+          WHERE collection = $1 AND key = $2",
+    )
+    .bind(collection)
+    .bind(key)
+    .bind(&state)
+    .bind(hash.hi)
+    .bind(hash.lo)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    c.region(id).region.forget_cached(collection, key);
+}
+
+#[tokio::test]
+async fn repair_fetches_a_bucket_s_one_missing_record_by_hash_and_lists_buckets_that_differ_otherwise(
+) {
+    use locus::record::digest::bucket_of;
+    let c = cluster(&["eu", "us"]).await;
+    // Three buckets: one that will lack one record of two (found by hash), one that will lack
+    // one record of three and hold another changed (one more record there, but the digests' XOR
+    // is no record's hash: listed), one that will lack two of two (listed).
+    let shared = keys_sharing_buckets("s", &[2, 3, 2], &[]);
+    let (a, b, cc) = (&shared[0], &shared[1], &shared[2]);
+    // And ten large records alone in their buckets, lacked too: more than one answer's byte
+    // limit, so the lookup is asked again for what follows its first answer.
+    let taken: Vec<i32> = shared.iter().map(|keys| bucket_of(&keys[0])).collect();
+    let large: Vec<String> = keys_sharing_buckets("large", &[1; 10], &taken)
+        .into_iter()
+        .flatten()
+        .collect();
+    let blob = "x".repeat(480 * 1024);
+    let mut all: Vec<String> = shared.iter().flatten().cloned().collect();
+    for key in &all {
+        let response = c.put("eu", "lacked", key, &json!({"key": key})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    for key in &large {
+        let response = c.put("eu", "lacked", key, &json!({"blob": blob})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    all.extend(large.iter().cloned());
+    crate::helpers::until_everywhere(&c, "lacked", &all).await;
+
+    // The peer answers a lookup by bucket and hash, up to its byte limit.
+    let eu = c.region("eu").region.clone();
+    let mut wanted = Vec::new();
+    for key in &large {
+        let (hi, lo): (i64, i64) = sqlx::query_as(
+            "SELECT hash_hi, hash_lo FROM records WHERE collection = 'lacked' AND key = $1",
+        )
+        .bind(key)
+        .fetch_one(eu.store.pool())
+        .await
+        .unwrap();
+        let hash = locus::record::digest::StateHash { hi, lo };
+        wanted.push(json!({"bucket": bucket_of(key), "hash": hash.to_hex()}));
+    }
+    wanted.sort_by_key(|w| w["bucket"].as_i64());
+    let look_up = |wanted: Value, token: &'static str| {
+        c.request(
+            "eu",
+            Method::POST,
+            "/v1/peer/states-by-hash?collection=lacked",
+        )
+        .bearer_auth(token)
+        .json(&json!({ "wanted": wanted }))
+        .send()
+    };
+    let response = look_up(json!(wanted), crate::helpers::PEER).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    let answered = answer["records"].as_array().unwrap().len();
+    assert!(
+        answer["complete"] == json!(false) && (1..10).contains(&answered),
+        "{answered} records, complete: {}",
+        answer["complete"]
+    );
+    let bad = json!([{"bucket": 1, "hash": "not hex"}]);
+    expect_problem(
+        look_up(bad, crate::helpers::PEER).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    expect_problem(
+        look_up(json!(wanted), crate::helpers::ADMIN).await.unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+
+    let us = c.region("us").region.clone();
+    let lacked: Vec<&String> = [&a[0], &b[0], &cc[0], &cc[1]]
+        .into_iter()
+        .chain(&large)
+        .collect();
+    let deleted = sqlx::query("DELETE FROM records WHERE collection = 'lacked' AND key = ANY($1)")
+        .bind(&lacked)
+        .execute(us.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(deleted.rows_affected(), 14);
+    for key in &lacked {
+        us.forget_cached("lacked", key);
+    }
+    corrupt_record(&c, "us", "lacked", &b[1]).await;
+
+    let report = repair_at(&c, "us", "eu").await;
+    // Eleven found by hash (a's and the large ones), without listing their buckets; b's and
+    // c's buckets listed whole, their three missing records and the changed one fetched.
+    assert_eq!(report["records_found_by_hash"], 11, "{report}");
+    assert_eq!(report["keys_compared"], 5, "{report}");
+    assert_eq!(report["records_fetched"], 15, "{report}");
+    assert_eq!(report["buckets_differing"], 13, "{report}");
+    for key in &lacked {
+        assert_eq!(c.get("us", "lacked", key).await.status(), StatusCode::OK);
+    }
+    let blob_back = c.get_json("us", &record_path("lacked", &large[9])).await;
+    assert_eq!(
+        blob_back["value"]["blob"].as_str().map(str::len),
+        Some(blob.len())
+    );
+    // The changed record's two contents: every region keeps the same one once eu pulls too.
+    repair_at(&c, "eu", "us").await;
+    c.assert_converged().await;
+    c.teardown().await;
+}
+
 #[tokio::test]
 async fn comparing_a_listing_page_by_page_finds_exactly_the_keys_the_peer_lacks() {
     use locus::record::digest::bucket_of;
@@ -973,7 +1137,7 @@ async fn comparing_a_listing_page_by_page_finds_exactly_the_keys_the_peer_lacks(
 
 /// A region of an earlier build, stood in for by a proxy in front of a current one: it refuses a
 /// states fetch of more than `most` keys with the problem document those builds answered, knows
-/// no `/v1/peer/applied`, and passes every other request on to the region at `target` (set before the first call). Returns its URL
+/// no `/v1/peer/applied` nor `/v1/peer/states-by-hash`, and passes every other request on to the region at `target` (set before the first call). Returns its URL
 /// and how many fetches it refused.
 async fn earlier_build_in_front(
     target: std::sync::Arc<std::sync::OnceLock<String>>,
@@ -991,8 +1155,9 @@ async fn earlier_build_in_front(
         async move {
             let (parts, body) = request.into_parts();
             let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap();
-            // Nor did they know the call that says how far each stream was applied.
-            if parts.uri.path() == "/v1/peer/applied" {
+            // Nor did they know the call that says how far each stream was applied, nor the
+            // lookup of records by hash.
+            if ["/v1/peer/applied", "/v1/peer/states-by-hash"].contains(&parts.uri.path()) {
                 return StatusCode::NOT_FOUND.into_response();
             }
             if parts.uri.path() == "/v1/peer/states" {
@@ -1071,6 +1236,8 @@ async fn repair_fetches_from_a_peer_of_an_earlier_build_in_the_batches_it_accept
     }
     let report = repair_at(&c, "us", "eu").await;
     assert_eq!(report["records_repaired"], json!(450), "{report}");
+    // Each record lacked is alone in its bucket, yet listed: the peer cannot look it up by hash.
+    assert_eq!(report["records_found_by_hash"], json!(0), "{report}");
     assert!(
         refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the larger fetch was asked for first, and refused"

@@ -304,6 +304,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/peer/digests", get(repair::digests))
         .route("/v1/peer/hashes", axum::routing::post(repair::hashes))
         .route("/v1/peer/states", axum::routing::post(repair::states))
+        .route(
+            "/v1/peer/states-by-hash",
+            axum::routing::post(repair::states_by_hash),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -14,12 +14,13 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::headers::bearer;
 use super::{ApiPath, ApiQuery, ApiState, SharedState};
+use crate::record::digest::StateHash;
 use crate::record::digest::BUCKETS;
 use crate::record::names;
 use crate::replication::repair::{
-    self, ActorSeenBody, AppliedBody, CollectionsBody, DigestEntry, DigestsBody, HashesBody,
-    HashesRequest, ModulesBody, RepairReport, StatesBody, StatesRequest, FETCH_BYTES, FETCH_KEYS,
-    HASH_PAGE,
+    self, ActorSeenBody, AppliedBody, CollectionsBody, DigestEntry, DigestsBody, HashedStatesBody,
+    HashedStatesRequest, HashesBody, HashesRequest, ModulesBody, RepairReport, StatesBody,
+    StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
 };
 use crate::storage::repair::HashCursor;
 
@@ -191,6 +192,55 @@ pub async fn states(
         .states_of(&query.collection, &request.keys, FETCH_BYTES)
         .await?;
     Ok(Json(StoredStates { records }))
+}
+
+#[utoipa::path(post, path = "/v1/peer/states-by-hash", tag = "peer", params(CollectionQuery),
+    request_body = HashedStatesRequest,
+    responses((status = 200, description = "the stored states of the records held here with the given bucket and hash, up to a byte limit", body = HashedStatesBody),
+              (status = 400, description = "bad collection, bad hash or too many pairs", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn states_by_hash(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<CollectionQuery>,
+    body: axum::body::Body,
+) -> Result<Json<StoredHashedStates>, ApiError> {
+    s.require_peer(&headers)?;
+    collection_name(&query.collection)?;
+    let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
+    let request: HashedStatesRequest = super::headers::parse_json(&bytes)?;
+    if request.wanted.len() > FETCH_KEYS {
+        return Err(ApiError::bad_request(
+            "too-many-keys",
+            format!("at most {FETCH_KEYS} pairs per request"),
+        ));
+    }
+    let wanted = request
+        .wanted
+        .iter()
+        .map(|wanted| {
+            StateHash::from_hex(&wanted.hash)
+                .map(|hash| (wanted.bucket, hash))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad-hash",
+                        format!("{:?} is not 32 hex digits", wanted.hash),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (records, complete) = s
+        .region
+        .store
+        .states_by_hash(&query.collection, &wanted, FETCH_BYTES)
+        .await?;
+    Ok(Json(StoredHashedStates { records, complete }))
+}
+
+/// [`HashedStatesBody`] as the peer sends it: the states as stored.
+#[derive(serde::Serialize)]
+pub struct StoredHashedStates {
+    records: Vec<(String, Box<serde_json::value::RawValue>)>,
+    complete: bool,
 }
 
 /// [`StatesBody`] as the peer sends it: the states as stored, not decoded and encoded again.

@@ -5,14 +5,20 @@
 //! the regions hold brings them back. A round against one peer:
 //! 1. lists the peer's collections (system collections included: policies, resolver bindings);
 //! 2. per collection, compares the peer's bucket digests ([`crate::record::digest`]) with its own;
-//! 3. per differing bucket, pages through the peer's `(key, hash)` list and picks the keys whose
-//!    hash differs here (or that are missing here);
-//! 4. fetches only those records' states and merges them through the same apply as replicated
+//! 3. per differing bucket where the peer holds one record more, asks for the record whose hash
+//!    is the XOR of the two digests: if nothing else differs there, that record is what the
+//!    bucket lacks, found without listing its keys. A region that missed a few writes in a
+//!    million lacks them one to a bucket, so most of its repair takes this path;
+//! 4. per other differing bucket (and one where step 3 found nothing), pages through the peer's
+//!    `(key, hash)` list and picks the keys whose hash differs here (or that are missing here);
+//! 5. fetches only those records' states and merges them through the same apply as replicated
 //!    events (same merge, conflict log and resolution), in transactions of at most
 //!    [`MERGE_RECORDS`] records that never touch the applied stream positions, several at once.
 //!
-//! The three steps of a collection overlap (listing runs ahead of fetching, fetching ahead of
-//! merging), linked by bounded channels.
+//! Merging a peer's state is safe whatever it holds, so step 3 trusts the XOR: a bucket that
+//! differs otherwise, by chance, only has its listing put off to the next round. The steps of a
+//! collection overlap (finding runs ahead of fetching, fetching ahead of merging), linked by
+//! bounded channels.
 //!
 //! Pull-only and idempotent: what this region holds that the peer lacks, the peer pulls in its own
 //! round, and two regions repairing each other at once is harmless. Memory is bounded by one page
@@ -28,7 +34,7 @@ use super::consumer::apply_with_retries;
 use super::event::{Change, Event};
 use super::status::RepairProgress;
 use crate::clock::hlc::Hlc;
-use crate::record::digest::StateHash;
+use crate::record::digest::{bucket_of, StateHash};
 use crate::record::RecordState;
 use crate::service::Region;
 use crate::storage::repair::{BucketDigest, BucketHash, HashCursor};
@@ -67,6 +73,10 @@ pub struct RepairReport {
     pub keys_compared: u64,
     /// Records fetched from the peer because they differed.
     pub records_fetched: u64,
+    /// Of those, records fetched by the hash their bucket's digests gave (the peer held one
+    /// record more there, and nothing else differed), without listing the bucket's keys.
+    #[serde(default)]
+    pub records_found_by_hash: u64,
     /// Records whose state here changed by the merge.
     pub records_repaired: u64,
     /// Records that failed to merge even alone: marked as dead letters, skipped by later rounds
@@ -85,8 +95,8 @@ pub struct RepairReport {
     #[serde(default)]
     pub peer_restoring: bool,
     pub seconds: f64,
-    /// Time spent listing and comparing `(key, hash)` pairs of differing buckets; it overlaps
-    /// the fetches and merges.
+    /// Time spent finding what differs in differing buckets (looking records up by hash, listing
+    /// and comparing `(key, hash)` pairs); it overlaps the fetches and merges.
     pub seconds_listing: f64,
     /// Time during which at least one merge transaction of fetched records ran (several run at
     /// once).
@@ -101,6 +111,8 @@ pub struct PeerClient {
     /// Peers that refused a fetch of more than [`EARLIER_FETCH_KEYS`] keys: asked for no more
     /// from then on, rather than refused again on every fetch.
     earlier_builds: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Peers that do not know `/v1/peer/states-by-hash`: their differing buckets are listed.
+    without_hash_lookup: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -173,6 +185,31 @@ pub struct StatesRequest {
     pub keys: Vec<String>,
 }
 
+/// A bucket and the hash of the one record wanted from it ([`HashedStatesRequest`]).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WantedState {
+    pub bucket: i32,
+    /// 32 hex digits.
+    pub hash: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HashedStatesRequest {
+    /// At most 1,000 pairs.
+    pub wanted: Vec<WantedState>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HashedStatesBody {
+    /// `[key, state]` pairs of the records held with a wanted bucket and hash, in `(bucket, key)`
+    /// order.
+    #[schema(value_type = Vec<Object>)]
+    pub records: Vec<(String, RecordState)>,
+    /// Whether every such record is in `records`; false when the byte limit cut the answer short:
+    /// ask again for the buckets after the last record's.
+    pub complete: bool,
+}
+
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatesBody {
     /// `[key, state]` pairs; fewer than asked when the byte limit was reached (ask again for the
@@ -211,6 +248,7 @@ impl PeerClient {
                 .collect(),
             token: config.peer_token.clone(),
             earlier_builds: Default::default(),
+            without_hash_lookup: Default::default(),
         }
     }
 
@@ -220,21 +258,30 @@ impl PeerClient {
         peer: &str,
         request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, RepairError> {
-        let base = self
-            .urls
-            .get(peer)
-            .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
-        let response = request(&self.client, base)
-            .bearer_auth(self.token.expose())
-            .send()
-            .await
-            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))?;
+        let response = self.send_any(peer, request).await?;
         if !response.status().is_success() {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
             return Err(peer_failed(peer, format!("{status}: {text}")));
         }
         Ok(response)
+    }
+
+    /// Send a peer API request; any answer is returned.
+    async fn send_any(
+        &self,
+        peer: &str,
+        request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RepairError> {
+        let base = self
+            .urls
+            .get(peer)
+            .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
+        request(&self.client, base)
+            .bearer_auth(self.token.expose())
+            .send()
+            .await
+            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
@@ -404,6 +451,56 @@ impl PeerClient {
             answer => Ok((answer?.records, keys.len())),
         }
     }
+
+    /// The states of the records `peer` holds with one of `wanted`'s buckets and hashes (sorted
+    /// by bucket), in bucket order up to its byte limit, and whether that is all of them. `None`
+    /// from a peer of a build that cannot look records up by hash: remembered, and not asked
+    /// again.
+    pub async fn states_by_hash(
+        &self,
+        peer: &str,
+        collection: &str,
+        wanted: &[(i32, StateHash)],
+    ) -> Result<Option<(Vec<(String, RecordState)>, bool)>, RepairError> {
+        let without = &self.without_hash_lookup;
+        if without.lock().expect("peer client lock").contains(peer) {
+            return Ok(None);
+        }
+        let request = HashedStatesRequest {
+            wanted: wanted
+                .iter()
+                .map(|(bucket, hash)| WantedState {
+                    bucket: *bucket,
+                    hash: hash.to_hex(),
+                })
+                .collect(),
+        };
+        let response = self
+            .send_any(peer, |c, base| {
+                c.post(format!("{base}/v1/peer/states-by-hash"))
+                    .query(&[("collection", collection)])
+                    .json(&request)
+            })
+            .await?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            tracing::info!(%peer, "the peer cannot look records up by hash (an earlier build): its differing buckets are listed whole");
+            without
+                .lock()
+                .expect("peer client lock")
+                .insert(peer.to_owned());
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(peer_failed(peer, format!("{status}: {text}")));
+        }
+        let body: HashedStatesBody = response
+            .json()
+            .await
+            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))?;
+        Ok(Some((body.records, body.complete)))
+    }
 }
 
 fn peer_failed(peer: &str, cause: String) -> RepairError {
@@ -511,43 +608,47 @@ async fn pull_everything(
                 prune_buckets(region, peer, &collection, &ours_only, horizon).await?;
         }
         report.buckets_compared += theirs.len() as u64;
-        let differing: Vec<&DigestEntry> = theirs
-            .iter()
-            .filter(|theirs| {
-                !ours.get(&theirs.bucket).is_some_and(|d| {
-                    d.count == theirs.count && Some(d.hash) == StateHash::from_hex(&theirs.hash)
-                })
-            })
-            .collect();
-        report.buckets_differing += differing.len() as u64;
-        if differing.is_empty() {
+        // Buckets where the peer holds one record more are looked up by hash first: if nothing
+        // else differs there, that record's hash is the XOR of the two digests. Never in a
+        // restored region deleting what the peer lacks: that needs every key listed.
+        let mut lone: Vec<LoneBucket> = Vec::new();
+        let mut to_list: Vec<(i32, i64)> = Vec::new();
+        for entry in &theirs {
+            let (count_here, hash_here) = ours
+                .get(&entry.bucket)
+                .map_or((0, StateHash::default()), |d| (d.count, d.hash));
+            let hash = StateHash::from_hex(&entry.hash);
+            if count_here == entry.count && hash == Some(hash_here) {
+                continue;
+            }
+            report.buckets_differing += 1;
+            to_compare += entry.count.max(0) as u64;
+            match hash {
+                Some(hash) if reclaimed.is_none() && entry.count == count_here + 1 => {
+                    lone.push(LoneBucket {
+                        bucket: entry.bucket,
+                        hash: hash.xor(hash_here),
+                        count: entry.count,
+                    })
+                }
+                _ => to_list.push((entry.bucket, entry.count)),
+            }
+        }
+        if lone.is_empty() && to_list.is_empty() {
             continue;
         }
-        // Buckets are listed together in sets of about a page of records (the peer's counts say
-        // how many each holds), so a listing costs per page, and each page's statement reads
-        // about a page of rows.
-        let mut sets: Vec<Vec<i32>> = vec![Vec::new()];
-        let mut records = 0;
-        for entry in differing {
-            let set = sets.last_mut().expect("never empty");
-            if !set.is_empty() && records + entry.count > HASH_PAGE {
-                sets.push(Vec::new());
-                records = 0;
-            }
-            sets.last_mut().expect("never empty").push(entry.bucket);
-            records += entry.count;
-            to_compare += entry.count.max(0) as u64;
-        }
-        plan.push((collection, sets, reclaimed, too_old));
+        lone.sort_unstable_by_key(|lone| lone.bucket);
+        plan.push((collection, lone, to_list, reclaimed, too_old));
     }
     let meter = Meter::new(region, peer, to_compare);
-    for (collection, sets, reclaimed, too_old) in plan {
+    for (collection, lone, to_list, reclaimed, too_old) in plan {
         pull_collection(
             region,
             client,
             peer,
             &collection,
-            &sets,
+            &lone,
+            to_list,
             reclaimed,
             too_old,
             report,
@@ -680,6 +781,7 @@ impl BusyClock {
 #[derive(Default)]
 struct Listed {
     keys_compared: u64,
+    records_found_by_hash: u64,
     records_skipped: u64,
     records_pruned: u64,
     seconds: f64,
@@ -743,10 +845,11 @@ async fn prune(
     Ok(pruned)
 }
 
-/// Repair the differing buckets of one collection in three overlapping stages: list the peer's
-/// hashes and pick the keys that differ here; fetch those keys' states ([`FETCHES_IN_FLIGHT`]
-/// requests at once); merge the fetched states, [`MERGE_RECORDS`] to a transaction and
-/// [`MERGES_IN_FLIGHT`] transactions at once. Bounded channels link the stages, so a slow merge
+/// Repair the differing buckets of one collection in three overlapping stages: fetch the `lone`
+/// buckets' one record by hash, then list the peer's hashes of the other buckets (`to_list`, and
+/// the lone ones where that found nothing) and pick the keys that differ here; fetch those keys'
+/// states ([`FETCHES_IN_FLIGHT`] requests at once); merge the fetched states, [`MERGE_RECORDS`]
+/// to a transaction and [`MERGES_IN_FLIGHT`] transactions at once. Bounded channels link the stages, so a slow merge
 /// slows the listing instead of piling up memory.
 #[allow(clippy::too_many_arguments)]
 async fn pull_collection(
@@ -754,7 +857,8 @@ async fn pull_collection(
     client: &PeerClient,
     peer: &str,
     collection: &str,
-    bucket_sets: &[Vec<i32>],
+    lone: &[LoneBucket],
+    to_list: Vec<(i32, i64)>,
     reclaimed: Option<Hlc>,
     too_old: Option<Hlc>,
     report: &mut RepairReport,
@@ -767,15 +871,31 @@ async fn pull_collection(
     let (states_tx, states_rx) =
         tokio::sync::mpsc::channel::<Vec<(String, RecordState)>>(FETCHED_AHEAD);
 
+    let found_tx = states_tx.clone();
     let listing = async move {
         let mut listed = Listed::default();
         let marked = region.store.unrepairable(peer, collection).await?;
+        let mut to_list = to_list;
+        to_list.extend(
+            fetch_by_hash(
+                client,
+                peer,
+                collection,
+                lone,
+                &marked,
+                found_tx,
+                &mut listed,
+                meter,
+            )
+            .await?,
+        );
+        to_list.sort_unstable();
         list_differing(
             region,
             client,
             peer,
             collection,
-            bucket_sets,
+            &listing_sets(&to_list),
             reclaimed,
             &marked,
             &keys_tx,
@@ -854,10 +974,125 @@ async fn pull_collection(
     };
     let (listed, (), ()) = tokio::try_join!(listing, fetching, merging)?;
     report.keys_compared += listed.keys_compared;
+    report.records_found_by_hash += listed.records_found_by_hash;
     report.records_skipped += listed.records_skipped;
     report.records_pruned += listed.records_pruned;
     report.seconds_listing += listed.seconds;
     Ok(())
+}
+
+/// A bucket where the peer holds one record more than this region: if nothing else differs
+/// there, `hash`, the XOR of the two digests, is that record's hash. `count` is the peer's.
+struct LoneBucket {
+    bucket: i32,
+    hash: StateHash,
+    count: i64,
+}
+
+/// Fetch by its hash the one record each of `lone` (sorted by bucket) lacks here, without listing
+/// the bucket ([`FETCH_KEYS`] buckets a request, [`FETCHES_IN_FLIGHT`] requests at once), and send
+/// it to the merge. Returns the buckets where the peer holds no record with that hash (more than
+/// one record differs there) or cannot look records up by hash, with the peer's counts: those
+/// are listed.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_by_hash(
+    client: &PeerClient,
+    peer: &str,
+    collection: &str,
+    lone: &[LoneBucket],
+    marked: &std::collections::HashMap<String, StateHash>,
+    found_tx: tokio::sync::mpsc::Sender<Vec<(String, RecordState)>>,
+    listed: &mut Listed,
+    meter: &Meter<'_>,
+) -> Result<Vec<(i32, i64)>, RepairError> {
+    use futures_util::StreamExt;
+    let mut to_list = Vec::new();
+    // The futures are made first: a stream's closure over these borrows would not be `Send`.
+    let lookups: Vec<_> = lone
+        .chunks(FETCH_KEYS)
+        .map(|chunk| async move { (chunk, look_up(client, peer, collection, chunk).await) })
+        .collect();
+    let mut lookups =
+        std::pin::pin!(futures_util::stream::iter(lookups).buffered(FETCHES_IN_FLIGHT));
+    let mut waited = Instant::now();
+    while let Some((chunk, found)) = lookups.next().await {
+        let Some(found) = found? else {
+            to_list.extend(chunk.iter().map(|lone| (lone.bucket, lone.count)));
+            continue;
+        };
+        let mut hit = vec![false; chunk.len()];
+        let mut states = Vec::with_capacity(found.len());
+        for (key, state) in found {
+            // A record of a bucket not asked for would be the peer's mistake: left to listing.
+            let Ok(at) = chunk.binary_search_by_key(&bucket_of(&key), |lone| lone.bucket) else {
+                continue;
+            };
+            hit[at] = true;
+            if marked.get(&key) == Some(&chunk[at].hash) {
+                listed.records_skipped += 1;
+            } else {
+                states.push((key, state));
+            }
+        }
+        listed.records_found_by_hash += states.len() as u64;
+        for (lone, hit) in chunk.iter().zip(hit) {
+            if hit {
+                meter.compared(lone.count.max(0) as u64);
+            } else {
+                to_list.push((lone.bucket, lone.count));
+            }
+        }
+        listed.seconds += waited.elapsed().as_secs_f64();
+        if !states.is_empty() && found_tx.send(states).await.is_err() {
+            break; // the merge stopped on an error of its own
+        }
+        waited = Instant::now();
+    }
+    Ok(to_list)
+}
+
+/// Ask `peer` for the records of `wanted` by hash, again for the rest after an answer the byte
+/// limit cut short; `None` if it cannot look records up by hash.
+async fn look_up(
+    client: &PeerClient,
+    peer: &str,
+    collection: &str,
+    wanted: &[LoneBucket],
+) -> Result<Option<Vec<(String, RecordState)>>, RepairError> {
+    let mut found = Vec::new();
+    let mut rest = wanted;
+    while !rest.is_empty() {
+        let pairs: Vec<(i32, StateHash)> = rest.iter().map(|l| (l.bucket, l.hash)).collect();
+        let Some((states, complete)) = client.states_by_hash(peer, collection, &pairs).await?
+        else {
+            return Ok(None);
+        };
+        let last = states.last().map(|(key, _)| bucket_of(key));
+        found.extend(states);
+        match last {
+            Some(last) if !complete => rest = &rest[rest.partition_point(|l| l.bucket <= last)..],
+            _ => break,
+        }
+    }
+    Ok(Some(found))
+}
+
+/// Buckets listed together in sets of about a page of records (the peer's counts say how many
+/// each holds), so a listing costs per page, and each page's statement reads about a page of rows.
+fn listing_sets(buckets: &[(i32, i64)]) -> Vec<Vec<i32>> {
+    let mut sets: Vec<Vec<i32>> = Vec::new();
+    let mut records = 0;
+    for &(bucket, count) in buckets {
+        match sets.last_mut() {
+            Some(set) if records + count <= HASH_PAGE => set.push(bucket),
+            _ => {
+                sets.push(vec![bucket]);
+                records = 0;
+            }
+        }
+        records += count;
+    }
+    sets
 }
 
 /// Page through the peer's hashes of each of `bucket_sets`, and send the keys that differ here
