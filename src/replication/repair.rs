@@ -1328,3 +1328,34 @@ pub async fn run(region: std::sync::Arc<Region>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Listing sets keep every bucket once, in order; each holds at most a page of records
+        /// unless one bucket alone holds more; and a set ends only where the next bucket would
+        /// have taken it past a page.
+        #[test]
+        fn listing_sets_cover_the_buckets_in_pages(
+            counts in proptest::collection::vec(0i64..(2 * HASH_PAGE), 0..200)
+        ) {
+            let buckets: Vec<(i32, i64)> =
+                counts.iter().enumerate().map(|(i, c)| (i as i32 * 3, *c)).collect();
+            let count_of = |bucket: i32| buckets[(bucket / 3) as usize].1;
+            let sets = listing_sets(&buckets);
+            let flat: Vec<i32> = sets.iter().flatten().copied().collect();
+            prop_assert_eq!(flat, buckets.iter().map(|(b, _)| *b).collect::<Vec<_>>());
+            for (i, set) in sets.iter().enumerate() {
+                prop_assert!(!set.is_empty());
+                let records: i64 = set.iter().map(|b| count_of(*b)).sum();
+                prop_assert!(records <= HASH_PAGE || set.len() == 1);
+                if let Some(next) = sets.get(i + 1) {
+                    prop_assert!(records + count_of(next[0]) > HASH_PAGE);
+                }
+            }
+        }
+    }
+}
