@@ -196,23 +196,7 @@ async fn repair_pulls_back_what_a_region_lost_and_only_that() {
         .execute(us.store.pool())
         .await
         .unwrap();
-    let mut state: Value =
-        sqlx::query_scalar("SELECT state FROM records WHERE collection = 'kept' AND key = 'k100'")
-            .fetch_one(us.store.pool())
-            .await
-            .unwrap();
-    state["versions"][0]["value"] = json!({"i": "corrupted"});
-    let hash = locus::record::digest::state_hash(&serde_json::from_value(state.clone()).unwrap());
-    sqlx::query(
-        "UPDATE records SET state = $1, hash_hi = $2, hash_lo = $3
-          WHERE collection = 'kept' AND key = 'k100'",
-    )
-    .bind(&state)
-    .bind(hash.hi)
-    .bind(hash.lo)
-    .execute(us.store.pool())
-    .await
-    .unwrap();
+    corrupt_record(&c, "us", "kept", "k100").await;
     let lost = c.get("us", "kept", "k005").await;
     assert_eq!(lost.status(), StatusCode::NOT_FOUND);
 
@@ -921,6 +905,22 @@ fn keys_sharing_buckets(prefix: &str, sizes: &[usize], taken: &[i32]) -> Vec<Vec
     found
 }
 
+/// Delete `keys` of `collection` at `id` behind replication's back (a bad restore, a disk, an
+/// operator's DELETE); returns how many rows went.
+async fn lose_records(c: &Cluster, id: &str, collection: &str, keys: &[&String]) -> u64 {
+    let region = &c.region(id).region;
+    let lost = sqlx::query("DELETE FROM records WHERE collection = $1 AND key = ANY($2)")
+        .bind(collection)
+        .bind(keys)
+        .execute(region.store.pool())
+        .await
+        .unwrap();
+    for key in keys {
+        region.forget_cached(collection, key);
+    }
+    lost.rows_affected()
+}
+
 /// Change a record's state in place at `id`, under the same version: what only its hash shows.
 async fn corrupt_record(c: &Cluster, id: &str, collection: &str, key: &str) {
     let store = &c.region(id).region.store;
@@ -1024,20 +1024,11 @@ async fn repair_fetches_a_bucket_s_one_missing_record_by_hash_and_lists_buckets_
     )
     .await;
 
-    let us = c.region("us").region.clone();
     let lacked: Vec<&String> = [&a[0], &b[0], &cc[0], &cc[1]]
         .into_iter()
         .chain(&large)
         .collect();
-    let deleted = sqlx::query("DELETE FROM records WHERE collection = 'lacked' AND key = ANY($1)")
-        .bind(&lacked)
-        .execute(us.store.pool())
-        .await
-        .unwrap();
-    assert_eq!(deleted.rows_affected(), 14);
-    for key in &lacked {
-        us.forget_cached("lacked", key);
-    }
+    assert_eq!(lose_records(&c, "us", "lacked", &lacked).await, 14);
     corrupt_record(&c, "us", "lacked", &b[1]).await;
 
     let report = repair_at(&c, "us", "eu").await;
@@ -1225,15 +1216,8 @@ async fn repair_fetches_from_a_peer_of_an_earlier_build_in_the_batches_it_accept
     }
     crate::helpers::until_everywhere(&c, "earlier", &keys).await;
     // us loses them (a restore, a disk): only a repair from eu brings them back.
-    let us = c.region("us").region.clone();
-    let lost = sqlx::query("DELETE FROM records WHERE collection = 'earlier'")
-        .execute(us.store.pool())
-        .await
-        .unwrap();
-    assert_eq!(lost.rows_affected(), 450);
-    for key in &keys {
-        us.forget_cached("earlier", key);
-    }
+    let all: Vec<&String> = keys.iter().collect();
+    assert_eq!(lose_records(&c, "us", "earlier", &all).await, 450);
     let report = repair_at(&c, "us", "eu").await;
     assert_eq!(report["records_repaired"], json!(450), "{report}");
     // Each record lacked is alone in its bucket, yet listed: the peer cannot look it up by hash.

@@ -211,23 +211,13 @@ impl Store {
         keys: &[String],
         byte_limit: usize,
     ) -> Result<Vec<(String, Box<RawValue>)>, StorageError> {
-        let mut rows = sqlx::query_as::<_, (String, Json<Box<RawValue>>)>(
+        let rows = sqlx::query_as(
             "SELECT key, state FROM records WHERE collection = $1 AND key = ANY($2) ORDER BY key",
         )
         .bind(collection)
         .bind(keys)
         .fetch(self.pool());
-        let mut states = Vec::new();
-        let mut bytes = 0usize;
-        while let Some((key, Json(state))) = rows.try_next().await? {
-            let size = state.get().len();
-            if !states.is_empty() && bytes + size > byte_limit {
-                break;
-            }
-            bytes += size;
-            states.push((key, state));
-        }
-        Ok(states)
+        Ok(up_to(rows, byte_limit).await?.0)
     }
 
     /// The stored states of the records of `collection` whose bucket and hash are one of
@@ -245,7 +235,7 @@ impl Store {
         let buckets: Vec<i32> = wanted.iter().map(|(bucket, _)| *bucket).collect();
         let his: Vec<i64> = wanted.iter().map(|(_, hash)| hash.hi).collect();
         let los: Vec<i64> = wanted.iter().map(|(_, hash)| hash.lo).collect();
-        let mut rows = sqlx::query_as::<_, (String, Json<Box<RawValue>>)>(
+        let rows = sqlx::query_as(
             "SELECT key, state FROM records
               WHERE collection = $1 AND key IN (
                     SELECT r.key
@@ -259,17 +249,7 @@ impl Store {
         .bind(&his)
         .bind(&los)
         .fetch(self.pool());
-        let mut states = Vec::new();
-        let mut bytes = 0usize;
-        while let Some((key, Json(state))) = rows.try_next().await? {
-            let size = state.get().len();
-            if !states.is_empty() && bytes + size > byte_limit {
-                return Ok((states, false));
-            }
-            bytes += size;
-            states.push((key, state));
-        }
-        Ok((states, true))
+        up_to(rows, byte_limit).await
     }
 
     /// Hash the rows written before state hashes existed, a batch at a time. Returns how many.
@@ -307,6 +287,26 @@ impl Store {
             }
         }
     }
+}
+
+/// The `(key, state)` rows of `rows` until about `byte_limit` bytes of state are gathered (at
+/// least one), and whether that was all of them.
+async fn up_to(
+    mut rows: impl futures_util::Stream<Item = Result<(String, Json<Box<RawValue>>), sqlx::Error>>
+        + Unpin,
+    byte_limit: usize,
+) -> Result<(Vec<(String, Box<RawValue>)>, bool), StorageError> {
+    let mut states = Vec::new();
+    let mut bytes = 0usize;
+    while let Some((key, Json(state))) = rows.try_next().await? {
+        let size = state.get().len();
+        if !states.is_empty() && bytes + size > byte_limit {
+            return Ok((states, false));
+        }
+        bytes += size;
+        states.push((key, state));
+    }
+    Ok((states, true))
 }
 
 /// Where a listing of `(bucket, key)` pairs stands: the last pair of the previous page.
