@@ -14,8 +14,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::headers::bearer;
 use super::{ApiPath, ApiQuery, ApiState, SharedState};
-use crate::record::digest::StateHash;
-use crate::record::digest::BUCKETS;
+use crate::record::digest::{StateHash, BUCKETS};
 use crate::record::names;
 use crate::replication::repair::{
     self, ActorSeenBody, AppliedBody, CollectionsBody, DigestEntry, DigestsBody, HashedStatesBody,
