@@ -1012,6 +1012,13 @@ async fn repair_fetches_a_bucket_s_one_missing_record_by_hash_and_lists_buckets_
         "{answered} records, complete: {}",
         answer["complete"]
     );
+    // The API document says what a hash looks like, so fuzzing sends ones the peer can look up.
+    let doc = c.get_json("eu", "/openapi.json").await;
+    let wanted_schema = &doc["components"]["schemas"]["WantedState"]["properties"]["hash"];
+    assert_eq!(
+        wanted_schema["pattern"], "^[0-9a-fA-F]{32}$",
+        "{wanted_schema}"
+    );
     let bad = json!([{"bucket": 1, "hash": "not hex"}]);
     expect_problem(
         look_up(bad, crate::helpers::PEER).await.unwrap(),

@@ -190,6 +190,7 @@ pub struct StatesRequest {
 pub struct WantedState {
     pub bucket: i32,
     /// 32 hex digits.
+    #[schema(pattern = "^[0-9a-fA-F]{32}$")]
     pub hash: String,
 }
 
