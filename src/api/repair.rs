@@ -45,6 +45,32 @@ fn collection_name(name: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::bad_request("bad-name", e.to_string()))
 }
 
+/// The JSON body of a peer call about one collection, at most `limit` bytes, once the peer token
+/// and the collection's name are checked.
+async fn peer_request<T: serde::de::DeserializeOwned>(
+    s: &ApiState,
+    headers: &HeaderMap,
+    query: &CollectionQuery,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<T, ApiError> {
+    s.require_peer(headers)?;
+    collection_name(&query.collection)?;
+    let bytes = super::headers::json_body(headers, body, limit).await?;
+    super::headers::parse_json(&bytes)
+}
+
+/// Refuse a request for more than [`FETCH_KEYS`] records.
+fn at_most_a_fetch(asked: usize, what: &str) -> Result<(), ApiError> {
+    if asked > FETCH_KEYS {
+        return Err(ApiError::bad_request(
+            "too-many-keys",
+            format!("at most {FETCH_KEYS} {what} per request"),
+        ));
+    }
+    Ok(())
+}
+
 #[utoipa::path(get, path = "/v1/peer/collections", tag = "peer",
     responses((status = 200, description = "every collection holding records here", body = CollectionsBody),
               (status = 401, description = "no peer token", body = super::error::Problem, content_type = "application/problem+json")))]
@@ -120,10 +146,7 @@ pub async fn hashes(
     ApiQuery(query): ApiQuery<CollectionQuery>,
     body: axum::body::Body,
 ) -> Result<Json<HashesBody>, ApiError> {
-    s.require_peer(&headers)?;
-    collection_name(&query.collection)?;
-    let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
-    let request: HashesRequest = super::headers::parse_json(&bytes)?;
+    let request: HashesRequest = peer_request(&s, &headers, &query, body, 1024 * 1024).await?;
     let limit = request.limit.unwrap_or(HASH_PAGE);
     if !(1..=HASH_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -174,17 +197,9 @@ pub async fn states(
     ApiQuery(query): ApiQuery<CollectionQuery>,
     body: axum::body::Body,
 ) -> Result<Json<StoredStates>, ApiError> {
-    s.require_peer(&headers)?;
-    collection_name(&query.collection)?;
     // Room for FETCH_KEYS keys of the longest name, every byte of it escaped.
-    let bytes = super::headers::json_body(&headers, body, 2 * 1024 * 1024).await?;
-    let request: StatesRequest = super::headers::parse_json(&bytes)?;
-    if request.keys.len() > FETCH_KEYS {
-        return Err(ApiError::bad_request(
-            "too-many-keys",
-            format!("at most {FETCH_KEYS} keys per request"),
-        ));
-    }
+    let request: StatesRequest = peer_request(&s, &headers, &query, body, 2 * 1024 * 1024).await?;
+    at_most_a_fetch(request.keys.len(), "keys")?;
     let records = s
         .region
         .store
@@ -203,16 +218,9 @@ pub async fn states_by_hash(
     ApiQuery(query): ApiQuery<CollectionQuery>,
     body: axum::body::Body,
 ) -> Result<Json<StoredHashedStates>, ApiError> {
-    s.require_peer(&headers)?;
-    collection_name(&query.collection)?;
-    let bytes = super::headers::json_body(&headers, body, 1024 * 1024).await?;
-    let request: HashedStatesRequest = super::headers::parse_json(&bytes)?;
-    if request.wanted.len() > FETCH_KEYS {
-        return Err(ApiError::bad_request(
-            "too-many-keys",
-            format!("at most {FETCH_KEYS} pairs per request"),
-        ));
-    }
+    let request: HashedStatesRequest =
+        peer_request(&s, &headers, &query, body, 1024 * 1024).await?;
+    at_most_a_fetch(request.wanted.len(), "pairs")?;
     let wanted = request
         .wanted
         .iter()

@@ -259,13 +259,7 @@ impl PeerClient {
         peer: &str,
         request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, RepairError> {
-        let response = self.send_any(peer, request).await?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let text = response.text().await.unwrap_or_default();
-            return Err(peer_failed(peer, format!("{status}: {text}")));
-        }
-        Ok(response)
+        succeeded(peer, self.send_any(peer, request).await?).await
     }
 
     /// Send a peer API request; any answer is returned.
@@ -483,8 +477,7 @@ impl PeerClient {
                     .json(&request)
             })
             .await?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
             tracing::info!(%peer, "the peer cannot look records up by hash (an earlier build): its differing buckets are listed whole");
             without
                 .lock()
@@ -492,16 +485,26 @@ impl PeerClient {
                 .insert(peer.to_owned());
             return Ok(None);
         }
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            return Err(peer_failed(peer, format!("{status}: {text}")));
-        }
-        let body: HashedStatesBody = response
+        let body: HashedStatesBody = succeeded(peer, response)
+            .await?
             .json()
             .await
             .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))?;
         Ok(Some((body.records, body.complete)))
     }
+}
+
+/// `response`, if it is a 2xx; otherwise an error with its status and body.
+async fn succeeded(
+    peer: &str,
+    response: reqwest::Response,
+) -> Result<reqwest::Response, RepairError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    Err(peer_failed(peer, format!("{status}: {text}")))
 }
 
 fn peer_failed(peer: &str, cause: String) -> RepairError {
