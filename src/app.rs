@@ -130,8 +130,16 @@ async fn start_in_span(
         in_region_span,
     ));
     let (tx, rx) = oneshot::channel::<()>();
+    // Either way, responses go out without waiting on Nagle's algorithm (TCP_NODELAY): a streamed
+    // answer leaves in several writes (its headers, its pieces, the closing chunk), and each held
+    // back until the asker's delayed ACK cost 40 ms (a peer's digests of a small collection took
+    // 42–49 ms instead of 2 ms).
     let server = match https {
         None => tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, router)
                 .with_graceful_shutdown(async {
                     let _ = rx.await;
@@ -171,6 +179,7 @@ async fn serve_https(
                 }
             },
         };
+        let _ = stream.set_nodelay(true);
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(
             async move {
