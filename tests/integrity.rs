@@ -1133,10 +1133,73 @@ async fn comparing_a_listing_page_by_page_finds_exactly_the_keys_the_peer_lacks(
     c.teardown().await;
 }
 
+#[tokio::test]
+async fn a_peer_sends_its_digests_as_frames_to_a_region_that_asks_and_as_json_otherwise() {
+    use locus::record::digest::{BucketDigest, StateHash};
+    use locus::record::digest_frames::{Decoder, DIGESTS_MEDIA_TYPE};
+    let c = cluster(&["eu"]).await;
+    for i in 0..300 {
+        let response = c
+            .put("eu", "framed", &format!("k{i:03}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    let digests = |collection: &'static str, accept: Option<&'static str>| {
+        let mut request = c
+            .request(
+                "eu",
+                Method::GET,
+                &format!("/v1/peer/digests?collection={collection}"),
+            )
+            .bearer_auth(crate::helpers::PEER);
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        request.send()
+    };
+    let as_json: Value = digests("framed", None).await.unwrap().json().await.unwrap();
+    let from_json: Vec<BucketDigest> = as_json["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| BucketDigest {
+            bucket: entry["bucket"].as_i64().unwrap() as i32,
+            count: entry["count"].as_i64().unwrap(),
+            hash: StateHash::from_hex(entry["hash"].as_str().unwrap()).unwrap(),
+        })
+        .collect();
+    assert_eq!(from_json.iter().map(|d| d.count).sum::<i64>(), 300);
+
+    let framed = |collection| async move {
+        let accept = "application/json;q=0.5, application/vnd.locus.digests";
+        let response = digests(collection, Some(accept)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], DIGESTS_MEDIA_TYPE);
+        assert_eq!(response.headers()["locus-restoring"], "false");
+        assert!(response.headers().get("locus-reclaimed-through").is_none());
+        let mut decoder = Decoder::default();
+        decoder.feed(&response.bytes().await.unwrap()).unwrap();
+        decoder.finish().unwrap()
+    };
+    assert_eq!(framed("framed").await, from_json);
+    // A collection with no record: the closing frame alone.
+    assert_eq!(framed("nothing").await, Vec::new());
+    // Without the peer token, neither.
+    let r = c
+        .request("eu", Method::GET, "/v1/peer/digests?collection=framed")
+        .header("accept", DIGESTS_MEDIA_TYPE)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, StatusCode::UNAUTHORIZED).await;
+    c.teardown().await;
+}
+
 /// A region of an earlier build, stood in for by a proxy in front of a current one: it refuses a
 /// states fetch of more than `most` keys with the problem document those builds answered, knows
-/// no `/v1/peer/applied` nor `/v1/peer/states-by-hash`, and passes every other request on to the region at `target` (set before the first call). Returns its URL
-/// and how many fetches it refused.
+/// no `/v1/peer/applied` nor `/v1/peer/states-by-hash`, answers digests as JSON whatever is
+/// asked, and passes every other request on to the region at `target` (set before the first
+/// call). Returns its URL and how many fetches it refused.
 async fn earlier_build_in_front(
     target: std::sync::Arc<std::sync::OnceLock<String>>,
     most: usize,
@@ -1181,7 +1244,8 @@ async fn earlier_build_in_front(
                 .request(parts.method, format!("{base}{path}"))
                 .body(body);
             for (name, value) in &parts.headers {
-                if name != "host" && name != "content-length" {
+                // Without `accept`, the region answers digests as JSON, as those builds did.
+                if !["host", "content-length", "accept"].contains(&name.as_str()) {
                     forwarded = forwarded.header(name, value);
                 }
             }

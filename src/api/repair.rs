@@ -7,7 +7,8 @@
 
 use crate::config::Scope;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
@@ -15,6 +16,9 @@ use super::error::ApiError;
 use super::headers::bearer;
 use super::{ApiPath, ApiQuery, ApiState, SharedState};
 use crate::record::digest::{StateHash, BUCKETS};
+use crate::record::digest_frames::{
+    self, DIGESTS_MEDIA_TYPE, RECLAIMED_THROUGH_HEADER, RESTORING_HEADER,
+};
 use crate::record::names;
 use crate::replication::repair::{
     self, ActorSeenBody, AppliedBody, CollectionsBody, DigestEntry, DigestsBody, HashedStatesBody,
@@ -118,22 +122,99 @@ pub async fn module(
 }
 
 #[utoipa::path(get, path = "/v1/peer/digests", tag = "peer", params(CollectionQuery),
-    responses((status = 200, description = "the digest of every non-empty bucket", body = DigestsBody),
+    responses((status = 200, description = "the digest of every non-empty bucket: as JSON, or as binary frames \
+(record::digest_frames) to a request that accepts `application/vnd.locus.digests`, with the reclamation horizon \
+in `locus-reclaimed-through` and the restore state in `locus-restoring`",
+                content((DigestsBody = "application/json"), (Vec<u8> = "application/vnd.locus.digests")),
+                headers(("locus-restoring" = String, description = "with frames: `true` while this region catches up after a restore"),
+                        ("locus-reclaimed-through" = String, description = "with frames: the tombstone reclamation horizon (an HLC), if any"))),
               (status = 400, description = "bad collection name", body = super::error::Problem, content_type = "application/problem+json")))]
 pub async fn digests(
     State(s): State<SharedState>,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<CollectionQuery>,
-) -> Result<Json<DigestsBody>, ApiError> {
+) -> Result<Response, ApiError> {
     s.require_peer(&headers)?;
     collection_name(&query.collection)?;
-    let buckets = s.region.store.bucket_digests(&query.collection).await?;
+    // Read before the scan, so the frames can follow their headers: a horizon older than the
+    // scan only makes a restored asker keep records it could have pruned, until its next round.
     let reclaimed = s.region.store.reclaimed_through().await?;
+    let restoring = !s.region.catching_up().is_empty();
+    if accepts(&headers, DIGESTS_MEDIA_TYPE) {
+        return Ok(digest_frames(&s, &query.collection, reclaimed, restoring));
+    }
+    let buckets = s.region.store.bucket_digests(&query.collection).await?;
     Ok(Json(DigestsBody {
         buckets: buckets.iter().map(DigestEntry::of).collect(),
         reclaimed_through: reclaimed.map(|hlc| hlc.as_u64().to_string()),
-        restoring: !s.region.catching_up().is_empty(),
-    }))
+        restoring,
+    })
+    .into_response())
+}
+
+/// Whether the request's `Accept` names `media_type` (an earlier build's client never does).
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|range| range.split(';').next().unwrap_or("").trim() == media_type)
+}
+
+/// The digests as frames, each piece sent as the scan yields it. A scan that fails mid-way
+/// aborts the answer before its closing frame, which the asker refuses.
+fn digest_frames(
+    s: &ApiState,
+    collection: &str,
+    reclaimed: Option<crate::clock::hlc::Hlc>,
+    restoring: bool,
+) -> Response {
+    /// Digests per piece: about 28 KiB of frames.
+    const PIECE: usize = 1024;
+    let pieces = s.region.store.bucket_digests_in_pieces(collection, PIECE);
+    let region = s.region.id().to_owned();
+    let frames = futures_util::stream::unfold((Some(pieces), 0usize), move |(pieces, sent)| {
+        let region = region.clone();
+        async move {
+            let mut pieces = pieces?;
+            let mut bytes = Vec::new();
+            match pieces.recv().await {
+                Some(Ok(digests)) => {
+                    bytes.reserve(digests.len() * digest_frames::FRAME);
+                    for digest in &digests {
+                        digest_frames::encode(digest, &mut bytes);
+                    }
+                    Some((Ok(bytes), (Some(pieces), sent + digests.len())))
+                }
+                None => {
+                    digest_frames::encode_end(sent, &mut bytes);
+                    Some((Ok(bytes), (None, sent)))
+                }
+                Some(Err(error)) => {
+                    tracing::error!(%region, %error, "bucket digests failed mid-answer; the answer is cut short");
+                    Some((
+                        Err(std::io::Error::other("bucket digests failed")),
+                        (None, sent),
+                    ))
+                }
+            }
+        }
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(frames));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(DIGESTS_MEDIA_TYPE),
+    );
+    headers.insert(
+        RESTORING_HEADER,
+        HeaderValue::from_static(if restoring { "true" } else { "false" }),
+    );
+    if let Some(hlc) = reclaimed {
+        headers.insert(RECLAIMED_THROUGH_HEADER, HeaderValue::from(hlc.as_u64()));
+    }
+    response
 }
 
 #[utoipa::path(post, path = "/v1/peer/hashes", tag = "peer", params(CollectionQuery),

@@ -65,6 +65,14 @@ impl StateHash {
     }
 }
 
+/// A bucket's digest: the XOR of its records' hashes, and how many records it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketDigest {
+    pub bucket: i32,
+    pub count: i64,
+    pub hash: StateHash,
+}
+
 /// The canonical hash of a record's replicated state.
 pub fn state_hash(state: &RecordState) -> StateHash {
     let mut versions: Vec<_> = state.versions.iter().collect();

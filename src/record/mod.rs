@@ -12,6 +12,7 @@
 //! of the values, so a failover write can never bring an old home back.
 
 pub mod digest;
+pub mod digest_frames;
 pub mod names;
 pub mod policy;
 pub mod resolution;

@@ -34,10 +34,13 @@ use super::consumer::apply_with_retries;
 use super::event::{Change, Event};
 use super::status::RepairProgress;
 use crate::clock::hlc::Hlc;
-use crate::record::digest::{bucket_of, StateHash};
+use crate::record::digest::{bucket_of, BucketDigest, StateHash};
+use crate::record::digest_frames::{
+    DIGESTS_MEDIA_TYPE, RECLAIMED_THROUGH_HEADER, RESTORING_HEADER,
+};
 use crate::record::RecordState;
 use crate::service::Region;
-use crate::storage::repair::{BucketDigest, BucketHash, HashCursor};
+use crate::storage::repair::{BucketHash, HashCursor};
 use crate::storage::StorageError;
 
 /// `(bucket, key, hash)` triples per page of a listing.
@@ -350,27 +353,66 @@ impl PeerClient {
             .to_vec())
     }
 
-    /// The peer's bucket digests of `collection`, and its tombstone reclamation horizon.
+    /// The peer's bucket digests of `collection` (in bucket order), its tombstone reclamation
+    /// horizon, and whether it is catching up after a restore. Asked for as frames, read as they
+    /// arrive; a peer of an earlier build answers JSON.
     pub async fn digests(
         &self,
         peer: &str,
         collection: &str,
-    ) -> Result<(Vec<DigestEntry>, Option<Hlc>, bool), RepairError> {
-        let body: DigestsBody = self
-            .call(peer, |c, base| {
+    ) -> Result<(Vec<BucketDigest>, Option<Hlc>, bool), RepairError> {
+        let accept = format!("{DIGESTS_MEDIA_TYPE}, application/json;q=0.5");
+        let mut response = self
+            .send(peer, |c, base| {
                 c.get(format!("{base}/v1/peer/digests"))
                     .query(&[("collection", collection)])
+                    .header(reqwest::header::ACCEPT, accept)
             })
             .await?;
-        let reclaimed = match body.reclaimed_through {
-            None => None,
-            Some(hlc) => {
-                Some(Hlc::from_u64(hlc.parse().map_err(|_| {
-                    peer_failed(peer, format!("{hlc:?} is not an HLC"))
-                })?))
-            }
+        let failed = |cause: String| peer_failed(peer, cause);
+        let hlc = |text: &str| {
+            text.parse()
+                .map(Hlc::from_u64)
+                .map_err(|_| failed(format!("{text:?} is not an HLC")))
         };
-        Ok((body.buckets, reclaimed, body.restoring))
+        let headers = response.headers();
+        if headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes())
+            != Some(DIGESTS_MEDIA_TYPE.as_bytes())
+        {
+            let body: DigestsBody = response
+                .json()
+                .await
+                .map_err(|e| failed(crate::logging::chain(&e)))?;
+            let digests = body
+                .buckets
+                .iter()
+                .map(|entry| {
+                    Ok(BucketDigest {
+                        bucket: entry.bucket,
+                        count: entry.count,
+                        hash: StateHash::from_hex(&entry.hash)
+                            .ok_or_else(|| failed(format!("{:?} is not a hash", entry.hash)))?,
+                    })
+                })
+                .collect::<Result<_, RepairError>>()?;
+            let reclaimed = body.reclaimed_through.as_deref().map(hlc).transpose()?;
+            return Ok((digests, reclaimed, body.restoring));
+        }
+        let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        let reclaimed = text(RECLAIMED_THROUGH_HEADER).map(hlc).transpose()?;
+        let restoring = text(RESTORING_HEADER) == Some("true");
+        let mut frames = crate::record::digest_frames::Decoder::default();
+        while let Some(piece) = response
+            .chunk()
+            .await
+            .map_err(|e| failed(crate::logging::chain(&e)))?
+        {
+            frames.feed(&piece).map_err(|e| failed(e.to_string()))?;
+        }
+        let digests = frames.finish().map_err(|e| failed(e.to_string()))?;
+        Ok((digests, reclaimed, restoring))
     }
 
     pub async fn hashes(
@@ -621,21 +663,19 @@ async fn pull_everything(
             let (count_here, hash_here) = ours
                 .get(&entry.bucket)
                 .map_or((0, StateHash::default()), |d| (d.count, d.hash));
-            let hash = StateHash::from_hex(&entry.hash);
-            if count_here == entry.count && hash == Some(hash_here) {
+            if count_here == entry.count && entry.hash == hash_here {
                 continue;
             }
             report.buckets_differing += 1;
             to_compare += entry.count.max(0) as u64;
-            match hash {
-                Some(hash) if reclaimed.is_none() && entry.count == count_here + 1 => {
-                    lone.push(LoneBucket {
-                        bucket: entry.bucket,
-                        hash: hash.xor(hash_here),
-                        count: entry.count,
-                    })
-                }
-                _ => to_list.push((entry.bucket, entry.count)),
+            if reclaimed.is_none() && entry.count == count_here + 1 {
+                lone.push(LoneBucket {
+                    bucket: entry.bucket,
+                    hash: entry.hash.xor(hash_here),
+                    count: entry.count,
+                })
+            } else {
+                to_list.push((entry.bucket, entry.count));
             }
         }
         if lone.is_empty() && to_list.is_empty() {

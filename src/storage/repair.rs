@@ -10,16 +10,8 @@ use sqlx::Row;
 use super::records::corrupt;
 use super::{StorageError, Store};
 use crate::clock::hlc::Hlc;
-use crate::record::digest::{bucket_of, state_hash, StateHash};
+use crate::record::digest::{bucket_of, state_hash, BucketDigest, StateHash};
 use crate::record::RecordState;
-
-/// The XOR of a bucket's record hashes, and how many records it holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketDigest {
-    pub bucket: i32,
-    pub count: i64,
-    pub hash: StateHash,
-}
 
 impl Store {
     /// Every non-empty bucket of `collection`, in bucket order.
@@ -27,25 +19,45 @@ impl Store {
         &self,
         collection: &str,
     ) -> Result<Vec<BucketDigest>, StorageError> {
-        let rows = sqlx::query(
-            "SELECT bucket, count(*) AS count, bit_xor(hash_hi) AS hi, bit_xor(hash_lo) AS lo
-               FROM records WHERE collection = $1 GROUP BY bucket ORDER BY bucket",
-        )
-        .bind(collection)
-        .fetch_all(self.pool())
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(BucketDigest {
-                    bucket: row.try_get("bucket")?,
-                    count: row.try_get("count")?,
-                    hash: StateHash {
-                        hi: row.try_get("hi")?,
-                        lo: row.try_get("lo")?,
-                    },
-                })
-            })
-            .collect()
+        digests_as_read(self.pool(), collection).try_collect().await
+    }
+
+    /// Every non-empty bucket of `collection`, in bucket order, in pieces of `piece` digests
+    /// sent as the scan yields them (a task of its own reads them), so a peer answers while its
+    /// scan runs. The scan stops once the receiver is dropped; an error ends the pieces.
+    pub fn bucket_digests_in_pieces(
+        &self,
+        collection: &str,
+        piece: usize,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<BucketDigest>, StorageError>> {
+        let (pieces, received) = tokio::sync::mpsc::channel(2);
+        let (pool, collection) = (self.pool().clone(), collection.to_owned());
+        tokio::spawn(async move {
+            let mut digests = std::pin::pin!(digests_as_read(&pool, &collection));
+            let mut gathered = Vec::with_capacity(piece);
+            loop {
+                let next = digests.try_next().await;
+                let done = !matches!(next, Ok(Some(_)));
+                match next {
+                    Ok(Some(digest)) => gathered.push(digest),
+                    Ok(None) => {}
+                    Err(error) => {
+                        let _ = pieces.send(Err(error)).await;
+                        return;
+                    }
+                }
+                if (gathered.len() >= piece || done) && !gathered.is_empty() {
+                    let full = std::mem::replace(&mut gathered, Vec::with_capacity(piece));
+                    if pieces.send(Ok(full)).await.is_err() {
+                        return; // the asker is gone
+                    }
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        received
     }
 
     /// Up to `limit` `(bucket, key, hash)` triples of the chosen `buckets`, in `(bucket, key)`
@@ -287,6 +299,25 @@ impl Store {
             }
         }
     }
+}
+
+/// The digests of `collection`'s buckets, in bucket order, as the index scan finds them.
+fn digests_as_read<'a>(
+    pool: &'a sqlx::PgPool,
+    collection: &'a str,
+) -> impl futures_util::Stream<Item = Result<BucketDigest, StorageError>> + Send + 'a {
+    sqlx::query_as::<_, (i32, i64, i64, i64)>(
+        "SELECT bucket, count(*), bit_xor(hash_hi), bit_xor(hash_lo)
+           FROM records WHERE collection = $1 GROUP BY bucket ORDER BY bucket",
+    )
+    .bind(collection)
+    .fetch(pool)
+    .map_ok(|(bucket, count, hi, lo)| BucketDigest {
+        bucket,
+        count,
+        hash: StateHash { hi, lo },
+    })
+    .map_err(StorageError::from)
 }
 
 /// The `(key, state)` rows of `rows` until about `byte_limit` bytes of state are gathered (at
