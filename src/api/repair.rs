@@ -174,6 +174,8 @@ fn digest_frames(
     const PIECE: usize = 1024;
     let pieces = s.region.store.bucket_digests_in_pieces(collection, PIECE);
     let region = s.region.id().to_owned();
+    // The state: the pieces still to come (none once the answer is closed or cut), and how many
+    // digests went out.
     let frames = futures_util::stream::unfold((Some(pieces), 0usize), move |(pieces, sent)| {
         let region = region.clone();
         async move {

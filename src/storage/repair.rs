@@ -36,24 +36,27 @@ impl Store {
             let mut digests = std::pin::pin!(digests_as_read(&pool, &collection));
             let mut gathered = Vec::with_capacity(piece);
             loop {
-                let next = digests.try_next().await;
-                let done = !matches!(next, Ok(Some(_)));
-                match next {
-                    Ok(Some(digest)) => gathered.push(digest),
-                    Ok(None) => {}
+                match digests.try_next().await {
+                    Ok(Some(digest)) => {
+                        gathered.push(digest);
+                        if gathered.len() < piece {
+                            continue;
+                        }
+                    }
+                    Ok(None) => {
+                        if !gathered.is_empty() {
+                            let _ = pieces.send(Ok(gathered)).await;
+                        }
+                        return;
+                    }
                     Err(error) => {
                         let _ = pieces.send(Err(error)).await;
                         return;
                     }
                 }
-                if (gathered.len() >= piece || done) && !gathered.is_empty() {
-                    let full = std::mem::replace(&mut gathered, Vec::with_capacity(piece));
-                    if pieces.send(Ok(full)).await.is_err() {
-                        return; // the asker is gone
-                    }
-                }
-                if done {
-                    return;
+                let full = std::mem::replace(&mut gathered, Vec::with_capacity(piece));
+                if pieces.send(Ok(full)).await.is_err() {
+                    return; // the asker is gone
                 }
             }
         });
