@@ -156,11 +156,13 @@ async fn a_batch_locks_its_rows_in_key_order() {
                 .await
         }
     });
+    // A row lock is waited for on the holder's transaction id. Any other lock wait is not it:
+    // the batch also waits, before it locks a row, while the publisher raises the write floor.
     eventually(10, "the batch waits for the held row", || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-              WHERE wait_event_type = 'Lock' AND datname = current_database()
-                AND query LIKE '%unnest%'",
+              WHERE wait_event_type = 'Lock' AND wait_event = 'transactionid'
+                AND datname = current_database() AND query LIKE '%unnest%'",
         )
         .fetch_one(store.pool())
         .await
