@@ -230,6 +230,15 @@ impl DigestEntry {
             hash: digest.hash.to_hex(),
         }
     }
+
+    /// The digest this entry stands for; `None` if its hash is not one.
+    pub fn digest(&self) -> Option<BucketDigest> {
+        Some(BucketDigest {
+            bucket: self.bucket,
+            count: self.count,
+            hash: StateHash::from_hex(&self.hash)?,
+        })
+    }
 }
 
 impl PeerClient {
@@ -287,11 +296,7 @@ impl PeerClient {
         peer: &str,
         request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<T, RepairError> {
-        let response = self.send(peer, request).await?;
-        response
-            .json()
-            .await
-            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))
+        read_json(peer, self.send(peer, request).await?).await
     }
 
     /// Whether `peer`'s peer API answers within `wait`: a cheap call (its collection names), so
@@ -381,20 +386,14 @@ impl PeerClient {
             .map(|v| v.as_bytes())
             != Some(DIGESTS_MEDIA_TYPE.as_bytes())
         {
-            let body: DigestsBody = response
-                .json()
-                .await
-                .map_err(|e| failed(crate::logging::chain(&e)))?;
+            let body: DigestsBody = read_json(peer, response).await?;
             let digests = body
                 .buckets
                 .iter()
                 .map(|entry| {
-                    Ok(BucketDigest {
-                        bucket: entry.bucket,
-                        count: entry.count,
-                        hash: StateHash::from_hex(&entry.hash)
-                            .ok_or_else(|| failed(format!("{:?} is not a hash", entry.hash)))?,
-                    })
+                    entry
+                        .digest()
+                        .ok_or_else(|| failed(format!("{:?} is not a hash", entry.hash)))
                 })
                 .collect::<Result<_, RepairError>>()?;
             let reclaimed = body.reclaimed_through.as_deref().map(hlc).transpose()?;
@@ -527,13 +526,20 @@ impl PeerClient {
                 .insert(peer.to_owned());
             return Ok(None);
         }
-        let body: HashedStatesBody = succeeded(peer, response)
-            .await?
-            .json()
-            .await
-            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))?;
+        let body: HashedStatesBody = read_json(peer, succeeded(peer, response).await?).await?;
         Ok(Some((body.records, body.complete)))
     }
+}
+
+/// A peer's JSON answer, read whole.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    peer: &str,
+    response: reqwest::Response,
+) -> Result<T, RepairError> {
+    response
+        .json()
+        .await
+        .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))
 }
 
 /// `response`, if it is a 2xx; otherwise an error with its status and body.
