@@ -1,6 +1,15 @@
 //! What anti-entropy reads: per-bucket digests of a collection, the `(key, hash)` lists of a
 //! bucket, and the states of chosen records. All of it rides the `(collection, bucket, key)
 //! INCLUDE (hash)` index, so comparing regions reads no record bodies until a difference is found.
+//!
+//! Digests are computed by scanning that index, not kept as records change. Keeping them was
+//! measured on a 2-core machine: statement triggers appending per-bucket deltas (no hot row,
+//! folded each second) cut a round over a million records in sync from about 0.4 s to 0.08–0.12 s
+//! and repaired 1% of them at 14,400–20,500 records/s instead of 11,000–14,700, but cost 10% of
+//! the PUTs per second at 8 clients and 14% at 32 (alternated runs of `locus bench writes`), 19%
+//! with the deltas packed one row per statement. The triggers run inside the group commit's
+//! statement, which every write of the batch waits for; writes are what a region does all day,
+//! a repair is rare.
 
 use futures_util::TryStreamExt;
 use serde_json::value::RawValue;
