@@ -472,6 +472,12 @@ impl Store {
         // `locked` takes the row locks of the records that exist, in key order (the lock is taken
         // above the sort), before `updated` changes them; `updated` checks each revision against
         // the newest committed row, as a single UPDATE does.
+        //
+        // No step joins two of the batch's row sets by nested loop: the plan is generic, and it
+        // takes the batch for ten rows, so such a join would compare every write with every
+        // other (a batch of 128 took 12 ms instead of 2.4). `locked` carries what `updated` needs
+        // and `updated` finds each row by its primary key; the inserted keys are matched through
+        // a hashed subplan (`IS TRUE` keeps the planner from turning the `IN` into a join).
         let sql = "WITH floor AS (SELECT write_floor_ms() AS ms),
              batch AS (
                  SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[],
@@ -483,17 +489,18 @@ impl Store {
              admitted AS (
                  SELECT batch.* FROM batch, floor WHERE batch.hlc_ms IS NULL OR batch.hlc_ms >= floor.ms),
              locked AS (
-                 SELECT r.collection, r.key FROM records r
+                 SELECT r.collection, r.key, a.ord, a.expected_rev, a.state, a.bucket, a.hash_hi, a.hash_lo
+                   FROM records r
                    JOIN admitted a ON a.collection = r.collection AND a.key = r.key AND a.expected_rev > 0
                   ORDER BY r.collection, r.key
                     FOR UPDATE OF r),
              updated AS (
-                 UPDATE records r SET rev = r.rev + 1, state = a.state, updated_at = now(),
-                        resolution = CASE WHEN jsonb_array_length(a.state -> 'versions') > 1 THEN r.resolution END,
-                        bucket = a.bucket, hash_hi = a.hash_hi, hash_lo = a.hash_lo
-                   FROM admitted a JOIN locked l ON l.collection = a.collection AND l.key = a.key
-                  WHERE r.collection = a.collection AND r.key = a.key AND r.rev = a.expected_rev
-                 RETURNING a.ord),
+                 UPDATE records r SET rev = r.rev + 1, state = l.state, updated_at = now(),
+                        resolution = CASE WHEN jsonb_array_length(l.state -> 'versions') > 1 THEN r.resolution END,
+                        bucket = l.bucket, hash_hi = l.hash_hi, hash_lo = l.hash_lo
+                   FROM locked l
+                  WHERE r.collection = l.collection AND r.key = l.key AND r.rev = l.expected_rev
+                 RETURNING l.ord),
              inserted AS (
                  INSERT INTO records (collection, key, rev, state, bucket, hash_hi, hash_lo)
                  SELECT collection, key, 1, state, bucket, hash_hi, hash_lo FROM admitted
@@ -503,8 +510,9 @@ impl Store {
              written AS (
                  SELECT ord FROM updated
                  UNION ALL
-                 SELECT a.ord FROM inserted i
-                   JOIN admitted a ON a.collection = i.collection AND a.key = i.key AND a.expected_rev = 0),
+                 SELECT ord FROM admitted
+                  WHERE expected_rev = 0
+                    AND ((collection, key) IN (SELECT collection, key FROM inserted)) IS TRUE),
              queued AS (
                  INSERT INTO outbox (event, actor)
                  SELECT b.event, b.actor FROM batch b JOIN written w ON w.ord = b.ord ORDER BY b.ord),
