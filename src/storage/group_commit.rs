@@ -41,7 +41,10 @@ use serde_json::value::RawValue;
 use sqlx::types::Json;
 use tokio::sync::oneshot;
 
-use super::records::RecordWrite;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres};
+
+use super::records::{save, save_batch, RecordWrite};
 use super::{Saved, StorageError, Store};
 
 /// The most writes one statement carries.
@@ -143,6 +146,7 @@ impl GroupCommit {
             }
         }
         let mut slot = Slot(Some(self.queue.clone()));
+        let mut held = None;
         loop {
             let batch = {
                 let mut queue = self.queue.lock().expect("group commit lock");
@@ -157,7 +161,7 @@ impl GroupCommit {
             };
             self.batches.observe(batch.len() as f64);
             let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let outcomes = self.commit(&writes).await;
+            let outcomes = self.commit(&mut held, &writes).await;
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 // A writer that went away no longer wants its answer; the write stands.
                 let _ = reply.send(outcome);
@@ -165,14 +169,41 @@ impl GroupCommit {
         }
     }
 
-    /// One statement for the batch; write by write if it fails as a whole.
-    async fn commit(&self, writes: &[RecordWrite]) -> Vec<Result<Saved, StorageError>> {
-        if writes.len() > 1 {
-            match self.store.save_batch(writes).await {
-                Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
-                Err(error) => {
-                    tracing::debug!(%error, writes = writes.len(), "a batch failed; committing its writes one by one");
+    /// The committer's connection, taken from the pool for its first batch and kept while
+    /// batches follow one another: the pool checks a connection with a round trip to PostgreSQL
+    /// each time it hands it out, which would sit on the path of every batch.
+    async fn connection<'h>(
+        &self,
+        held: &'h mut Option<PoolConnection<Postgres>>,
+    ) -> Result<&'h mut PgConnection, StorageError> {
+        if held.is_none() {
+            *held = Some(self.store.pool().acquire().await?);
+        }
+        Ok(held.as_mut().expect("a connection was just taken"))
+    }
+
+    /// One statement for the batch, on the committer's connection; write by write if it fails
+    /// as a whole.
+    async fn commit(
+        &self,
+        held: &mut Option<PoolConnection<Postgres>>,
+        writes: &[RecordWrite],
+    ) -> Vec<Result<Saved, StorageError>> {
+        let committed = match self.connection(held).await {
+            Ok(connection) if writes.len() > 1 => save_batch(connection, writes).await,
+            Ok(connection) => save(connection, &writes[0]).await.map(|saved| vec![saved]),
+            Err(error) => Err(error),
+        };
+        match committed {
+            Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+            // The connection may be what failed: it goes back to the pool, which checks it, and
+            // the next batch takes one the pool vouches for.
+            Err(error) => {
+                *held = None;
+                if writes.len() == 1 {
+                    return vec![Err(error)];
                 }
+                tracing::debug!(%error, writes = writes.len(), "a batch failed; committing its writes one by one");
             }
         }
         let mut outcomes = Vec::with_capacity(writes.len());

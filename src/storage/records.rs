@@ -3,7 +3,7 @@
 
 use serde_json::value::RawValue;
 use sqlx::types::Json;
-use sqlx::{PgExecutor, PgPool, Row};
+use sqlx::{PgConnection, PgExecutor, PgPool, Row};
 
 use super::StorageError;
 
@@ -402,7 +402,7 @@ pub enum Saved {
     KeyTaken,
 }
 
-async fn save<'e>(
+pub(super) async fn save<'e>(
     executor: impl PgExecutor<'e>,
     write: &RecordWrite,
 ) -> Result<Saved, StorageError> {
@@ -463,22 +463,24 @@ async fn save<'e>(
     Ok(write.outcome(written == 1, floor_ms))
 }
 
-impl Store {
-    /// Commit several writes in one statement ([`super::group_commit`]): each under its own
-    /// compare-and-swap and floor check, rows locked in `(collection, key)` order, outbox events
-    /// queued in batch order. The writes must name distinct records and distinct idempotency
-    /// keys. An error (another request took one of the idempotency keys) writes nothing.
-    pub async fn save_batch(&self, writes: &[RecordWrite]) -> Result<Vec<Saved>, StorageError> {
-        // `locked` takes the row locks of the records that exist, in key order (the lock is taken
-        // above the sort), before `updated` changes them; `updated` checks each revision against
-        // the newest committed row, as a single UPDATE does.
-        //
-        // No step joins two of the batch's row sets by nested loop: the plan is generic, and it
-        // takes the batch for ten rows, so such a join would compare every write with every
-        // other (a batch of 128 took 12 ms instead of 2.4). `locked` carries what `updated` needs
-        // and `updated` finds each row by its primary key; the inserted keys are matched through
-        // a hashed subplan (`IS TRUE` keeps the planner from turning the `IN` into a join).
-        let sql = "WITH floor AS (SELECT write_floor_ms() AS ms),
+/// Commit several writes in one statement ([`super::group_commit`]): each under its own
+/// compare-and-swap and floor check, rows locked in `(collection, key)` order, outbox events
+/// queued in batch order. The writes must name distinct records and distinct idempotency keys.
+/// An error (another request took one of the idempotency keys) writes nothing.
+pub async fn save_batch(
+    connection: &mut PgConnection,
+    writes: &[RecordWrite],
+) -> Result<Vec<Saved>, StorageError> {
+    // `locked` takes the row locks of the records that exist, in key order (the lock is taken
+    // above the sort), before `updated` changes them; `updated` checks each revision against
+    // the newest committed row, as a single UPDATE does.
+    //
+    // No step joins two of the batch's row sets by nested loop: the plan is generic, and it
+    // takes the batch for ten rows, so such a join would compare every write with every
+    // other (a batch of 128 took 12 ms instead of 2.4). `locked` carries what `updated` needs
+    // and `updated` finds each row by its primary key; the inserted keys are matched through
+    // a hashed subplan (`IS TRUE` keeps the planner from turning the `IN` into a join).
+    let sql = "WITH floor AS (SELECT write_floor_ms() AS ms),
              batch AS (
                  SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[],
                                       $6::int[], $7::bigint[], $8::bigint[], $9::bytea[], $10::text[],
@@ -522,35 +524,34 @@ impl Store {
                    FROM batch b JOIN written w ON w.ord = b.ord
                   WHERE b.idempotency_key IS NOT NULL)
              SELECT (SELECT coalesce(array_agg(ord), '{}') FROM written), (SELECT ms FROM floor)";
-        let columns = super::group_commit::Columns::of(writes);
-        let (written, floor_ms): (Vec<i32>, i64) = sqlx::query_as(sql)
-            .bind(&columns.ord)
-            .bind(&columns.collection)
-            .bind(&columns.key)
-            .bind(&columns.expected_rev)
-            .bind(&columns.state)
-            .bind(&columns.bucket)
-            .bind(&columns.hash_hi)
-            .bind(&columns.hash_lo)
-            .bind(&columns.event)
-            .bind(&columns.actor)
-            .bind(&columns.hlc_ms)
-            .bind(&columns.idempotency_key)
-            .bind(&columns.fingerprint)
-            .bind(&columns.created)
-            .bind(&columns.failover)
-            .bind(&columns.session)
-            .fetch_one(&self.pool)
-            .await?;
-        let mut outcomes: Vec<Saved> = writes
-            .iter()
-            .map(|write| write.outcome(false, floor_ms))
-            .collect();
-        for ord in written {
-            outcomes[ord as usize] = Saved::Yes;
-        }
-        Ok(outcomes)
+    let columns = super::group_commit::Columns::of(writes);
+    let (written, floor_ms): (Vec<i32>, i64) = sqlx::query_as(sql)
+        .bind(&columns.ord)
+        .bind(&columns.collection)
+        .bind(&columns.key)
+        .bind(&columns.expected_rev)
+        .bind(&columns.state)
+        .bind(&columns.bucket)
+        .bind(&columns.hash_hi)
+        .bind(&columns.hash_lo)
+        .bind(&columns.event)
+        .bind(&columns.actor)
+        .bind(&columns.hlc_ms)
+        .bind(&columns.idempotency_key)
+        .bind(&columns.fingerprint)
+        .bind(&columns.created)
+        .bind(&columns.failover)
+        .bind(&columns.session)
+        .fetch_one(connection)
+        .await?;
+    let mut outcomes: Vec<Saved> = writes
+        .iter()
+        .map(|write| write.outcome(false, floor_ms))
+        .collect();
+    for ord in written {
+        outcomes[ord as usize] = Saved::Yes;
     }
+    Ok(outcomes)
 }
 
 pub(super) fn corrupt(error: sqlx::Error) -> StorageError {
