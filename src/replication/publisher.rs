@@ -87,7 +87,7 @@ async fn publish_while_leased(
         } else {
             None
         };
-        let rows = region.store.unpublished(BATCH).await?;
+        let rows = lease.unpublished(BATCH).await?;
         let saw_everything = (rows.len() as i64) < BATCH;
         if rows.is_empty() {
             if let Some(through_ms) = promise {
@@ -121,7 +121,7 @@ async fn publish_while_leased(
             }
         }
         if !published.is_empty() {
-            region.store.mark_published(&published).await?;
+            lease.mark_published(&published).await?;
             region.replication.published(published.len());
         }
         if let Some(error) = failure {
