@@ -38,11 +38,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use sqlx::types::Json;
-use tokio::sync::oneshot;
-
 use sqlx::pool::PoolConnection;
+use sqlx::types::Json;
 use sqlx::{PgConnection, Postgres};
+use tokio::sync::oneshot;
 
 use super::records::{save, save_batch, RecordWrite};
 use super::{Saved, StorageError, Store};
