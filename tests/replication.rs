@@ -906,7 +906,7 @@ async fn an_apply_finds_a_record_a_local_write_created_after_its_lock() {
     let eu = c.region("eu").region.clone();
     let key = ("raced".to_owned(), "k".to_owned());
     let mut tx = eu.store.begin_apply().await.unwrap();
-    let loaded = tx.lock(std::slice::from_ref(&key)).await.unwrap();
+    let loaded = tx.lock(std::slice::from_ref(&key), None).await.unwrap();
     assert_eq!(loaded[&key].rev, 0, "absent at lock time");
     // A local write creates it meanwhile (local writes do not wait for applies).
     assert_eq!(

@@ -598,7 +598,9 @@ pub async fn apply_batch(
             ChunkProgress::Waiting | ChunkProgress::AlreadyHave => {}
         }
     }
-    let mut loaded = tx.lock(&keys).await?;
+    let mut loaded = tx
+        .lock(&keys, (!sequences.is_empty()).then_some(origin))
+        .await?;
     let mut conflicts = 0;
     let mut records_changed = 0;
     let mut conflicts_by_strategy = BTreeMap::new();
@@ -719,7 +721,7 @@ pub async fn apply_batch(
         }
         if !raced.is_empty() {
             // Local writes created these records after the lock: merge into what they wrote.
-            let again = tx.lock(&raced).await?;
+            let again = tx.lock(&raced, None).await?;
             loaded.extend(again);
         }
     }

@@ -39,6 +39,9 @@ pub struct ConflictEntry {
 
 pub struct ApplyTx {
     tx: Transaction<'static, Postgres>,
+    /// An origin's applied ranges, read by [`ApplyTx::lock`] under the exclusive apply lock (so
+    /// they cannot change before the commit) and merged with the batch's sequences there.
+    ranges: Option<(String, RangeSet)>,
 }
 
 /// The advisory lock key of the write floor ("locusflr"), the one `write_floor_ms()` takes shared.
@@ -50,8 +53,7 @@ impl Store {
     /// ranges and position, and prunes and purges must not run beside the batches whose rows they
     /// judge.
     pub async fn begin_apply(&self) -> Result<ApplyTx, StorageError> {
-        self.begin_with_apply_lock("SELECT pg_advisory_xact_lock($1)")
-            .await
+        self.begin_with_apply_lock("pg_advisory_xact_lock").await
     }
 
     /// Begin a merge transaction that touches records alone (a repair round's merge, a dead
@@ -63,14 +65,18 @@ impl Store {
     /// by a local write between the two steps is locked after them; a cycle through it is found by
     /// PostgreSQL and the merge runs again.)
     pub async fn begin_merge(&self) -> Result<ApplyTx, StorageError> {
-        self.begin_with_apply_lock("SELECT pg_advisory_xact_lock_shared($1)")
+        self.begin_with_apply_lock("pg_advisory_xact_lock_shared")
             .await
     }
 
+    /// `BEGIN` and the apply lock in one round trip: every round trip of an apply adds to
+    /// replication lag, and the first one already holds a connection.
     async fn begin_with_apply_lock(&self, lock: &str) -> Result<ApplyTx, StorageError> {
-        let mut tx = self.pool().begin().await?;
-        sqlx::query(lock).bind(APPLY_LOCK).execute(&mut *tx).await?;
-        Ok(ApplyTx { tx })
+        let tx = self
+            .pool()
+            .begin_with(format!("BEGIN; SELECT {lock}({APPLY_LOCK})"))
+            .await?;
+        Ok(ApplyTx { tx, ranges: None })
     }
 
     /// The sequences of `origin`'s stream applied here.
@@ -211,59 +217,76 @@ impl ApplyTx {
     }
 
     /// Lock and load `keys` (sorted, so every batch locks in the same order), with each
-    /// collection's policy record and deletion horizon. Absent records have no row to lock: their creation serializes
-    /// on the primary key in [`ApplyTx::store`].
+    /// collection's policy record and deletion horizon, and, for a batch from `stream_of`'s stream,
+    /// that origin's applied ranges, all in one statement. Absent records have no row to lock:
+    /// their creation serializes on the primary key in [`ApplyTx::store_all`].
     pub async fn lock(
         &mut self,
         keys: &[RecordKey],
+        stream_of: Option<&str>,
     ) -> Result<BTreeMap<RecordKey, Loaded>, StorageError> {
         let mut sorted: Vec<&RecordKey> = keys.iter().collect();
         sorted.sort_unstable();
         let collections: Vec<&str> = sorted.iter().map(|(c, _)| c.as_str()).collect();
         let names: Vec<&str> = sorted.iter().map(|(_, k)| k.as_str()).collect();
-        // Row by row in the keys' order (byte order, as the "C" collation sorts): a lateral
+        let mut distinct: Vec<&str> = collections.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        // Part 0: the records, locked row by row in the keys' order (byte order, as the "C"
+        // collation sorts; the first branch runs to its end before the next starts): a lateral
         // lookup by primary key cannot become a scan of the whole table, which a join against
-        // the array could in a plan cached while the table was small.
+        // the array could in a plan cached while the table was small. Part 1: the policy and
+        // deletion records of their collections. Part 2: the origin's applied ranges.
         let rows = sqlx::query(
-            "SELECT r.collection, r.key, r.rev, r.state, r.resolution
+            "SELECT 0 AS part, r.collection, r.key, r.rev, r.state, r.resolution,
+                    NULL::bigint AS first_seq, NULL::bigint AS last_seq
                FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(collection, key, n)
               CROSS JOIN LATERAL (
                     SELECT * FROM records r WHERE r.collection = k.collection AND r.key = k.key
                        FOR UPDATE) r
-              ORDER BY k.n",
+             UNION ALL
+             SELECT 1, collection, key, NULL, state, NULL, NULL, NULL FROM records
+              WHERE collection = ANY($3) AND key = ANY($4)
+             UNION ALL
+             SELECT 2, NULL, NULL, NULL, NULL, NULL, first_seq, last_seq FROM applied_ranges
+              WHERE origin = $5",
         )
         .bind(&collections)
         .bind(&names)
+        .bind([POLICY_COLLECTION, DELETION_COLLECTION])
+        .bind(&distinct)
+        .bind(stream_of)
         .fetch_all(&mut *self.tx)
         .await?;
         let mut found = BTreeMap::new();
-        for row in rows {
-            let key: RecordKey = (row.try_get("collection")?, row.try_get("key")?);
-            let Json(state): Json<RecordState> = row.try_get("state")?;
-            let resolution = decode_resolution(row.try_get("resolution")?);
-            found.insert(key, (row.try_get::<i64, _>("rev")?, state, resolution));
-        }
-        let mut distinct: Vec<&str> = collections.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let system_rows = sqlx::query(
-            "SELECT collection, key, state FROM records
-              WHERE collection = ANY($1) AND key = ANY($2)",
-        )
-        .bind([POLICY_COLLECTION, DELETION_COLLECTION])
-        .bind(&distinct)
-        .fetch_all(&mut *self.tx)
-        .await?;
         let mut policies = BTreeMap::new();
         let mut deletions = BTreeMap::new();
-        for row in system_rows {
-            let Json(state): Json<RecordState> = row.try_get("state")?;
-            let key: String = row.try_get("key")?;
-            if row.try_get::<String, _>("collection")? == POLICY_COLLECTION {
-                policies.insert(key, state);
-            } else {
-                deletions.insert(key, state);
+        let mut ranges = Vec::new();
+        for row in rows {
+            match row.try_get::<i32, _>("part")? {
+                0 => {
+                    let key: RecordKey = (row.try_get("collection")?, row.try_get("key")?);
+                    let Json(state): Json<RecordState> = row.try_get("state")?;
+                    let resolution = decode_resolution(row.try_get("resolution")?);
+                    found.insert(key, (row.try_get::<i64, _>("rev")?, state, resolution));
+                }
+                1 => {
+                    let Json(state): Json<RecordState> = row.try_get("state")?;
+                    let key: String = row.try_get("key")?;
+                    if row.try_get::<String, _>("collection")? == POLICY_COLLECTION {
+                        policies.insert(key, state);
+                    } else {
+                        deletions.insert(key, state);
+                    }
+                }
+                _ => ranges.push((
+                    row.try_get::<i64, _>("first_seq")? as u64,
+                    row.try_get::<i64, _>("last_seq")? as u64,
+                )),
             }
+        }
+        if let Some(origin) = stream_of {
+            self.ranges = Some((origin.to_owned(), RangeSet::from_ranges(ranges)));
         }
         Ok(keys
             .iter()
@@ -396,9 +419,12 @@ impl ApplyTx {
         };
         let (origin, last_event_hlc) = (position.origin, position.newest_hlc);
         let stream_sequence = position.sequences.iter().copied().max().unwrap_or(0) as i64;
-        // The ranges are few (usually one) and applies are serialized by the apply lock: read,
-        // merge, write.
-        let mut ranges = load_ranges(&mut self.tx, origin).await?;
+        // The ranges are few (usually one) and applies are serialized by the apply lock: read
+        // (by the lock, for a batch from this origin's stream), merge, write.
+        let mut ranges = match self.ranges.take() {
+            Some((read_for, ranges)) if read_for == origin => ranges,
+            _ => load_ranges(&mut self.tx, origin).await?,
+        };
         ranges.insert_all(position.sequences.iter().copied());
         // A heartbeat's promise holds here only once every event before it is applied; batches
         // of a shared consumer commit in any order, so one may come before an earlier one. Then
@@ -512,16 +538,14 @@ impl Store {
         through_ms: u64,
         wait: std::time::Duration,
     ) -> Result<(), StorageError> {
-        let mut tx = self.pool().begin().await?;
-        sqlx::query(&format!(
-            "SET LOCAL lock_timeout = {}",
-            wait.as_millis().max(1)
-        ))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(WRITE_FLOOR_LOCK)
-            .execute(&mut *tx)
+        // BEGIN, the timeout and the lock in one round trip: the publisher waits for all of it
+        // before it reads the outbox.
+        let mut tx = self
+            .pool()
+            .begin_with(format!(
+                "BEGIN; SET LOCAL lock_timeout = {}; SELECT pg_advisory_xact_lock({WRITE_FLOOR_LOCK})",
+                wait.as_millis().max(1)
+            ))
             .await?;
         sqlx::query("UPDATE write_floor SET through_ms = GREATEST(through_ms, $1)")
             .bind(through_ms as i64)
