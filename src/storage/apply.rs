@@ -229,8 +229,8 @@ impl ApplyTx {
         sorted.sort_unstable();
         let collections: Vec<&str> = sorted.iter().map(|(c, _)| c.as_str()).collect();
         let names: Vec<&str> = sorted.iter().map(|(_, k)| k.as_str()).collect();
+        // The keys are sorted, so their collections are too.
         let mut distinct: Vec<&str> = collections.clone();
-        distinct.sort_unstable();
         distinct.dedup();
         // Part 0: the records, locked row by row in the keys' order (byte order, as the "C"
         // collation sorts; the first branch runs to its end before the next starts): a lateral
