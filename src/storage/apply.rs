@@ -53,7 +53,8 @@ impl Store {
     /// ranges and position, and prunes and purges must not run beside the batches whose rows they
     /// judge.
     pub async fn begin_apply(&self) -> Result<ApplyTx, StorageError> {
-        self.begin_with_apply_lock("pg_advisory_xact_lock").await
+        self.begin_with_apply_lock("SELECT pg_advisory_xact_lock($1)")
+            .await
     }
 
     /// Begin a merge transaction that touches records alone (a repair round's merge, a dead
@@ -65,17 +66,17 @@ impl Store {
     /// by a local write between the two steps is locked after them; a cycle through it is found by
     /// PostgreSQL and the merge runs again.)
     pub async fn begin_merge(&self) -> Result<ApplyTx, StorageError> {
-        self.begin_with_apply_lock("pg_advisory_xact_lock_shared")
+        self.begin_with_apply_lock("SELECT pg_advisory_xact_lock_shared($1)")
             .await
     }
 
-    /// `BEGIN` and the apply lock in one round trip: every round trip of an apply adds to
-    /// replication lag, and the first one already holds a connection.
+    /// Not one round trip with `BEGIN` (sqlx's `begin_with`): should the lock fail or the task be
+    /// cancelled while it waits, sqlx would not roll that transaction back, and the connection
+    /// would go back to the pool inside it, holding the lock or aborted. Here the transaction
+    /// exists before the lock is asked for, and dropping it rolls it back.
     async fn begin_with_apply_lock(&self, lock: &str) -> Result<ApplyTx, StorageError> {
-        let tx = self
-            .pool()
-            .begin_with(format!("BEGIN; SELECT {lock}({APPLY_LOCK})"))
-            .await?;
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(lock).bind(APPLY_LOCK).execute(&mut *tx).await?;
         Ok(ApplyTx { tx, ranges: None })
     }
 
@@ -538,14 +539,16 @@ impl Store {
         through_ms: u64,
         wait: std::time::Duration,
     ) -> Result<(), StorageError> {
-        // BEGIN, the timeout and the lock in one round trip: the publisher waits for all of it
-        // before it reads the outbox.
-        let mut tx = self
-            .pool()
-            .begin_with(format!(
-                "BEGIN; SET LOCAL lock_timeout = {}; SELECT pg_advisory_xact_lock({WRITE_FLOOR_LOCK})",
-                wait.as_millis().max(1)
-            ))
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = {}",
+            wait.as_millis().max(1)
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITE_FLOOR_LOCK)
+            .execute(&mut *tx)
             .await?;
         sqlx::query("UPDATE write_floor SET through_ms = GREATEST(through_ms, $1)")
             .bind(through_ms as i64)
