@@ -1045,6 +1045,12 @@ async fn repair_fetches_a_bucket_s_one_missing_record_by_hash_and_lists_buckets_
     assert_eq!(report["keys_compared"], 5, "{report}");
     assert_eq!(report["records_fetched"], 15, "{report}");
     assert_eq!(report["buckets_differing"], 13, "{report}");
+    // Comparing digests comes first and is part of the round.
+    let comparing = report["seconds_comparing"].as_f64().unwrap();
+    assert!(
+        comparing > 0.0 && comparing < report["seconds"].as_f64().unwrap(),
+        "{report}"
+    );
     for key in &lacked {
         assert_eq!(c.get("us", "lacked", key).await.status(), StatusCode::OK);
     }

@@ -98,6 +98,11 @@ pub struct RepairReport {
     #[serde(default)]
     pub peer_restoring: bool,
     pub seconds: f64,
+    /// Time spent before any record is fetched, comparing every collection's digests (and
+    /// fetching missing modules): the part of a round that grows with the records held rather
+    /// than with those that differ.
+    #[serde(default)]
+    pub seconds_comparing: f64,
     /// Time spent finding what differs in differing buckets (looking records up by hash, listing
     /// and comparing `(key, hash)` pairs); it overlaps the fetches and merges.
     pub seconds_listing: f64,
@@ -595,6 +600,7 @@ async fn pull_everything(
     report: &mut RepairReport,
 ) -> Result<(), RepairError> {
     let throttle = Throttle::new(region.config.repair.max_records_per_sec);
+    let comparing = Instant::now();
     // Modules first: a binding pulled below is of no use without its module.
     let held: std::collections::BTreeSet<String> =
         region.store.module_hashes().await?.into_iter().collect();
@@ -690,6 +696,7 @@ async fn pull_everything(
         lone.sort_unstable_by_key(|lone| lone.bucket);
         plan.push((collection, lone, to_list, reclaimed, too_old));
     }
+    report.seconds_comparing = comparing.elapsed().as_secs_f64();
     let meter = Meter::new(region, peer, to_compare);
     for (collection, lone, to_list, reclaimed, too_old) in plan {
         pull_collection(
