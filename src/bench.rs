@@ -1125,10 +1125,17 @@ async fn live_writes_for(
     let sampler = tokio::spawn(async move {
         let mut lags = Vec::new();
         let until = Instant::now() + Duration::from_secs(seconds);
+        // The lag shown is that of the newest event applied: sampled only once an event of
+        // this phase has been, or the first samples would repeat one applied long before.
+        let applied_before = region
+            .replication
+            .peer(&origin)
+            .map_or(0, |p| p.events_applied);
         while Instant::now() < until {
             if let Some(lag) = region
                 .replication
                 .peer(&origin)
+                .filter(|p| p.events_applied > applied_before)
                 .and_then(|p| p.event_lag_ms)
             {
                 lags.push(Duration::from_millis(lag));
