@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 /// transparent huge pages (the `no_thp` feature): it returns freed memory to the kernel and takes
 /// it back, and each first touch then cleared a whole 2 MiB page. That clearing was a sixth of the
 /// machine's time in a repair round, and left the bench's two regions at 125–152 MiB peak instead
-/// of 86–93 MiB (the README's figure).
+/// of 86–93 MiB.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
