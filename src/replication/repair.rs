@@ -54,6 +54,10 @@ pub const FETCH_KEYS: usize = 1_000;
 const EARLIER_FETCH_KEYS: usize = 200;
 /// About the most state bytes one fetch answers with.
 pub const FETCH_BYTES: usize = 4 * 1024 * 1024;
+/// A peer call that takes this long to answer is logged. In a round over a million records the
+/// statements behind each call took 13 to 43 ms on average, so this is a stall worth finding: one
+/// round in 32 took 14.9 s instead of about 1 s, and the report could not say where.
+const SLOW_PEER_CALL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
@@ -289,11 +293,25 @@ impl PeerClient {
             .urls
             .get(peer)
             .ok_or_else(|| RepairError::UnknownPeer(peer.to_owned()))?;
-        request(&self.client, base)
+        let request = request(&self.client, base)
             .bearer_auth(self.token.expose())
-            .send()
+            .build()
+            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))?;
+        let path = request.url().path().to_owned();
+        let sent = Instant::now();
+        let answer = self
+            .client
+            .execute(request)
             .await
-            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)))
+            .map_err(|e| peer_failed(peer, crate::logging::chain(&e)));
+        // A round that takes far longer than usual says which call it waited for. A call that
+        // failed is reported by its caller, with its error.
+        let waited = sent.elapsed();
+        if answer.is_ok() && waited >= SLOW_PEER_CALL {
+            tracing::warn!(%peer, %path, waited_ms = waited.as_millis() as u64,
+                "a peer was slow to answer a call to its peer API");
+        }
+        answer
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
