@@ -1251,11 +1251,12 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
             .execute(us.region.store.pool())
             .await
     };
+    // Returns the rate of repair: comparing a million records' digests takes as long whether one
+    // record differs or ten thousand (the in-sync round above), so the rate is taken over the
+    // rest of the round, and the whole round's is shown beside it.
     let report_round = |label: &str, repaired: &crate::replication::repair::RepairReport| {
-        // Comparing a million records' digests takes as long whether one record differs or
-        // ten thousand (the in-sync round above), so the rate of repair is taken over the rest
-        // of the round, and the whole round's is shown beside it.
         let repairing = repaired.seconds - repaired.seconds_comparing;
+        let rate = repaired.records_repaired as f64 / repairing;
         println!(
             "  {label}: {missing} missing, {} buckets differed, {} records found by hash, {} keys listed and compared, {} records repaired in {repairing:.2} s after {:.2} s comparing digests = {:.0} records repaired/s ({:.0}/s over the whole round, {:.2} s)",
             repaired.buckets_differing,
@@ -1263,7 +1264,7 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
             repaired.keys_compared,
             repaired.records_repaired,
             repaired.seconds_comparing,
-            repaired.records_repaired as f64 / repairing,
+            rate,
             repaired.records_repaired as f64 / repaired.seconds,
             repaired.seconds,
         );
@@ -1271,6 +1272,7 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
             "    of the repair, finding what differs (by hash, then listing) {:.2} s, merging {:.2} s (the stages overlap)",
             repaired.seconds_listing, repaired.seconds_merging
         );
+        rate
     };
     let check_round = |repaired: &crate::replication::repair::RepairReport| {
         anyhow::ensure!(
@@ -1287,11 +1289,10 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
         remove_share().await?;
         let quiet = crate::replication::repair::round(&us.region, "eu").await?;
         check_round(&quiet)?;
-        report_round(
+        rates.push(report_round(
             &format!("round alone ({n} of {})", args.rounds.max(1)),
             &quiet,
-        );
-        rates.push(quiet.records_repaired as f64 / (quiet.seconds - quiet.seconds_comparing));
+        ));
     }
     rates.sort_by(f64::total_cmp);
     println!(
