@@ -539,6 +539,9 @@ impl Store {
         through_ms: u64,
         wait: std::time::Duration,
     ) -> Result<(), StorageError> {
+        // Begun before the timeout and the lock are asked for, never with them in one `BEGIN`
+        // statement: a lock that times out would leave the pooled connection in an aborted
+        // transaction ([`Store::begin_apply`]'s helper says why).
         let mut tx = self.pool().begin().await?;
         sqlx::query(&format!(
             "SET LOCAL lock_timeout = {}",
