@@ -1201,9 +1201,127 @@ async fn a_peer_sends_its_digests_as_frames_to_a_region_that_asks_and_as_json_ot
     c.teardown().await;
 }
 
+/// The rows region `id` holds of `collection`.
+async fn rows_of(c: &Cluster, id: &str, collection: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM records WHERE collection = $1")
+        .bind(collection)
+        .fetch_one(c.region(id).region.store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_collection_held_nothing_of_is_copied_page_by_page_with_what_is_set_aside_skipped() {
+    use futures_util::{stream, StreamExt};
+    use locus::replication::repair::{FETCH_BYTES, FETCH_KEYS};
+    let c = cluster(&["eu", "us"]).await;
+    // More records than a page holds, and more bytes than a page's limit: pages end both ways.
+    let filler = "p".repeat(5 * 1024);
+    let count = FETCH_KEYS * 3 / 2;
+    assert!(count * filler.len() > FETCH_BYTES);
+    let keys: Vec<String> = (0..count).map(|i| format!("k{i:04}")).collect();
+    stream::iter(&keys)
+        .for_each_concurrent(16, |key| {
+            let (c, filler) = (&c, &filler);
+            async move {
+                let value = json!({"key": key, "filler": filler});
+                let response = c.put("eu", "paged", key, &value).await;
+                assert_eq!(response.status(), StatusCode::CREATED);
+            }
+        })
+        .await;
+    assert_eq!(
+        c.put("eu", "refusing", "refused", &json!("v1"))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    eventually(30, "us holds every record", || async {
+        rows_of(&c, "us", "paged").await == count as i64 && rows_of(&c, "us", "refusing").await == 1
+    })
+    .await;
+    // us loses both collections whole, and from now on refuses one record, as a region with a
+    // local fault would: holding nothing of them, it copies them page by page.
+    let us_pool = c.region("us").region.store.pool().clone();
+    for statement in [
+        "CREATE FUNCTION refuse_paged() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN IF NEW.key = 'refused' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_paged BEFORE INSERT OR UPDATE ON records
+           FOR EACH ROW EXECUTE FUNCTION refuse_paged()",
+    ] {
+        sqlx::query(statement).execute(&us_pool).await.unwrap();
+    }
+    let all: Vec<&String> = keys.iter().collect();
+    assert_eq!(lose_records(&c, "us", "paged", &all).await, count as u64);
+    let refused = "refused".to_owned();
+    assert_eq!(lose_records(&c, "us", "refusing", &[&refused]).await, 1);
+    let report = repair_at(&c, "us", "eu").await;
+    assert_eq!(report["records_paged"], json!(count + 1), "{report}");
+    assert_eq!(report["records_repaired"], json!(count), "{report}");
+    assert_eq!(report["records_unrepairable"], 1, "{report}");
+    assert_eq!(report["keys_compared"], 0, "nothing listed: {report}");
+    assert_eq!(report["records_found_by_hash"], 0, "{report}");
+    assert_eq!(rows_of(&c, "us", "paged").await, count as i64);
+    // us still holds nothing of the refusing collection: the next round pages through it again
+    // and skips the record set aside at the peer's unchanged state.
+    let again = repair_at(&c, "us", "eu").await;
+    assert_eq!(again["records_skipped"], 1, "{again}");
+    assert_eq!(again["records_fetched"], 0, "{again}");
+    assert_eq!(again["records_paged"], 0, "{again}");
+
+    // The pages as the peer answers them: every key once, in key order, the first page cut short
+    // by the byte limit, and only for the peer token.
+    let page = |after: Value, token: &'static str| {
+        c.request("eu", Method::POST, "/v1/peer/states-after?collection=paged")
+            .bearer_auth(token)
+            .json(&json!({ "after": after }))
+            .send()
+    };
+    let (mut paged, mut pages, mut after) = (Vec::new(), 0, Value::Null);
+    loop {
+        let response = page(after, crate::helpers::PEER).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        let records = body["records"].as_array().unwrap();
+        if pages == 0 {
+            assert!(
+                records.len() < FETCH_KEYS,
+                "cut short by bytes: {}",
+                records.len()
+            );
+        }
+        paged.extend(records.iter().map(|r| r[0].as_str().unwrap().to_owned()));
+        pages += 1;
+        after = body["next"].clone();
+        if after.is_null() {
+            break;
+        }
+        assert_eq!(after, json!(paged.last().unwrap()));
+    }
+    assert_eq!(paged, keys, "every key once, in key order");
+    assert!(pages >= 2);
+    let response = page(Value::Null, crate::helpers::ADMIN).await.unwrap();
+    expect_problem(response, StatusCode::FORBIDDEN).await;
+
+    // Once us can hold it, the record's next write reaches it, and the regions agree.
+    sqlx::query("DROP TRIGGER refuse_paged ON records")
+        .execute(&us_pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.put("eu", "refusing", "refused", &json!("v2"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    c.assert_converged().await;
+    c.teardown().await;
+}
+
 /// A region of an earlier build, stood in for by a proxy in front of a current one: it refuses a
 /// states fetch of more than `most` keys with the problem document those builds answered, knows
-/// no `/v1/peer/applied` nor `/v1/peer/states-by-hash`, answers digests as JSON whatever is
+/// no `/v1/peer/applied`, `/v1/peer/states-by-hash` nor `/v1/peer/states-after`, answers digests
+/// as JSON whatever is
 /// asked, and passes every other request on to the region at `target` (set before the first
 /// call). Returns its URL and how many fetches it refused.
 async fn earlier_build_in_front(
@@ -1222,9 +1340,15 @@ async fn earlier_build_in_front(
         async move {
             let (parts, body) = request.into_parts();
             let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap();
-            // Nor did they know the call that says how far each stream was applied, nor the
-            // lookup of records by hash.
-            if ["/v1/peer/applied", "/v1/peer/states-by-hash"].contains(&parts.uri.path()) {
+            // Nor did they know the call that says how far each stream was applied, the lookup
+            // of records by hash, nor the pages of a collection.
+            if [
+                "/v1/peer/applied",
+                "/v1/peer/states-by-hash",
+                "/v1/peer/states-after",
+            ]
+            .contains(&parts.uri.path())
+            {
                 return StatusCode::NOT_FOUND.into_response();
             }
             if parts.uri.path() == "/v1/peer/states" {
@@ -1297,8 +1421,10 @@ async fn repair_fetches_from_a_peer_of_an_earlier_build_in_the_batches_it_accept
     assert_eq!(lose_records(&c, "us", "earlier", &all).await, 450);
     let report = repair_at(&c, "us", "eu").await;
     assert_eq!(report["records_repaired"], json!(450), "{report}");
-    // Each record lacked is alone in its bucket, yet listed: the peer cannot look it up by hash.
+    // Each record lacked is alone in its bucket, yet listed: the peer cannot look it up by hash,
+    // nor page through the collection us holds nothing of.
     assert_eq!(report["records_found_by_hash"], json!(0), "{report}");
+    assert_eq!(report["records_paged"], json!(0), "{report}");
     assert!(
         refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the larger fetch was asked for first, and refused"

@@ -305,6 +305,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/peer/hashes", axum::routing::post(repair::hashes))
         .route("/v1/peer/states", axum::routing::post(repair::states))
         .route(
+            "/v1/peer/states-after",
+            axum::routing::post(repair::states_after),
+        )
+        .route(
             "/v1/peer/states-by-hash",
             axum::routing::post(repair::states_by_hash),
         )

@@ -27,7 +27,7 @@ impl Modify for BearerSchemes {
         collections::configure, collections::show, collections::list, collections::delete,
         resolvers::upload, resolvers::list, resolvers::show, resolvers::remove, resolvers::dry_run,
         conflicts::list, dead_letters::list, dead_letters::retry, dead_letters::discard, regions::list, regions::retire, repair::repair_now,
-        regions::announce, repair::actor_seen, repair::applied, repair::collections, repair::modules, repair::module, repair::digests, repair::hashes, repair::states, repair::states_by_hash,
+        regions::announce, repair::actor_seen, repair::applied, repair::collections, repair::modules, repair::module, repair::digests, repair::hashes, repair::states, repair::states_after, repair::states_by_hash,
         health::healthz, health::readyz, health::metrics,
     ),
     modifiers(&BearerSchemes),

@@ -23,7 +23,7 @@ use crate::record::names;
 use crate::replication::repair::{
     self, ActorSeenBody, AppliedBody, CollectionsBody, DigestEntry, DigestsBody, HashedStatesBody,
     HashedStatesRequest, HashesBody, HashesRequest, ModulesBody, RepairReport, StatesBody,
-    StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
+    StatesPageBody, StatesPageRequest, StatesRequest, FETCH_BYTES, FETCH_KEYS, HASH_PAGE,
 };
 use crate::storage::repair::HashCursor;
 
@@ -291,6 +291,34 @@ pub async fn states(
     Ok(Json(StoredStates { records }))
 }
 
+#[utoipa::path(post, path = "/v1/peer/states-after", tag = "peer", params(CollectionQuery),
+    request_body = StatesPageRequest,
+    responses((status = 200, description = "a page of the collection's stored states in key order, after a key, up to a byte limit", body = StatesPageBody),
+              (status = 400, description = "bad collection", body = super::error::Problem, content_type = "application/problem+json")))]
+pub async fn states_after(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<CollectionQuery>,
+    body: axum::body::Body,
+) -> Result<Json<StoredStatesPage>, ApiError> {
+    let request: StatesPageRequest = peer_request(&s, &headers, &query, body, 64 * 1024).await?;
+    let (records, last) = s
+        .region
+        .store
+        .states_after(
+            &query.collection,
+            request.after.as_deref().unwrap_or(""),
+            FETCH_KEYS as i64,
+            FETCH_BYTES,
+        )
+        .await?;
+    let next = match records.last() {
+        Some((key, _)) if !last => Some(key.clone()),
+        _ => None,
+    };
+    Ok(Json(StoredStatesPage { records, next }))
+}
+
 #[utoipa::path(post, path = "/v1/peer/states-by-hash", tag = "peer", params(CollectionQuery),
     request_body = HashedStatesRequest,
     responses((status = 200, description = "the stored states of the records held here with the given bucket and hash, up to a byte limit", body = HashedStatesBody),
@@ -331,6 +359,13 @@ pub async fn states_by_hash(
 pub struct StoredHashedStates {
     records: Vec<(String, Box<serde_json::value::RawValue>)>,
     complete: bool,
+}
+
+/// [`StatesPageBody`] as the peer sends it: the states as stored.
+#[derive(serde::Serialize)]
+pub struct StoredStatesPage {
+    records: Vec<(String, Box<serde_json::value::RawValue>)>,
+    next: Option<String>,
 }
 
 /// [`StatesBody`] as the peer sends it: the states as stored, not decoded and encoded again.

@@ -244,6 +244,29 @@ impl Store {
         Ok(up_to(rows, byte_limit).await?.0)
     }
 
+    /// A page of `collection`'s stored states in key order, after `after` (from the first when
+    /// empty): at most `limit` records, stopping once about `byte_limit` bytes of state are
+    /// gathered (at least one is returned); and whether the page reaches the collection's end.
+    /// What a region that holds nothing of a collection copies it with: one range scan of the
+    /// primary key per page, instead of comparing digests and looking records up by key.
+    pub async fn states_after(
+        &self,
+        collection: &str,
+        after: &str,
+        limit: i64,
+        byte_limit: usize,
+    ) -> Result<(Vec<(String, Box<RawValue>)>, bool), StorageError> {
+        // The function's plan is fixed (see its migration); a plain query's depends on statistics.
+        let rows = sqlx::query_as("SELECT key, state FROM states_after($1, $2, $3)")
+            .bind(collection)
+            .bind(after)
+            .bind(limit)
+            .fetch(self.pool());
+        let (states, all_rows) = up_to(rows, byte_limit).await?;
+        let last = all_rows && (states.len() as i64) < limit;
+        Ok((states, last))
+    }
+
     /// The stored states of the records of `collection` whose bucket and hash are one of
     /// `wanted`'s pairs, in `(bucket, key)` order, stopping once about `byte_limit` bytes of state
     /// are gathered (at least one is returned); and whether every match was returned. The keys
