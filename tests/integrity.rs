@@ -600,6 +600,32 @@ async fn dead_letters(c: &Cluster, id: &str) -> Vec<Value> {
     page["dead_letters"].as_array().unwrap().clone()
 }
 
+/// Make region `id` refuse to store any record keyed `key`, as a region with a local fault would:
+/// a trigger named `refuse_<key>` raises on every insert and update of it.
+async fn refuse_to_store(c: &Cluster, id: &str, key: &str) {
+    let pool = c.region(id).region.store.pool();
+    for statement in [
+        format!(
+            "CREATE FUNCTION refuse_{key}() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN IF NEW.key = '{key}' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$"
+        ),
+        format!(
+            "CREATE TRIGGER refuse_{key} BEFORE INSERT OR UPDATE ON records
+               FOR EACH ROW EXECUTE FUNCTION refuse_{key}()"
+        ),
+    ] {
+        sqlx::query(&statement).execute(pool).await.unwrap();
+    }
+}
+
+/// Undo [`refuse_to_store`].
+async fn store_again(c: &Cluster, id: &str, key: &str) {
+    sqlx::query(&format!("DROP TRIGGER refuse_{key} ON records"))
+        .execute(c.region(id).region.store.pool())
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_an_operator() {
     let c = crate::helpers::Setup::regions(&["eu", "us"])
@@ -608,15 +634,7 @@ async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_
         .await;
     // us refuses one record, as a region with a local fault would (a full disk, a bad index):
     // the event cannot be applied there even alone.
-    let us_pool = c.region("us").region.store.pool().clone();
-    for statement in [
-        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN IF NEW.key = 'bad' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$",
-        "CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON records
-           FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
-    ] {
-        sqlx::query(statement).execute(&us_pool).await.unwrap();
-    }
+    refuse_to_store(&c, "us", "bad").await;
     for key in ["good1", "bad", "good2"] {
         assert_eq!(
             c.put("eu", "aside", key, &json!(key)).await.status(),
@@ -711,10 +729,7 @@ async fn what_a_peer_cannot_apply_is_set_aside_skipped_by_repair_and_retried_by_
     assert!(detail.contains("refused by the test"), "{detail}");
 
     // The fault is fixed: the operator retries the record, and it is merged.
-    sqlx::query("DROP TRIGGER refuse_bad ON records")
-        .execute(&us_pool)
-        .await
-        .unwrap();
+    store_again(&c, "us", "bad").await;
     let retried = admin_call(
         &c,
         "us",
@@ -1242,15 +1257,7 @@ async fn a_collection_held_nothing_of_is_copied_page_by_page_with_what_is_set_as
     .await;
     // us loses both collections whole, and from now on refuses one record, as a region with a
     // local fault would: holding nothing of them, it copies them page by page.
-    let us_pool = c.region("us").region.store.pool().clone();
-    for statement in [
-        "CREATE FUNCTION refuse_paged() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN IF NEW.key = 'refused' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$",
-        "CREATE TRIGGER refuse_paged BEFORE INSERT OR UPDATE ON records
-           FOR EACH ROW EXECUTE FUNCTION refuse_paged()",
-    ] {
-        sqlx::query(statement).execute(&us_pool).await.unwrap();
-    }
+    refuse_to_store(&c, "us", "refused").await;
     let all: Vec<&String> = keys.iter().collect();
     assert_eq!(lose_records(&c, "us", "paged", &all).await, count as u64);
     let refused = "refused".to_owned();
@@ -1302,12 +1309,11 @@ async fn a_collection_held_nothing_of_is_copied_page_by_page_with_what_is_set_as
     assert!(pages >= 2);
     let response = page(Value::Null, crate::helpers::ADMIN).await.unwrap();
     expect_problem(response, StatusCode::FORBIDDEN).await;
+    let response = page(json!("k\u{0}"), crate::helpers::PEER).await.unwrap();
+    expect_problem(response, StatusCode::BAD_REQUEST).await;
 
     // Once us can hold it, the record's next write reaches it, and the regions agree.
-    sqlx::query("DROP TRIGGER refuse_paged ON records")
-        .execute(&us_pool)
-        .await
-        .unwrap();
+    store_again(&c, "us", "refused").await;
     assert_eq!(
         c.put("eu", "refusing", "refused", &json!("v2"))
             .await

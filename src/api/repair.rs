@@ -294,7 +294,7 @@ pub async fn states(
 #[utoipa::path(post, path = "/v1/peer/states-after", tag = "peer", params(CollectionQuery),
     request_body = StatesPageRequest,
     responses((status = 200, description = "a page of the collection's stored states in key order, after a key, up to a byte limit", body = StatesPageBody),
-              (status = 400, description = "bad collection", body = super::error::Problem, content_type = "application/problem+json")))]
+              (status = 400, description = "bad collection or key", body = super::error::Problem, content_type = "application/problem+json")))]
 pub async fn states_after(
     State(s): State<SharedState>,
     headers: HeaderMap,
@@ -302,6 +302,10 @@ pub async fn states_after(
     body: axum::body::Body,
 ) -> Result<Json<StoredStatesPage>, ApiError> {
     let request: StatesPageRequest = peer_request(&s, &headers, &query, body, 64 * 1024).await?;
+    if let Some(after) = &request.after {
+        names::validate("key", after)
+            .map_err(|e| ApiError::bad_request("bad-name", e.to_string()))?;
+    }
     let (records, last) = s
         .region
         .store

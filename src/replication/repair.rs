@@ -548,31 +548,18 @@ impl PeerClient {
         collection: &str,
         after: Option<&str>,
     ) -> Result<Option<StatesPageBody>, RepairError> {
-        let without = &self.without_pages;
-        if without.lock().expect("peer client lock").contains(peer) {
-            return Ok(None);
-        }
         let request = StatesPageRequest {
             after: after.map(str::to_owned),
         };
-        let response = self
-            .send_any(peer, |c, base| {
-                c.post(format!("{base}/v1/peer/states-after"))
-                    .query(&[("collection", collection)])
-                    .json(&request)
-            })
-            .await?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            tracing::info!(%peer, "the peer cannot page through its records (an earlier build): collections held nothing of here are compared and listed");
-            without
-                .lock()
-                .expect("peer client lock")
-                .insert(peer.to_owned());
-            return Ok(None);
-        }
-        Ok(Some(
-            read_json(peer, succeeded(peer, response).await?).await?,
-        ))
+        self.call_if_known(
+            &self.without_pages,
+            peer,
+            "/v1/peer/states-after",
+            collection,
+            &request,
+            "collections held nothing of here are compared and listed",
+        )
+        .await
     }
 
     /// The states of the records `peer` holds with one of `wanted`'s buckets and hashes (sorted
@@ -585,10 +572,6 @@ impl PeerClient {
         collection: &str,
         wanted: &[(i32, StateHash)],
     ) -> Result<Option<(Vec<(String, RecordState)>, bool)>, RepairError> {
-        let without = &self.without_hash_lookup;
-        if without.lock().expect("peer client lock").contains(peer) {
-            return Ok(None);
-        }
         let request = HashedStatesRequest {
             wanted: wanted
                 .iter()
@@ -598,23 +581,52 @@ impl PeerClient {
                 })
                 .collect(),
         };
+        let body: Option<HashedStatesBody> = self
+            .call_if_known(
+                &self.without_hash_lookup,
+                peer,
+                "/v1/peer/states-by-hash",
+                collection,
+                &request,
+                "its differing buckets are listed whole",
+            )
+            .await?;
+        Ok(body.map(|body| (body.records, body.complete)))
+    }
+
+    /// POST `request` to `path` about `collection` at `peer`, a call that earlier builds do not
+    /// know: `None` when the peer answers 404, which is remembered in `without` (and logged with
+    /// `instead`, what the round does without the call), so the peer is not asked again.
+    async fn call_if_known<T: serde::de::DeserializeOwned>(
+        &self,
+        without: &std::sync::Mutex<std::collections::BTreeSet<String>>,
+        peer: &str,
+        path: &str,
+        collection: &str,
+        request: &impl Serialize,
+        instead: &str,
+    ) -> Result<Option<T>, RepairError> {
+        if without.lock().expect("peer client lock").contains(peer) {
+            return Ok(None);
+        }
         let response = self
             .send_any(peer, |c, base| {
-                c.post(format!("{base}/v1/peer/states-by-hash"))
+                c.post(format!("{base}{path}"))
                     .query(&[("collection", collection)])
-                    .json(&request)
+                    .json(request)
             })
             .await?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
-            tracing::info!(%peer, "the peer cannot look records up by hash (an earlier build): its differing buckets are listed whole");
+            tracing::info!(%peer, %path, "the peer does not know this call (an earlier build): {instead}");
             without
                 .lock()
                 .expect("peer client lock")
                 .insert(peer.to_owned());
             return Ok(None);
         }
-        let body: HashedStatesBody = read_json(peer, succeeded(peer, response).await?).await?;
-        Ok(Some((body.records, body.complete)))
+        Ok(Some(
+            read_json(peer, succeeded(peer, response).await?).await?,
+        ))
     }
 }
 
