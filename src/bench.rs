@@ -1284,13 +1284,14 @@ async fn repair(args: RepairArgs) -> anyhow::Result<()> {
     };
 
     // Rounds alone: what repair costs when it has the machine to itself.
+    let rounds = args.rounds.max(1);
     let mut rates = Vec::new();
-    for n in 1..=args.rounds.max(1) {
+    for n in 1..=rounds {
         remove_share().await?;
         let quiet = crate::replication::repair::round(&us.region, "eu").await?;
         check_round(&quiet)?;
         rates.push(report_round(
-            &format!("round alone ({n} of {})", args.rounds.max(1)),
+            &format!("round alone ({n} of {rounds})"),
             &quiet,
         ));
     }
